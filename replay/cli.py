@@ -1,0 +1,96 @@
+"""The `replay` command line. Thin: parse flags, call a stage or a report, print.
+
+Heavy modules (torch, transformers, vLLM) are imported inside the commands that need them, so
+`replay --help`, `replay sql` and `replay score` stay fast and torch-free.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Optional
+
+import typer
+
+from .errors import ReplayError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Offline replay RLVR: keep every rollout, query failures with SQL, rescue negative groups.")
+
+StoreOpt = typer.Option("replay-store", "--store", envvar="REPLAY_STORE",
+                        help="Store directory (default: $REPLAY_STORE or ./replay-store).")
+
+
+def command(*args, **kwargs):
+    """app.command plus the error policy: a ReplayError is one line on stderr and exit 1."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*a, **kw):
+            try:
+                return fn(*a, **kw)
+            except ReplayError as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(1) from None
+            except KeyboardInterrupt:
+                typer.echo("interrupted: rerun the same command to resume", err=True)
+                raise typer.Exit(130) from None
+
+        return app.command(*args, **kwargs)(wrapper)
+
+    return decorate
+
+
+def _open(store: str):
+    from .store import Store
+
+    return Store.open(store)
+
+
+@command()
+def sql(
+    query: str = typer.Argument(..., help="A read-only SQL query over the store's views."),
+    store: str = StoreOpt,
+    format: str = typer.Option("table", "--format", "-f", help="table | csv | json | parquet"),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the result to this file."),
+    allow_read: list[str] = typer.Option([], "--allow-read", help="Also allow reading files under PATH."),
+):
+    """Run a read-only SQL query (views: rollouts, verdicts, samples, groups, negative_groups,
+    confident_mistakes, rescues, rounds, learn_audit, learn_metrics, eval_passk, prompts)."""
+    from .render import write_result
+
+    write_result(_open(store).read_only_query(query, allow_read), format, output)
+
+
+@command()
+def inspect(
+    what: str = typer.Argument(..., help="rounds | negatives | mistakes | prompt"),
+    ident: Optional[str] = typer.Argument(None, help="Prompt id for `inspect prompt`."),
+    store: str = StoreOpt,
+    round: Optional[int] = typer.Option(None, "--round", "-r", help="Only this round."),
+    limit: int = typer.Option(20, "--limit", "-n", help="At most this many rows."),
+):
+    """Canned reports: round summaries, negative groups, confident mistakes, one prompt's samples."""
+    from .reports import inspect_report
+    from .render import print_table
+
+    title, rows = inspect_report(_open(store), what, ident, round, limit)
+    print_table(rows, title=title)
+
+
+@command()
+def status(store: str = StoreOpt):
+    """Per round: which stages are complete, and row counts."""
+    from .reports import status_table
+    from .render import print_table
+
+    opened = _open(store)
+    print_table(status_table(opened), title=f"store {opened.root}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

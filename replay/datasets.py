@@ -1,0 +1,183 @@
+"""Prompt sets: the built-in arithmetic task and JSONL/Parquet files (MATH-500 and GSM8K formats).
+
+Every reader validates the whole input before anything is written, and a problem is reported
+with the file, the line (or row) and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import keys
+from .errors import ReplayError
+
+ARITH = "arith"
+# level -> (number of operands, max digits per operand, operators)
+ARITH_LEVELS = {
+    1: (2, 1, "+-"),
+    2: (2, 2, "+-"),
+    3: (3, 2, "+-"),
+    4: (3, 2, "+-*"),
+    5: (4, 3, "+-*"),
+}
+_GSM8K_GOLD = re.compile(r"####\s*(.+?)\s*$", re.S)
+
+
+class DatasetError(ReplayError):
+    """Bad prompt input, named by file, line/row and field."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    prompt_id: str
+    source: str
+    split: str
+    problem: str
+    answer: str
+    level: int | None = None
+    subject: str | None = None
+    unique_id: str | None = None
+
+
+def arith_problem(seed: int, split: str, index: int, level: int) -> tuple[str, int]:
+    """One seeded arithmetic problem with an exact integer answer."""
+    n_operands, digits, ops = ARITH_LEVELS[level]
+    rng = random.Random(f"arith:{seed}:{split}:{level}:{index}")  # str seeds hash with sha512
+    numbers = [rng.randint(1 if digits == 1 else 10 ** (digits - 1), 10**digits - 1) for _ in range(n_operands)]
+    operators = [rng.choice(ops) for _ in range(n_operands - 1)]
+    expression = str(numbers[0])
+    for op, number in zip(operators, numbers[1:]):
+        expression += f" {op} {number}"
+    # the expression is built from digits and + - * only, so eval is exact integer arithmetic
+    answer = eval(expression, {"__builtins__": {}})  # noqa: S307
+    return f"What is {expression.replace('*', '×')}?", answer
+
+
+def arith_prompts(num_prompts: int, split: str = "train", seed: int = 0,
+                  levels: tuple[int, ...] = (1, 2, 3, 4, 5)) -> list[Prompt]:
+    """Problems cycle through `levels`; `split` selects an independent stream (train vs test)."""
+    bad = [lv for lv in levels if lv not in ARITH_LEVELS]
+    if bad or not levels:
+        raise DatasetError(f"arith: levels must be among 1-5, got {list(levels)}")
+    prompts, seen, index = [], set(), 0
+    while len(prompts) < num_prompts:
+        level = levels[index % len(levels)]
+        problem, answer = arith_problem(seed, split, index, level)
+        index += 1
+        if problem in seen:  # tiny levels repeat; a group per distinct problem
+            if index > 50 * num_prompts:
+                raise DatasetError(f"arith: cannot draw {num_prompts} distinct problems from levels {list(levels)}")
+            continue
+        seen.add(problem)
+        source = f"{ARITH}-{seed}"
+        prompts.append(Prompt(keys.prompt_id(source, problem), source, split, problem, str(answer), level))
+    return prompts
+
+
+def _read_rows(path: Path) -> list[tuple[str, dict]]:
+    """(location, row) pairs; location is 'file:line N' or 'file:row N' for error messages."""
+    if not path.exists():
+        raise DatasetError(f"{path}: no such file")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as exc:  # pyarrow raises several types for a bad file
+            raise DatasetError(f"{path}: not a readable Parquet file: {exc}") from None
+        return [(f"{path}:row {i + 1}", row) for i, row in enumerate(rows)]
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read: {exc.strerror}") from None
+    out = []
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:line {number}"
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise DatasetError(f"{where}: not UTF-8 (byte {exc.start})") from None
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+        if not isinstance(row, dict):
+            raise DatasetError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        out.append((where, row))
+    return out
+
+
+def _text_field(where: str, row: dict, key: str) -> str:
+    if key not in row or row[key] is None:
+        raise DatasetError(f"{where}: missing field {key!r} (fields: {', '.join(sorted(row)) or 'none'})")
+    value = row[key]
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DatasetError(f"{where}: field {key!r} must be text, got {type(value).__name__}")
+    value = str(value).strip()
+    if not value:
+        raise DatasetError(f"{where}: field {key!r} is empty")
+    return value
+
+
+def _gold(where: str, row: dict, answer_key: str, gsm8k: bool) -> str:
+    answer = _text_field(where, row, answer_key)
+    if not gsm8k:
+        return answer
+    match = _GSM8K_GOLD.search(answer)
+    if not match:
+        raise DatasetError(f"{where}: field {answer_key!r} has no final '#### N' (GSM8K format)")
+    return match.group(1).replace(",", "")
+
+
+def file_prompts(path: str | Path, num_prompts: int | None = None, split: str = "train",
+                 problem_key: str | None = None, answer_key: str | None = None) -> list[Prompt]:
+    """Prompts from a JSONL/Parquet file; the whole file is validated before returning."""
+    path = Path(path)
+    rows = _read_rows(path)
+    if not rows:
+        raise DatasetError(f"{path}: no rows")
+    first = rows[0][1]
+    gsm8k = problem_key is None and "problem" not in first and "question" in first
+    problem_key = problem_key or ("question" if gsm8k else "problem")
+    answer_key = answer_key or "answer"
+    source = path.stem
+    prompts, seen_ids, seen_problems = [], {}, set()
+    for where, row in rows:
+        problem = _text_field(where, row, problem_key)
+        answer = _gold(where, row, answer_key, gsm8k)
+        unique_id = row.get("unique_id")
+        if unique_id is not None:
+            unique_id = str(unique_id)
+            if unique_id in seen_ids:
+                raise DatasetError(f"{where}: duplicate unique_id {unique_id!r} (first at {seen_ids[unique_id]})")
+            seen_ids[unique_id] = where
+        level = row.get("level")
+        if level is not None and not (isinstance(level, int) and not isinstance(level, bool)):
+            try:
+                level = int(str(level).replace("Level", "").strip())
+            except ValueError:
+                raise DatasetError(f"{where}: field 'level' must be an integer, got {level!r}") from None
+        subject = row.get("subject")
+        if problem in seen_problems:  # the same problem twice would be one prompt_id twice
+            continue
+        seen_problems.add(problem)
+        prompts.append(Prompt(keys.prompt_id(source, problem), source, split, problem, answer, level,
+                              None if subject is None else str(subject), unique_id))
+    return prompts[:num_prompts] if num_prompts else prompts
+
+
+def load_prompts(dataset: str, num_prompts: int | None = None, split: str = "train", seed: int = 0,
+                 problem_key: str | None = None, answer_key: str | None = None,
+                 levels: tuple[int, ...] = (1, 2, 3, 4, 5)) -> list[Prompt]:
+    if num_prompts is not None and num_prompts < 1:
+        raise DatasetError(f"--num-prompts must be at least 1, got {num_prompts}")
+    if dataset == ARITH:
+        return arith_prompts(num_prompts or 64, split=split, seed=seed, levels=levels)
+    path = Path(dataset)
+    if path.suffix not in (".jsonl", ".json", ".parquet"):
+        raise DatasetError(f"unknown dataset {dataset!r}: use 'arith' or a .jsonl/.parquet file")
+    return file_prompts(path, num_prompts, split, problem_key, answer_key)

@@ -1,0 +1,5 @@
+"""The one exception type the CLI turns into a clean one-line error (no traceback, exit 1)."""
+
+
+class ReplayError(Exception):
+    """A problem the user can fix: bad input, a missing store, a refused statement."""

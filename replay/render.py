@@ -1,0 +1,78 @@
+"""Turning Arrow tables into terminal tables, CSV, JSON or Parquet (the CLI's output edge)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+
+from .errors import ReplayError
+
+FORMATS = ("table", "csv", "json", "parquet")
+
+
+def _cell(value, width: int) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    text = str(value).replace("\n", " ⏎ ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def print_table(table: pa.Table, title: str | None = None, max_width: int = 80) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    view = Table(title=title, show_lines=False, header_style="bold")
+    for name in table.column_names:
+        view.add_column(name, overflow="fold")
+    for row in table.to_pylist():
+        view.add_row(*(_cell(v, max_width) for v in row.values()))
+    Console(width=max(160, 12 * len(table.column_names))).print(view)
+    if table.num_rows == 0:
+        print("(no rows)")
+
+
+def write_result(table: pa.Table, fmt: str, output: str | None) -> None:
+    """Write `table` in `fmt` to `output` (a file) or stdout."""
+    if fmt not in FORMATS:
+        raise ReplayError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if fmt == "table":
+        if output:
+            raise ReplayError("--format table prints to the terminal; use csv, json or parquet with --output")
+        print_table(table)
+        return
+    if fmt == "parquet":
+        if not output:
+            raise ReplayError("--format parquet needs --output FILE")
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, output)
+        return
+    if fmt == "csv":
+        import pyarrow.csv as pacsv
+
+        buffer = io.BytesIO()
+        pacsv.write_csv(_flatten_lists(table), buffer)
+        payload = buffer.getvalue().decode("utf-8")
+    else:
+        payload = "".join(json.dumps(row, default=str, ensure_ascii=False) + "\n" for row in table.to_pylist())
+    if output:
+        Path(output).write_text(payload, encoding="utf-8")
+    else:
+        sys.stdout.write(payload)
+
+
+def _flatten_lists(table: pa.Table) -> pa.Table:
+    # CSV has no list type: render list cells as JSON text
+    columns = []
+    for col in table.columns:
+        if pa.types.is_list(col.type) or pa.types.is_struct(col.type) or pa.types.is_map(col.type):
+            col = pa.array([None if v is None else json.dumps(v, default=str) for v in col.to_pylist()], pa.string())
+        columns.append(col)
+    return pa.Table.from_arrays(columns, names=table.column_names)

@@ -1,0 +1,316 @@
+"""The store: a directory of Hive-partitioned Parquet files plus JSON manifests.
+
+This is the only module that touches Parquet files or DuckDB. Writes are append-only and atomic
+(temp file in the same directory, fsync, rename); rows are never updated in place. Readers only
+ever glob `part-*.parquet`, so a half-written `.tmp-*` file is invisible to them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import schemas
+
+from . import __version__
+from .errors import ReplayError
+from .sqlguard import check_read_only
+
+STORE_FILE = "store.json"
+
+
+class StoreError(ReplayError):
+    """A store that is missing, of another schema version, or given data it cannot hold."""
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _duckdb_type(typ: pa.DataType) -> str:
+    if pa.types.is_list(typ):
+        return _duckdb_type(typ.value_type) + "[]"
+    if pa.types.is_timestamp(typ):
+        return "TIMESTAMPTZ" if typ.tz else "TIMESTAMP"
+    names = {pa.int32(): "INTEGER", pa.int64(): "BIGINT", pa.float32(): "FLOAT",
+             pa.float64(): "DOUBLE", pa.bool_(): "BOOLEAN", pa.string(): "VARCHAR"}
+    return names[typ]
+
+
+def validate(table_name: str, data: pa.Table | Iterable[Mapping]) -> pa.Table:
+    """Return `data` as an Arrow table of the table's schema, or raise naming the bad column."""
+    schema = schemas.TABLES[table_name]
+    if not isinstance(data, pa.Table):
+        rows = list(data)
+        missing = [f.name for f in schema if rows and f.name not in rows[0]]
+        if missing:
+            raise StoreError(f"{table_name}: rows lack column(s) {', '.join(missing)}")
+        data = pa.Table.from_pylist(rows, schema=_relaxed(schema)) if rows else schema.empty_table()
+    extra = [n for n in data.column_names if n not in schema.names]
+    if extra:
+        raise StoreError(f"{table_name}: unknown column(s) {', '.join(extra)}")
+    columns = []
+    for field in schema:
+        if field.name not in data.column_names:
+            raise StoreError(f"{table_name}: missing column {field.name!r}")
+        col = data.column(field.name)
+        try:
+            col = col.cast(field.type, safe=True)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise StoreError(f"{table_name}.{field.name}: expected {field.type}, got {col.type}: {exc}") from None
+        if not field.nullable and col.null_count:
+            first = col.to_pylist().index(None)
+            raise StoreError(f"{table_name}.{field.name}: NULL in a required column (row {first})")
+        columns.append(col)
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _relaxed(schema: pa.Schema) -> pa.Schema:
+    # from_pylist with nullable fields, so that a NULL is reported by validate() by column name
+    return pa.schema([f.with_nullable(True) for f in schema])
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex}-{path.name}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def clean_temp_files(directory: Path) -> int:
+    """Remove `.tmp-<pid>-*` leftovers whose writing process is gone (crashed writers)."""
+    removed = 0
+    for tmp in directory.glob(".tmp-*"):
+        try:
+            pid = int(tmp.name.split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        if not _pid_alive(pid):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+class Store:
+    def __init__(self, root: Path, meta: dict):
+        self.root = root
+        self.meta = meta
+
+    # -- lifecycle -------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | os.PathLike, base_model: str | None = None) -> "Store":
+        root = Path(path).absolute()
+        if (root / STORE_FILE).exists():
+            return cls.open(root)
+        meta = {"schema_version": schemas.SCHEMA_VERSION, "created_at": utc_now().isoformat(),
+                "base_model": base_model, "replay_version": __version__}
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(root / STORE_FILE, json.dumps(meta, indent=2).encode())
+        except OSError as exc:
+            raise StoreError(f"cannot create store at {root}: {exc.strerror or exc}") from None
+        return cls(root, meta)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Store":
+        root = Path(path).absolute()
+        meta_path = root / STORE_FILE
+        if not meta_path.exists():
+            raise StoreError(f"no replay store at {root} (missing {STORE_FILE}); "
+                             "create one with `replay generate` or `replay import`")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise StoreError(f"{meta_path}: unreadable store metadata: {exc}") from None
+        version = meta.get("schema_version")
+        if version != schemas.SCHEMA_VERSION:
+            raise StoreError(f"{meta_path}: store schema version {version}, this replay reads "
+                             f"version {schemas.SCHEMA_VERSION}; use a matching replay release")
+        return cls(root, meta)
+
+    # -- paths -----------------------------------------------------------------------------
+    def table_dir(self, table: str, round: int | None = None) -> Path:
+        if table not in schemas.TABLES:
+            raise StoreError(f"unknown table {table!r}; tables: {', '.join(schemas.TABLES)}")
+        base = self.root / table
+        if table in schemas.PARTITIONED:
+            if round is None:
+                raise StoreError(f"table {table} is partitioned by round: give a round")
+            return base / f"round={int(round)}"
+        return base
+
+    def files(self, table: str, round: int | None = None) -> list[Path]:
+        if table in schemas.PARTITIONED and round is None:
+            return sorted((self.root / table).glob("round=*/part-*.parquet"))
+        return sorted(self.table_dir(table, round).glob("part-*.parquet"))
+
+    def adapter_dir(self, round: int, name: str = "main") -> Path:
+        suffix = "" if name == "main" else f"/name={name}"
+        return self.root / f"adapters/round={int(round)}{suffix}"
+
+    def manifest_path(self, round: int, stage: str) -> Path:
+        return self.root / "manifests" / f"round={int(round)}" / f"{stage}.json"
+
+    # -- writes ----------------------------------------------------------------------------
+    def write(self, table: str, data: pa.Table | Iterable[Mapping], round: int | None = None) -> Path | None:
+        """Validate and append one part file; returns its path (None for no rows)."""
+        arrow = validate(table, data)
+        if arrow.num_rows == 0:
+            return None
+        if table in schemas.PARTITIONED:
+            rounds = set(arrow.column("round").to_pylist())
+            if round is None and len(rounds) == 1:
+                round = rounds.pop()
+            elif rounds != {round}:
+                raise StoreError(f"{table}: rows of rounds {sorted(rounds)} written to round {round}")
+            arrow = arrow.drop_columns(["round"])  # lives in the directory name
+        directory = self.table_dir(table, round)
+        final = directory / f"part-{uuid.uuid4().hex}.parquet"
+        tmp = directory / f".tmp-{os.getpid()}-{final.name}"
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            clean_temp_files(directory)
+            pq.write_table(arrow, tmp, compression="zstd")
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+            _fsync_dir(directory)
+        except OSError as exc:
+            raise StoreError(f"cannot write {final}: {exc.strerror or exc}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        return final
+
+    def write_manifest(self, round: int, stage: str, record: Mapping) -> Path:
+        missing = [k for k in schemas.MANIFEST_KEYS if k not in record]
+        if missing:
+            raise StoreError(f"manifest {stage}: missing key(s) {', '.join(missing)}")
+        path = self.manifest_path(round, stage)
+        atomic_write_bytes(path, json.dumps(record, indent=2, default=str).encode())
+        return path
+
+    def read_manifest(self, round: int, stage: str) -> dict | None:
+        path = self.manifest_path(round, stage)
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise StoreError(f"{path}: corrupt manifest: {exc}") from None
+
+    def rounds(self) -> list[int]:
+        """Rounds that have any rollout files or manifests."""
+        found = set()
+        for pattern in ("rollouts/round=*", "manifests/round=*"):
+            for p in self.root.glob(pattern):
+                try:
+                    found.add(int(p.name.split("=", 1)[1]))
+                except ValueError:
+                    continue
+        return sorted(found)
+
+    # -- reads -----------------------------------------------------------------------------
+    def _source(self, table: str) -> str:
+        schema = schemas.TABLES[table]
+        if table in schemas.PARTITIONED:
+            glob = self.root / table / "round=*" / "part-*.parquet"
+            exists = any((self.root / table).glob("round=*/part-*.parquet"))
+            opts = "hive_partitioning = true, hive_types = {'round': INTEGER}, union_by_name = true"
+        else:
+            glob = self.root / table / "part-*.parquet"
+            exists = any((self.root / table).glob("part-*.parquet"))
+            opts = "union_by_name = true"
+        if exists:
+            cols = ", ".join(f'"{f.name}"' for f in schema)
+            path = str(glob).replace("'", "''")
+            return f"SELECT {cols} FROM read_parquet('{path}', {opts})"
+        # no files yet: an empty relation with the right columns, so every view still binds
+        cols = ", ".join(f'CAST(NULL AS {_duckdb_type(f.type)}) AS "{f.name}"' for f in schema)
+        return f"SELECT {cols} WHERE false"
+
+    def connect(self, threads: int | None = None) -> duckdb.DuckDBPyConnection:
+        """An in-memory DuckDB connection with every table and view of the store registered."""
+        con = duckdb.connect(":memory:")
+        if threads:
+            con.execute(f"SET threads = {int(threads)}")
+        for table in schemas.TABLES:
+            con.execute(f"CREATE VIEW {table} AS {self._source(table)}")
+        for view in schemas.VIEW_FILES:
+            con.execute(schemas.view_sql(view))
+        return con
+
+    def query(self, sql: str, params: list | None = None) -> pa.Table:
+        """Trusted, internal query (stages use it); returns an Arrow table."""
+        con = self.connect()
+        try:
+            return con.sql(sql, params=params or None).to_arrow_table()
+        except duckdb.Error as exc:
+            raise StoreError(f"query failed: {exc}") from None
+        finally:
+            con.close()
+
+    def read_only_connection(self, allow_read: Iterable[str | os.PathLike] = ()) -> duckdb.DuckDBPyConnection:
+        """A connection for user SQL: file access limited to the store (+ allow_read), locked."""
+        con = self.connect()
+        dirs = [str(self.root) + os.sep] + [str(Path(p).absolute()) for p in allow_read]
+        quoted = ", ".join("'" + d.replace("'", "''") + "'" for d in dirs)
+        con.execute(f"SET allowed_directories = [{quoted}]")
+        con.execute("SET enable_external_access = false")
+        con.execute("SET autoinstall_known_extensions = false")
+        con.execute("SET autoload_known_extensions = false")
+        con.execute("SET lock_configuration = true")
+        return con
+
+    def read_only_query(self, sql: str, allow_read: Iterable[str | os.PathLike] = ()) -> pa.Table:
+        """Run user SQL that may only read: refused statements raise ReplayError."""
+        con = self.read_only_connection(allow_read)
+        try:
+            statements = check_read_only(con, sql)
+            for statement in statements[:-1]:
+                con.execute(statement.query)
+            return con.sql(statements[-1].query).to_arrow_table()
+        except duckdb.Error as exc:
+            raise ReplayError(f"query failed: {_first_line(exc)}") from None
+        finally:
+            con.close()
+
+
+def _first_line(exc: Exception) -> str:
+    return " ".join(str(exc).split("\n")[:2]).strip()

@@ -1,0 +1,120 @@
+"""`replay sql` is read-only (store files stay byte-identical); inspect and status through the CLI."""
+
+import hashlib
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from replay.cli import app
+from replay.store import Store
+from tests._store_rows import prompt_row, rollout_row, verdict_row
+
+runner = CliRunner()
+
+
+@pytest.fixture()
+def store(tmp_path):
+    store = Store.create(tmp_path / "store")
+    p = prompt_row("2+2?", "4")
+    store.write("prompts", [p])
+    store.write("rollouts", [rollout_row(0, p["prompt_id"], i) for i in range(2)], round=0)
+    store.write("verdicts", [verdict_row(0, p["prompt_id"], i, False) for i in range(2)], round=0)
+    return store
+
+
+def snapshot(root):
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+REFUSED = [
+    "INSERT INTO rollouts SELECT * FROM rollouts",
+    "UPDATE verdicts SET correct = true",
+    "DELETE FROM verdicts",
+    "CREATE TABLE t AS SELECT 1",
+    "CREATE VIEW v AS SELECT 1",
+    "DROP VIEW samples",
+    "ALTER VIEW samples RENAME TO s2",
+    "COPY (SELECT * FROM rollouts) TO '{root}/rollouts/round=0/part-evil.parquet' (FORMAT parquet)",
+    "COPY verdicts TO '/tmp/out.csv'",
+    "ATTACH '{root}/evil.duckdb' AS evil",
+    "INSTALL httpfs",
+    "LOAD httpfs",
+    "SET threads = 1",
+    "PRAGMA enable_profiling",
+    "EXPORT DATABASE '{root}/dump'",
+    "CALL pragma_version()",
+    "SELECT 1; DELETE FROM verdicts",
+    "SELECT * FROM read_csv('/etc/passwd')",
+    "SELECT * FROM read_text('{root}/../../../../etc/hostname')",
+    "SELECT * FROM glob('/*')",
+    "EXPLAIN ANALYZE CREATE TABLE t AS SELECT 1",
+]
+
+
+@pytest.mark.parametrize("statement", REFUSED)
+def test_write_and_escape_statements_are_refused(store, statement):
+    before = snapshot(store.root)
+    result = invoke("sql", "--store", store.root, statement.format(root=store.root))
+    assert result.exit_code != 0
+    assert "error:" in result.output and "Traceback" not in result.output
+    assert snapshot(store.root) == before
+
+
+def test_group_kinds_query_and_formats(store, tmp_path):
+    result = invoke("sql", "--store", store.root, "select kind, count(*) as n from groups group by kind",
+                    "--format", "csv")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == ['"kind","n"', '"negative",1']
+    result = invoke("sql", "--store", store.root, "select sample_idx from rollouts order by 1", "-f", "json")
+    assert [json.loads(line) for line in result.output.splitlines()] == [{"sample_idx": 0}, {"sample_idx": 1}]
+    out = tmp_path / "r.parquet"
+    result = invoke("sql", "--store", store.root, "select * from samples", "-f", "parquet", "-o", out)
+    assert result.exit_code == 0 and out.exists()
+    result = invoke("sql", "--store", store.root, "select prompt_id, kind from groups")
+    assert "negative" in result.output
+
+
+def test_allow_read_widens_reading_on_purpose(store, tmp_path):
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "x.csv").write_text("a\n1\n")
+    query = f"select a from read_csv('{extra}/x.csv')"
+    assert invoke("sql", "--store", store.root, query).exit_code != 0
+    result = invoke("sql", "--store", store.root, query, "--allow-read", extra, "-f", "csv")
+    assert result.exit_code == 0 and result.output.splitlines() == ['"a"', "1"]
+
+
+def test_bad_sql_and_missing_store_are_one_line_errors(store, tmp_path):
+    result = invoke("sql", "--store", store.root, "SELEC nonsense")
+    assert result.exit_code == 1 and result.output.startswith("error:")
+    result = invoke("sql", "--store", tmp_path / "missing", "select 1")
+    assert result.exit_code == 1 and "no replay store" in result.output
+
+
+def test_inspect_and_status(store):
+    for what in ("rounds", "negatives", "mistakes"):
+        result = invoke("inspect", what, "--store", store.root)
+        assert result.exit_code == 0, result.output
+    pid = store.query("select prompt_id from prompts").column(0)[0].as_py()
+    result = invoke("inspect", "prompt", pid, "--store", store.root)
+    assert result.exit_code == 0 and "2+2?" in result.output
+    assert invoke("inspect", "prompt", "nope", "--store", store.root).exit_code == 1
+    assert invoke("inspect", "bogus", "--store", store.root).exit_code == 1
+    result = invoke("status", "--store", store.root)
+    assert result.exit_code == 0 and "round" in result.output
+
+
+def test_help_lists_commands_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from replay.cli import app; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    result = invoke("--help")
+    assert result.exit_code == 0 and "sql" in result.output and "inspect" in result.output

@@ -30,6 +30,9 @@ _CONTROL_CHARS = dict.fromkeys(
     [c for c in range(0x20) if c not in (0x09, 0x0A, 0x0D)] + list(range(0x7F, 0xA0))
 )
 _HASH_ANSWER = re.compile(r"^[ \t]*####[ \t]*(\S[^\n]*?)[ \t]*$", re.MULTILINE)
+# A full stop right after a digit ("so x = 14/3.") is swallowed by math-verify's plain
+# expression pattern, which then reads 14/3.0 (a float) and misses the exact 14/3.
+_SENTENCE_FULL_STOP = re.compile(r"(?<=\d)\.(?=\s|$)")
 
 
 def clean_text(text: str) -> str:
@@ -69,6 +72,17 @@ def promote_hash_answer(text: str) -> str:
         return text
     last = matches[-1]
     return f"{text[: last.start()]}\\boxed{{{last.group(1)}}}{text[last.end():]}"
+
+
+def drop_full_stops_after_numbers(text: str) -> str:
+    """ "x = 14/3." -> "x = 14/3"; decimals ("2.5") are untouched (digit after the dot)."""
+    return _SENTENCE_FULL_STOP.sub("", text)
+
+
+def prepare_completion(completion: str) -> str:
+    """Everything done to a completion's text before math-verify parses it."""
+    text = clean_text(answer_window(completion))
+    return drop_full_stops_after_numbers(promote_hash_answer(text))
 
 
 def gold_latex(gold: str) -> str:

@@ -78,7 +78,7 @@ def arith_prompts(num_prompts: int, split: str = "train", seed: int = 0,
     return prompts
 
 
-def _read_rows(path: Path) -> list[tuple[str, dict]]:
+def read_rows(path: Path) -> list[tuple[str, dict]]:
     """(location, row) pairs; location is 'file:line N' or 'file:row N' for error messages."""
     if not path.exists():
         raise DatasetError(f"{path}: no such file")
@@ -111,7 +111,7 @@ def _read_rows(path: Path) -> list[tuple[str, dict]]:
     return out
 
 
-def _text_field(where: str, row: dict, key: str) -> str:
+def text_field(where: str, row: dict, key: str) -> str:
     if key not in row or row[key] is None:
         raise DatasetError(f"{where}: missing field {key!r} (fields: {', '.join(sorted(row)) or 'none'})")
     value = row[key]
@@ -124,7 +124,7 @@ def _text_field(where: str, row: dict, key: str) -> str:
 
 
 def _gold(where: str, row: dict, answer_key: str, gsm8k: bool) -> str:
-    answer = _text_field(where, row, answer_key)
+    answer = text_field(where, row, answer_key)
     if not gsm8k:
         return answer
     match = _GSM8K_GOLD.search(answer)
@@ -137,7 +137,7 @@ def file_prompts(path: str | Path, num_prompts: int | None = None, split: str = 
                  problem_key: str | None = None, answer_key: str | None = None) -> list[Prompt]:
     """Prompts from a JSONL/Parquet file; the whole file is validated before returning."""
     path = Path(path)
-    rows = _read_rows(path)
+    rows = read_rows(path)
     if not rows:
         raise DatasetError(f"{path}: no rows")
     first = rows[0][1]
@@ -147,7 +147,7 @@ def file_prompts(path: str | Path, num_prompts: int | None = None, split: str = 
     source = path.stem
     prompts, seen_ids, seen_problems = [], {}, set()
     for where, row in rows:
-        problem = _text_field(where, row, problem_key)
+        problem = text_field(where, row, problem_key)
         answer = _gold(where, row, answer_key, gsm8k)
         unique_id = row.get("unique_id")
         if unique_id is not None:

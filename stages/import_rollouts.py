@@ -1,0 +1,117 @@
+"""`replay import`: completions produced elsewhere (another trainer, an API) become rollouts of a round.
+
+Groups are formed by problem. Rows without token ids / logprobs are stored with
+`logprobs_mode = 'none'`, so `learn` refuses them unless asked to recompute behaviour logprobs.
+The whole file is validated before anything is written; re-importing skips groups already stored.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from replay import keys
+from replay.datasets import DatasetError, Prompt, read_rows, text_field
+from replay.errors import ReplayError
+from replay.manifests import finish_manifest, start_manifest
+from replay.store import Store, utc_now
+from stages.generate import register_prompts
+
+
+@dataclass
+class ImportConfig:
+    round: int = 0
+    file: str = ""
+    source: str | None = None  # prompt source label; default: the file's stem
+    problem_key: str = "problem"
+    answer_key: str = "answer"
+    completion_key: str = "completion"
+    model: str = "imported"  # recorded as base_model of the rows
+
+
+def _int_list(where: str, row: dict, key: str, kind=int) -> list | None:
+    value = row.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise DatasetError(f"{where}: field {key!r} must be a list of numbers")
+    return [kind(v) for v in value]
+
+
+def parse_rows(path: Path, cfg: ImportConfig) -> tuple[list[Prompt], list[dict]]:
+    """Validate every row; returns prompts and rollout dicts (sample_idx assigned per problem)."""
+    source = cfg.source or path.stem
+    prompts: dict[str, Prompt] = {}
+    by_prompt: dict[str, list[dict]] = defaultdict(list)
+    seen_keys: dict[tuple, str] = {}
+    for where, row in read_rows(path):
+        problem = text_field(where, row, cfg.problem_key)
+        answer = text_field(where, row, cfg.answer_key)
+        completion = row.get(cfg.completion_key)
+        if not isinstance(completion, str):
+            raise DatasetError(f"{where}: field {cfg.completion_key!r} must be text, got "
+                               f"{type(completion).__name__ if completion is not None else 'nothing'}")
+        pid = str(row["prompt_id"]) if row.get("prompt_id") is not None else keys.prompt_id(source, problem)
+        if pid in prompts and prompts[pid].answer != answer:
+            raise DatasetError(f"{where}: problem has gold {answer!r} here but {prompts[pid].answer!r} earlier")
+        prompts.setdefault(pid, Prompt(pid, source, "train", problem, answer))
+        token_ids = _int_list(where, row, "completion_token_ids")
+        logprobs = _int_list(where, row, "completion_logprobs", float)
+        if logprobs is not None and (token_ids is None or len(token_ids) != len(logprobs)):
+            raise DatasetError(f"{where}: completion_logprobs needs completion_token_ids of the same length")
+        if any(lp > 0 for lp in logprobs or ()):
+            raise DatasetError(f"{where}: completion_logprobs must be <= 0 (log-probabilities)")
+        idx = row.get("sample_idx")
+        idx = len(by_prompt[pid]) if idx is None else int(idx)
+        if (pid, idx) in seen_keys:
+            raise DatasetError(f"{where}: duplicate sample {idx} of one problem (first at {seen_keys[(pid, idx)]})")
+        seen_keys[(pid, idx)] = where
+        by_prompt[pid].append(dict(prompt_id=pid, sample_idx=idx, completion_text=completion,
+                                   completion_token_ids=token_ids, completion_logprobs=logprobs))
+    if not by_prompt:
+        raise DatasetError(f"{path}: no rows")
+    return list(prompts.values()), [r for rows in by_prompt.values() for r in rows]
+
+
+def rollout_row(cfg: ImportConfig, r: dict, now) -> dict:
+    logprobs = r["completion_logprobs"]
+    token_ids = r["completion_token_ids"]
+    return dict(round=cfg.round, prompt_id=r["prompt_id"], sample_idx=r["sample_idx"],
+                rollout_id=keys.rollout_id(cfg.round, r["prompt_id"], r["sample_idx"]), prompt_token_ids=None,
+                completion_token_ids=token_ids, completion_logprobs=logprobs,
+                sum_logprob=None if logprobs is None else float(sum(logprobs)),
+                num_completion_tokens=None if token_ids is None else len(token_ids),
+                completion_text=r["completion_text"], finish_reason="unknown", policy_round=None,
+                policy_adapter=None, base_model=cfg.model, engine="import", engine_version="0",
+                logprobs_mode="none" if logprobs is None else "unknown", temperature=None, top_p=None,
+                top_k=None, max_tokens=None, seed=None, created_at=now)
+
+
+def run(store_path: str, cfg: ImportConfig) -> dict:
+    path = Path(cfg.file)
+    prompts, rows = parse_rows(path, cfg)  # all validated before the first write
+    store = Store.create(store_path)
+    record = start_manifest("import", cfg.round, asdict(cfg))
+    stored = set(store.query("SELECT DISTINCT prompt_id FROM rollouts WHERE round = ?", [cfg.round])
+                 .column("prompt_id").to_pylist())
+    register_prompts(store, prompts)
+    now = utc_now()
+    new = [rollout_row(cfg, r, now) for r in rows if r["prompt_id"] not in stored]
+    batch: list[dict] = []
+    for i, row in enumerate(new):  # flush only at group boundaries: a half group never lands
+        batch.append(row)
+        last_of_group = i + 1 == len(new) or new[i + 1]["prompt_id"] != row["prompt_id"]
+        if last_of_group and len(batch) >= 50_000 or i + 1 == len(new):
+            store.write("rollouts", batch, round=cfg.round)
+            batch = []
+    counts = {"rows_in_file": len(rows), "rollouts_written": len(new), "prompts": len(prompts),
+              "groups_already_stored": len({r["prompt_id"] for r in rows} & stored)}
+    record = finish_manifest(record, counts)
+    store.write_manifest(cfg.round, "import", record)
+    if len(new) and any(r["completion_logprobs"] is None for r in rows):
+        record["note"] = "rows without token ids/logprobs: learn needs --recompute-old-logprobs for them"
+    return record
+
+
+__all__ = ["ImportConfig", "run", "ReplayError"]

@@ -1,0 +1,105 @@
+"""`replay round`: one cron tick — the next unfinished round's missing stages, under a store lock.
+
+The next round is the first one whose learn manifest is not complete. Each stage is idempotent
+and resumable, so a tick killed at any moment is finished by the next one: generate skips stored
+groups, score skips scored rollouts, learn skips a complete round and replaces its own partial
+outputs. Only one tick works on a store at a time (flock on <store>/.round.lock).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from replay.store import Store
+
+LOCK_FILE = ".round.lock"
+EXIT_LOCKED = 0  # a tick that finds another tick running is not an error for cron
+
+
+class RoundLocked(Exception):
+    def __init__(self, holder: str):
+        super().__init__(f"another round is running on this store ({holder}); this tick does nothing")
+        self.holder = holder
+
+
+@dataclass
+class RoundResult:
+    round: int
+    stages: dict  # stage -> manifest record
+
+
+@contextlib.contextmanager
+def store_lock(root: Path, wait: bool = False) -> Iterator[None]:
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown holder"
+            raise RoundLocked(holder) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock; the kernel also releases it if we are killed
+
+
+def next_round(store: Store, adapter_name: str = "main") -> int:
+    stage = "learn" if adapter_name == "main" else f"learn.{adapter_name}"
+    r = 0
+    while (m := store.read_manifest(r, stage)) and m.get("status") == "complete":
+        r += 1
+    return r
+
+
+def _logger(root: Path) -> logging.Logger:
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    log = logging.getLogger(f"replay.round.{root}")
+    if not log.handlers:
+        handler = logging.FileHandler(root / "logs" / "rounds.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s pid=%(process)d %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    return log
+
+
+def run_one(store_path: str, settings: dict[str, dict], echo=print) -> RoundResult:
+    from stages import generate, learn, score
+
+    root = Path(store_path)
+    gen_cfg = generate.GenerateConfig(**settings.get("generate", {}))
+    log = _logger(root)
+    learn_cfg_fields = settings.get("learn", {})
+    # a new store is created by generate, which records the base model in store.json
+    r = next_round(Store.open(root), learn_cfg_fields.get("adapter_name", "main")) if (root / "store.json").exists() else 0
+    log.info("round %d: start", r)
+    records = {}
+    gen_cfg.round = r
+    records["generate"] = generate.run(str(store.root), gen_cfg)
+    log.info("round %d: generate %s", r, records["generate"]["counts"])
+    echo(f"round {r}: generate {records['generate']['counts']}")
+    records["score"] = score.run(str(store.root), score.ScoreConfig(round=r, **settings.get("score", {})))
+    log.info("round %d: score %s", r, records["score"]["counts"])
+    echo(f"round {r}: score {records['score']['counts']}")
+    records["learn"] = learn.run(str(store.root), learn.LearnConfig(round=r, **learn_cfg_fields))
+    log.info("round %d: learn %s", r, records["learn"]["counts"])
+    echo(f"round {r}: learn {records['learn']['counts']} -> {records['learn'].get('adapter')}")
+    return RoundResult(r, records)
+
+
+def run(store_path: str, settings: dict[str, dict], rounds: int = 1, wait: bool = False,
+        echo=print) -> list[RoundResult]:
+    """Run `rounds` rounds in a row under the store lock; raises RoundLocked if another tick runs."""
+    root = Path(store_path).absolute()
+    results = []
+    with store_lock(root, wait=wait):
+        for _ in range(rounds):
+            results.append(run_one(str(root), settings, echo))
+    return results

@@ -1,0 +1,89 @@
+"""`replay score`: verify every unscored rollout of a round with math-verify in worker processes.
+
+Verdicts are appended in chunks, so an interrupted run loses at most the chunk in flight and a
+rerun scores only what has no verdict yet. `--rescore` re-verifies every rollout that has no
+verdict from the *current* verifier version (e.g. after upgrading math-verify); the views then
+take the newest verdict per rollout. Never imports torch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+from replay.errors import ReplayError
+from replay.manifests import finish_manifest, start_manifest
+from replay.progress import progress_bar
+from replay.store import Store, utc_now
+from replay.verify import VERIFIER_NAME, VerifierPool, verifier_version
+
+DEFAULT_WORKERS = 2  # bench/score_bench.py on 2 cores: see docs/BENCHMARKS.md
+
+
+@dataclass
+class ScoreConfig:
+    round: int = 0
+    workers: int | None = None  # None: the measured default for this machine
+    timeout: float = 10.0  # hard wall-clock backstop per answer, seconds
+    rescore: bool = False
+    chunk_size: int = 2000  # verdicts per written part file
+    stage: str = "score"
+    table: str = "rollouts"
+
+
+def pending_rollouts(store: Store, round: int, version: str, rescore: bool):
+    """Rollouts of the round still to verify, with their gold answers (no token columns)."""
+    already = ("SELECT 1 FROM verdicts v WHERE v.round = r.round AND v.prompt_id = r.prompt_id "
+               "AND v.sample_idx = r.sample_idx" + (" AND v.verifier_version = ?" if rescore else ""))
+    sql = (f"SELECT r.round, r.prompt_id, r.sample_idx, r.rollout_id, r.completion_text, p.answer "
+           f"FROM rollouts r LEFT JOIN (SELECT DISTINCT ON (prompt_id) prompt_id, answer FROM prompts) p "
+           f"USING (prompt_id) WHERE r.round = ? AND NOT EXISTS ({already}) ORDER BY r.prompt_id, r.sample_idx")
+    params = [round, version] if rescore else [round]
+    return store.query(sql, params).to_pylist()
+
+
+def verdict_row(rollout: dict, verdict, version: str) -> dict:
+    return dict(round=rollout["round"], prompt_id=rollout["prompt_id"], sample_idx=rollout["sample_idx"],
+                rollout_id=rollout["rollout_id"], correct=bool(verdict.correct), reward=float(verdict.reward),
+                status=verdict.status, extracted_answer=verdict.extracted_answer, error=verdict.error,
+                verifier=VERIFIER_NAME, verifier_version=version, latency_ms=float(verdict.latency_ms),
+                scored_at=utc_now())
+
+
+def run(store_path: str, cfg: ScoreConfig) -> dict:
+    if cfg.timeout <= 0:
+        raise ReplayError(f"--timeout must be positive, got {cfg.timeout}")
+    if cfg.workers is not None and cfg.workers < 1:
+        raise ReplayError(f"--workers must be at least 1, got {cfg.workers}")
+    store = Store.open(store_path)
+    version = verifier_version()
+    workers = cfg.workers or DEFAULT_WORKERS
+    record = start_manifest(cfg.stage, cfg.round, asdict(cfg) | {"workers": workers})
+    todo = pending_rollouts(store, cfg.round, version, cfg.rescore)
+    total = store.query("SELECT count(*) AS n FROM rollouts WHERE round = ?", [cfg.round]).column("n")[0].as_py()
+    if total == 0:
+        raise ReplayError(f"round {cfg.round} has no rollouts in {store.root}: run `replay generate` "
+                          f"or `replay import` first")
+    statuses: dict[str, int] = {}
+    correct = 0
+    started = time.perf_counter()
+    with progress_bar(f"score round {cfg.round}", total=total, done=total - len(todo)) as bar, \
+            VerifierPool(workers=workers, timeout=cfg.timeout) as pool:
+        for start in range(0, len(todo), cfg.chunk_size):
+            chunk = todo[start:start + cfg.chunk_size]
+            items = ((i, row["answer"], row["completion_text"]) for i, row in enumerate(chunk))
+            rows = []
+            for verdict in pool.verify_many(items):
+                rows.append(verdict_row(chunk[verdict.key], verdict, version))
+                statuses[verdict.status] = statuses.get(verdict.status, 0) + 1
+                correct += bool(verdict.correct)
+                if len(rows) % 50 == 0:
+                    rate = (start + len(rows)) / (time.perf_counter() - started)
+                    bar.advance(50, f"{rate:.0f} verdicts/s")
+            store.write("verdicts", rows, round=cfg.round)
+            bar.advance(len(rows) % 50)
+    counts = {"rollouts": total, "scored": len(todo), "correct": correct, "statuses": statuses,
+              "already_scored": total - len(todo)}
+    record = finish_manifest(record, counts, {"verifier": VERIFIER_NAME, "verifier_version": version})
+    store.write_manifest(cfg.round, cfg.stage, record)
+    return record

@@ -138,7 +138,8 @@ def write_all(store: Store, jsonl_dir: Path, n_rollouts: int, part_rows: int, se
     t = time.perf_counter()
     store.write("prompts", prompts)
     timing = {"prompts_write_s": time.perf_counter() - t, "gen_s": gen, "rollouts_write_s": 0.0,
-              "verdicts_write_s": 0.0, "jsonl_write_s": 0.0, "rollouts": 0, "tokens": 0}
+              "verdicts_write_s": 0.0, "jsonl_write_s": 0.0, "rollouts": 0, "tokens": 0,
+              "bench_peak_mib": 0.0, "write_peak_mib": 0.0}
     per_part = max(1, part_rows // G)
     con = duckdb.connect()
     for rnd in range(ROUNDS):
@@ -147,18 +148,22 @@ def write_all(store: Store, jsonl_dir: Path, n_rollouts: int, part_rows: int, se
             rollouts, verdicts, dump = make_batch(rnd, np.arange(lo, min(lo + per_part, n_prompts)),
                                                   prompts, difficulty, rng, pool)
             timing["gen_s"] += time.perf_counter() - t
+            timing["bench_peak_mib"] = max(timing["bench_peak_mib"], peak_rss_mib())
+            reset_peak_rss()
             t = time.perf_counter()
             store.write("rollouts", rollouts)
             timing["rollouts_write_s"] += time.perf_counter() - t
             t = time.perf_counter()
             store.write("verdicts", verdicts)
             timing["verdicts_write_s"] += time.perf_counter() - t
+            timing["write_peak_mib"] = max(timing["write_peak_mib"], peak_rss_mib())
             t = time.perf_counter()
             path = jsonl_dir / f"rollouts_step{rnd}_part{k:03d}.jsonl"
             con.register("dump", dump)
             con.execute(f"COPY dump TO '{path}' (FORMAT json)")
             con.unregister("dump")
             timing["jsonl_write_s"] += time.perf_counter() - t
+            timing["bench_peak_mib"] = max(timing["bench_peak_mib"], peak_rss_mib())
             timing["rollouts"] += rollouts.num_rows
             timing["tokens"] += int(np.sum(rollouts.column("num_completion_tokens").to_numpy()))
     con.close()
@@ -172,23 +177,42 @@ def replay_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "replay.cli"]
 
 
+def peak_rss_mib() -> float:
+    """VmHWM of this process: unlike ru_maxrss it is not inherited from the parent across exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> None:
+    """Linux: reset VmHWM to the current RSS, so the next peak_rss_mib() covers one step."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def cli_run(store: Path, sql: str) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS (MiB) and stdout of one `replay sql ... --format csv` process."""
-    cmd = replay_command() + ["sql", sql, "--store", str(store), "--format", "csv"]
+    """Wall seconds, peak RSS (MiB) and stdout of one `replay sql ... --format csv` process.
+
+    The peak RSS comes from GNU time (a fresh process between us and the CLI, so the CLI does not
+    inherit this big process's high-water mark); NaN without /usr/bin/time."""
+    timer = ["/usr/bin/time", "-f", "%M"] if Path("/usr/bin/time").exists() else []
+    cmd = timer + replay_command() + ["sql", sql, "--store", str(store), "--format", "csv"]
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out, err = proc.stdout.read(), proc.stderr.read()  # small outputs: no pipe deadlock
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t
-    if os.waitstatus_to_exitcode(status):
-        raise RuntimeError(f"replay sql failed: {err}")
-    return wall, usage.ru_maxrss / 1024, out
+    if proc.returncode:
+        raise RuntimeError(f"replay sql failed: {proc.stderr}")
+    rss = int(proc.stderr.split()[-1]) / 1024 if timer else float("nan")
+    return wall, rss, proc.stdout
 
 
 def inprocess(store: str, queries: list[str], repeats: int, queue) -> None:
     """Child process: time Store.read_only_query (connect + views + query) per query."""
     opened = Store.open(store)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = peak_rss_mib()
     result = {}
     for sql in queries:
         times = []
@@ -197,7 +221,7 @@ def inprocess(store: str, queries: list[str], repeats: int, queue) -> None:
             table = opened.read_only_query(sql)
             times.append(time.perf_counter() - t)
         result[sql] = (times, table.to_pylist())
-    queue.put((result, base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    queue.put((result, base, peak_rss_mib()))
 
 
 def pandas_baseline(jsonl_dir: str, last: int, engine: str, queue) -> None:
@@ -234,7 +258,31 @@ def pandas_baseline(jsonl_dir: str, last: int, engine: str, queue) -> None:
     queue.put({"parse_s": parse_s, "conf_s": conf_s, "q1_s": q1_s, "q2_s": q2_s,
                "total_s": time.perf_counter() - t0, "q1": {int(k): int(v) for k, v in q1.items()},
                "q2": list(q2.index),
-               "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+               "rss_mib": peak_rss_mib()})
+
+
+def profile(store: str, sql: str, top: int = 6) -> None:
+    """EXPLAIN ANALYZE on a trusted connection, reduced to the slowest operators."""
+    import json
+
+    con = Store.open(store).connect()
+    with tempfile.NamedTemporaryFile(suffix=".json") as fh:
+        con.execute("PRAGMA enable_profiling = 'json'")
+        con.execute(f"PRAGMA profiling_output = '{fh.name}'")
+        con.sql(sql).fetchall()
+        con.execute("PRAGMA disable_profiling")
+        tree = json.load(open(fh.name))
+    nodes, stack = [], list(tree["operator"])
+    while stack:
+        node = stack.pop()
+        nodes.append(node)
+        stack.extend(node.get("children", []))
+    print(f"  profile of {sql[:70]}...: {sum(n['timing'] for n in nodes):.3f} s in operators (summed over threads)")
+    for node in sorted(nodes, key=lambda n: -n["timing"])[:top]:
+        info = {k: v for k, v in node["extra_info"].items() if k in ("Function", "Join Type", "Conditions",
+                                                                      "Groups", "Partitions", "Projections")}
+        print(f"    {node['type']:<22} {node['timing']:7.3f} s {node['intermediate_rows']:>10,} rows  "
+              f"{json.dumps(info)[:110]}")
 
 
 def in_child(target, *args):
@@ -260,6 +308,8 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--skip-pandas", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--profile", action="store_true", help="print the slowest operators of each query "
+                    "(always done for a query whose CLI median exceeds 1 s)")
     args = ap.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="store-bench-", dir="/tmp"))
     store_dir, jsonl_dir = out / "store", out / "jsonl"
@@ -269,7 +319,6 @@ def main() -> None:
               f"{os.cpu_count()} cores, out {out}", flush=True)
         timing = write_all(Store.create(store_dir, base_model="bench"), jsonl_dir, args.rollouts, args.part_rows)
         n = timing["rollouts"]
-        write_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"\nrollouts {n:,} ({timing['tokens'] / n:.0f} completion tokens mean), "
               f"{len(list(store_dir.glob('rollouts/*/part-*')))} rollout part files")
         print(f"generate (untimed in write)  {timing['gen_s']:8.2f} s")
@@ -279,7 +328,8 @@ def main() -> None:
               f"{n / timing['verdicts_write_s']:10,.0f} rows/s")
         print(f"Store.write prompts          {timing['prompts_write_s']:8.2f} s")
         print(f"JSONL dump (DuckDB COPY)     {timing['jsonl_write_s']:8.2f} s")
-        print(f"peak RSS of the writer       {write_rss:8.0f} MiB")
+        print(f"peak RSS during Store.write   {timing['write_peak_mib']:8.0f} MiB (incl. the batch in memory)")
+        print(f"peak RSS of the bench        {timing['bench_peak_mib']:8.0f} MiB (incl. generation, JSONL dump)")
         store_b, jsonl_b = du(store_dir), du(jsonl_dir)
         print(f"disk: store {store_b / 2**20:,.0f} MiB (rollouts {du(store_dir / 'rollouts') / 2**20:,.0f}, "
               f"verdicts {du(store_dir / 'verdicts') / 2**20:,.0f}), JSONL {jsonl_b / 2**20:,.0f} MiB "
@@ -296,6 +346,9 @@ def main() -> None:
             best[name] = statistics.median(r[0] for r in runs)
             print(f"CLI {name:<22} {best[name]:8.3f} {min(r[0] for r in runs):7.3f} "
                   f"{len(runs[0][2].splitlines()) - 1:6d}  {max(r[1] for r in runs):8.0f}")
+        for name, sql in queries.items():
+            if args.profile or best[name] > 1.0:
+                profile(str(store_dir), sql)
         result, base_rss, rss = in_child(inprocess, str(store_dir), list(queries.values()), args.repeats + 2)
         for name, sql in queries.items():
             times, rows = result[sql]

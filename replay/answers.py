@@ -75,8 +75,11 @@ def promote_hash_answer(text: str) -> str:
 
 
 def drop_full_stops_after_numbers(text: str) -> str:
-    """ "x = 14/3." -> "x = 14/3"; decimals ("2.5") are untouched (digit after the dot)."""
-    return _SENTENCE_FULL_STOP.sub("", text)
+    """ "x = 14/3." -> "x = 14/3 "; decimals ("2.5") are untouched (digit after the dot).
+
+    A space, not nothing: "is 12. 500 came" must not become the thousands-grouped "12 500".
+    """
+    return _SENTENCE_FULL_STOP.sub(" ", text)
 
 
 def prepare_completion(completion: str) -> str:

@@ -221,6 +221,29 @@ def learn(
                f"({c['trained_samples']} with gradient), {c['optimizer_steps']} steps -> {record['adapter']}")
 
 
+@command("round")
+def round_(
+    store: str = StoreOpt,
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="TOML with [generate] [score] [learn] tables."),
+    set_: list[str] = typer.Option([], "--set", help="Override a setting: section.key=value (repeatable)."),
+    rounds: int = typer.Option(1, help="Run this many rounds in a row."),
+    wait: bool = typer.Option(False, help="Wait for a running tick instead of exiting."),
+):
+    """One cron tick: run the next unfinished round's missing stages (generate -> score -> learn).
+
+    Exit codes: 0 done, or another tick holds the store lock (message says so); 1 error."""
+    from replay.config import load_settings
+    from stages.round import EXIT_LOCKED, RoundLocked, run
+
+    settings = load_settings(config, set_)
+    try:
+        results = run(store, settings, rounds=rounds, wait=wait, echo=typer.echo)
+    except RoundLocked as exc:
+        typer.echo(str(exc))
+        raise typer.Exit(EXIT_LOCKED) from None
+    typer.echo(f"finished round(s) {', '.join(str(r.round) for r in results)}")
+
+
 def main() -> None:
     app()
 

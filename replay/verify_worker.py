@@ -45,7 +45,7 @@ def _extracted_text(parsed: list) -> str:
     # parse() ends its list with the matched string (fallback_mode="first_match"); str() of a
     # parsed sympy object can itself take very long (think 9^(9^9)), so only that string is shown.
     strings = [p for p in parsed if isinstance(p, str)]
-    return clip(strings[-1], EXTRACTED_MAX_CHARS) if strings else ""
+    return clip(strings[-1].strip(), EXTRACTED_MAX_CHARS) if strings else ""
 
 
 class Judge:
@@ -90,7 +90,7 @@ class Judge:
         except TimeoutException:
             # the alarm can fire just after math-verify returned, before it disarmed it
             return False, "timeout", "", "math-verify timeout"
-        except BaseException as exc:  # noqa: BLE001 - a verdict, never a crash
+        except Exception as exc:  # a verdict, never a crash
             return False, "error", "", _error_text(exc)
 
     def _judge(self, gold: str, completion: str) -> Outcome:

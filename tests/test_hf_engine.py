@@ -80,7 +80,8 @@ def test_contract_helpers():
                 dict(stop=[""])):
         with pytest.raises(ValueError):
             SamplingSettings(**bad)
-    assert SamplingSettings(top_k=-1).top_k_cut(50) is None and SamplingSettings(top_k=60).top_k_cut(50) is None
+    assert SamplingSettings(top_k=-1).top_k_cut(50) is None
+    assert SamplingSettings(top_k=60).top_k_cut(50) is None and SamplingSettings(top_k=5).top_k_cut(50) == 5
 
 
 # --- the decode loop on a tiny model ----------------------------------------------------------

@@ -1,0 +1,154 @@
+"""Verifier throughput: VerifierPool with N workers vs a single-process loop of the same calls.
+
+    python bench/score_bench.py [--n 10000] [--workers 1 2 3] [--timeout 10]
+
+10 000 synthetic typical model outputs (a few lines of worked arithmetic, then a boxed integer,
+a boxed fraction, an unboxed "The answer is ...", a decimal for a fraction, or nothing; about a
+third wrong), 8 samples per problem as in a GRPO round. The pool runs with its hard wall-clock
+backstop on; the baseline is the same math-verify parse/verify calls (replay.verify_worker.Judge,
+math-verify's own timeouts on) in a plain loop in this process: no isolation, no backstop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+import time
+from collections import Counter
+from fractions import Fraction
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from replay.answers import answer_window  # noqa: E402
+from replay.verify import VerifierPool, verifier_version  # noqa: E402
+from replay.verify_worker import Judge  # noqa: E402
+
+SAMPLES_PER_PROBLEM = 8
+
+
+def _latex(value: Fraction) -> str:
+    if value.denominator == 1:
+        return str(value.numerator)
+    sign = "-" if value < 0 else ""
+    return f"{sign}\\frac{{{abs(value.numerator)}}}{{{value.denominator}}}"
+
+
+def _reasoning(rng: random.Random) -> str:
+    lines = []
+    for step in range(rng.randint(3, 12)):
+        a, b = rng.randint(2, 999), rng.randint(2, 999)
+        op, result = rng.choice([("+", a + b), ("-", a - b), ("\\times", a * b)])
+        lines.append(f"Step {step + 1}: we have ${a} {op} {b} = {result}$, so we carry it over.")
+    return "\n".join(lines)
+
+
+def _completion(rng: random.Random, gold: Fraction) -> str:
+    shown = gold if rng.random() < 0.65 else gold + rng.choice([-2, -1, 1, 3, Fraction(1, 2)])
+    kind = rng.choices(["boxed", "text", "decimal", "none"], weights=[60, 25, 10, 5])[0]
+    if kind == "boxed":
+        ending = f"Therefore, the final answer is $\\boxed{{{_latex(shown)}}}$."
+    elif kind == "text":
+        plain = str(shown.numerator) if shown.denominator == 1 else f"{shown.numerator}/{shown.denominator}"
+        ending = f"So the answer is {plain}."
+    elif kind == "decimal":
+        ending = f"The result is approximately $\\boxed{{{float(shown):.6f}}}$."
+    else:
+        ending = "I am not sure how to finish this problem."
+    return f"{_reasoning(rng)}\n{ending}"
+
+
+def synthetic_items(n: int, seed: int = 0) -> list[tuple[int, str, str]]:
+    rng = random.Random(seed)
+    items = []
+    while len(items) < n:
+        gold = Fraction(rng.randint(-50, 5000), rng.choice([1, 1, 1, 2, 3, 4, 7]))
+        for _ in range(SAMPLES_PER_PROBLEM):
+            items.append((len(items), _latex(gold), _completion(rng, gold)))
+    return items[:n]
+
+
+def _worker_cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of the worker processes (Linux /proc; 0 elsewhere)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def single_process(items, parse_timeout: int, verify_timeout: int) -> tuple[float, float, int]:
+    """(wall s, cpu s, number correct) of a plain loop of the same calls."""
+    judge = Judge(parse_timeout, verify_timeout)
+    wall, cpu = time.perf_counter(), time.process_time()
+    correct = sum(judge(gold, answer_window(completion))[0] for _, gold, completion in items)
+    return time.perf_counter() - wall, time.process_time() - cpu, correct
+
+
+def pooled(items, workers: int, args) -> tuple[float, float, list]:
+    """(wall s, cpu s of parent + workers, verdicts) of one verify_many over all items."""
+    with VerifierPool(workers=workers, timeout=args.timeout, parse_timeout=args.parse_timeout,
+                      verify_timeout=args.verify_timeout) as pool:
+        list(pool.verify_many(items[:50]))  # warm up: workers up, imports done
+        cpu_before = time.process_time() + _worker_cpu_seconds(pool.worker_pids())
+        wall = time.perf_counter()
+        verdicts = list(pool.verify_many(items))
+        wall = time.perf_counter() - wall
+        cpu = time.process_time() + _worker_cpu_seconds(pool.worker_pids()) - cpu_before
+    return wall, cpu, verdicts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=10_000)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds; best kept")
+    parser.add_argument("--timeout", type=float, default=10.0, help="hard backstop (s)")
+    parser.add_argument("--parse-timeout", type=int, default=3)
+    parser.add_argument("--verify-timeout", type=int, default=3)
+    args = parser.parse_args(argv)
+    logging.getLogger("math_verify").setLevel(logging.CRITICAL)
+
+    items = synthetic_items(args.n)
+    n = len(items)
+    mean_chars = sum(len(c) for _, _, c in items) / n
+    print(f"math-verify {verifier_version()} | {os.cpu_count()} cores, load average "
+          f"{os.getloadavg()[0]:.1f} | {n} outputs, mean {mean_chars:.0f} chars, "
+          f"{n // SAMPLES_PER_PROBLEM} distinct golds | best of {args.repeats} interleaved rounds")
+
+    best: dict[str, tuple[float, float]] = {}
+    correct: dict[str, int] = {}
+    statuses: dict[str, dict] = {}
+    for _ in range(args.repeats):
+        wall, cpu, correct["single"] = single_process(items, args.parse_timeout, args.verify_timeout)
+        best["single"] = min(best.get("single", (wall, cpu)), (wall, cpu))
+        for workers in args.workers:
+            wall, cpu, verdicts = pooled(items, workers, args)
+            best[workers] = min(best.get(workers, (wall, cpu)), (wall, cpu))
+            correct[workers] = sum(v.correct for v in verdicts)
+            statuses[workers] = dict(Counter(v.status for v in verdicts))
+
+    base_rate = n / best["single"][0]
+    print(f"single-process loop     : {base_rate:6.0f} verdicts/s, "
+          f"{1000 * best['single'][1] / n:.2f} CPU-ms/verdict ({correct['single']} correct, "
+          f"no backstop)")
+    for workers in args.workers:
+        rate = n / best[workers][0]
+        agree = "same verdicts count" if correct[workers] == correct["single"] else "MISMATCH"
+        print(f"VerifierPool workers={workers}: {rate:6.0f} verdicts/s, "
+              f"{1000 * best[workers][1] / n:.2f} CPU-ms/verdict (parent + workers), "
+              f"x{rate / base_rate:.2f} vs single loop; {agree}, statuses {statuses[workers]}")
+    top = max(args.workers, key=lambda w: n / best[w][0])
+    print(f"recommended default workers on this machine: {top} "
+          f"({n / best[top][0]:.0f} verdicts/s, x{n / best[top][0] / base_rate:.2f} vs single loop)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

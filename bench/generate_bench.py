@@ -49,7 +49,7 @@ def hf_generate_runner(ref, args, prompts, seeds, settings):
     tokenizer = load_tokenizer(ref)
     eos_ids = {tokenizer.eos_token_id} | set(_as_list(model.generation_config.eos_token_id))
     sample_args = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
-                       top_k=settings.top_k if settings.top_k > 0 else None,
+                       top_k=max(settings.top_k, 0),  # 0, not None: None means transformers' 50
                        output_scores=False, pad_token_id=tokenizer.pad_token_id)
 
     def generate(batch, max_new_tokens):

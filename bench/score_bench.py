@@ -18,6 +18,7 @@ import random
 import sys
 import time
 from collections import Counter
+from contextlib import ExitStack
 from fractions import Fraction
 from pathlib import Path
 
@@ -83,32 +84,46 @@ def _worker_cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def single_process(items, parse_timeout: int, verify_timeout: int) -> tuple[float, float, int]:
-    """(wall s, cpu s, number correct) of a plain loop of the same calls."""
-    judge = Judge(parse_timeout, verify_timeout)
-    wall, cpu = time.perf_counter(), time.process_time()
-    correct = sum(judge(gold, answer_window(completion))[0] for _, gold, completion in items)
-    return time.perf_counter() - wall, time.process_time() - cpu, correct
+def _pool_cpu(pool: VerifierPool) -> float:
+    return time.process_time() + _worker_cpu_seconds(pool.worker_pids())
 
 
-def pooled(items, workers: int, args) -> tuple[float, float, list]:
-    """(wall s, cpu s of parent + workers, verdicts) of one verify_many over all items."""
-    with VerifierPool(workers=workers, timeout=args.timeout, parse_timeout=args.parse_timeout,
-                      verify_timeout=args.verify_timeout) as pool:
-        list(pool.verify_many(items[:50]))  # warm up: workers up, imports done
-        cpu_before = time.process_time() + _worker_cpu_seconds(pool.worker_pids())
-        wall = time.perf_counter()
-        verdicts = list(pool.verify_many(items))
-        wall = time.perf_counter() - wall
-        cpu = time.process_time() + _worker_cpu_seconds(pool.worker_pids()) - cpu_before
-    return wall, cpu, verdicts
+def measure(items, args) -> tuple[dict, Counter, dict]:
+    """Total (wall s, cpu s) per variant over all items, chunk by chunk, variants interleaved
+    (so a neighbour's load burst on a shared machine hits every variant alike)."""
+    judge = Judge(args.parse_timeout, args.verify_timeout)
+    totals = {name: [0.0, 0.0] for name in ["single", *args.workers]}
+    correct: Counter = Counter()
+    statuses = {w: Counter() for w in args.workers}
+    with ExitStack() as stack:
+        pools = {w: stack.enter_context(VerifierPool(
+            workers=w, timeout=args.timeout, parse_timeout=args.parse_timeout,
+            verify_timeout=args.verify_timeout)) for w in args.workers}
+        for pool in pools.values():
+            list(pool.verify_many(items[:50]))  # warm up: workers up, imports done
+        for _, gold, completion in items[:50]:
+            judge(gold, answer_window(completion))
+        for start in range(0, len(items), args.chunk):
+            chunk = items[start : start + args.chunk]
+            wall, cpu = time.perf_counter(), time.process_time()
+            correct["single"] += sum(judge(g, answer_window(c))[0] for _, g, c in chunk)
+            totals["single"][0] += time.perf_counter() - wall
+            totals["single"][1] += time.process_time() - cpu
+            for workers, pool in pools.items():
+                wall, cpu = time.perf_counter(), _pool_cpu(pool)
+                verdicts = list(pool.verify_many(chunk))
+                totals[workers][0] += time.perf_counter() - wall
+                totals[workers][1] += _pool_cpu(pool) - cpu
+                correct[workers] += sum(v.correct for v in verdicts)
+                statuses[workers].update(v.status for v in verdicts)
+    return totals, correct, statuses
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds; best kept")
+    parser.add_argument("--chunk", type=int, default=500, help="items per interleaved turn")
     parser.add_argument("--timeout", type=float, default=10.0, help="hard backstop (s)")
     parser.add_argument("--parse-timeout", type=int, default=3)
     parser.add_argument("--verify-timeout", type=int, default=3)
@@ -118,35 +133,26 @@ def main(argv: list[str] | None = None) -> int:
     items = synthetic_items(args.n)
     n = len(items)
     mean_chars = sum(len(c) for _, _, c in items) / n
-    print(f"math-verify {verifier_version()} | {os.cpu_count()} cores, load average "
-          f"{os.getloadavg()[0]:.1f} | {n} outputs, mean {mean_chars:.0f} chars, "
-          f"{n // SAMPLES_PER_PROBLEM} distinct golds | best of {args.repeats} interleaved rounds")
+    load = os.getloadavg()[0]
+    print(f"math-verify {verifier_version()} | {os.cpu_count()} cores, load average {load:.1f} "
+          f"| {n} outputs, mean {mean_chars:.0f} chars, {n // SAMPLES_PER_PROBLEM} distinct golds "
+          f"| variants interleaved every {args.chunk} items")
+    totals, correct, statuses = measure(items, args)
 
-    best: dict[str, tuple[float, float]] = {}
-    correct: dict[str, int] = {}
-    statuses: dict[str, dict] = {}
-    for _ in range(args.repeats):
-        wall, cpu, correct["single"] = single_process(items, args.parse_timeout, args.verify_timeout)
-        best["single"] = min(best.get("single", (wall, cpu)), (wall, cpu))
-        for workers in args.workers:
-            wall, cpu, verdicts = pooled(items, workers, args)
-            best[workers] = min(best.get(workers, (wall, cpu)), (wall, cpu))
-            correct[workers] = sum(v.correct for v in verdicts)
-            statuses[workers] = dict(Counter(v.status for v in verdicts))
-
-    base_rate = n / best["single"][0]
+    base_rate = n / totals["single"][0]
     print(f"single-process loop     : {base_rate:6.0f} verdicts/s, "
-          f"{1000 * best['single'][1] / n:.2f} CPU-ms/verdict ({correct['single']} correct, "
+          f"{1000 * totals['single'][1] / n:.2f} CPU-ms/verdict ({correct['single']} correct, "
           f"no backstop)")
     for workers in args.workers:
-        rate = n / best[workers][0]
-        agree = "same verdicts count" if correct[workers] == correct["single"] else "MISMATCH"
+        rate = n / totals[workers][0]
+        agree = "same number correct" if correct[workers] == correct["single"] else "MISMATCH"
         print(f"VerifierPool workers={workers}: {rate:6.0f} verdicts/s, "
-              f"{1000 * best[workers][1] / n:.2f} CPU-ms/verdict (parent + workers), "
-              f"x{rate / base_rate:.2f} vs single loop; {agree}, statuses {statuses[workers]}")
-    top = max(args.workers, key=lambda w: n / best[w][0])
+              f"{1000 * totals[workers][1] / n:.2f} CPU-ms/verdict (parent + workers), "
+              f"x{rate / base_rate:.2f} vs single loop; {agree}, statuses {dict(statuses[workers])}")
+    top = max(args.workers, key=lambda w: n / totals[w][0])
     print(f"recommended default workers on this machine: {top} "
-          f"({n / best[top][0]:.0f} verdicts/s, x{n / best[top][0] / base_rate:.2f} vs single loop)")
+          f"({n / totals[top][0]:.0f} verdicts/s, x{n / totals[top][0] / base_rate:.2f} vs single loop)"
+          f"; load average now {os.getloadavg()[0]:.1f}")
     return 0
 
 

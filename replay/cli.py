@@ -14,7 +14,7 @@ import typer
 
 from .errors import ReplayError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
                   help="Offline replay RLVR: keep every rollout, query failures with SQL, rescue negative groups.")
 
 StoreOpt = typer.Option("replay-store", "--store", envvar="REPLAY_STORE",
@@ -242,6 +242,52 @@ def round_(
         typer.echo(str(exc))
         raise typer.Exit(EXIT_LOCKED) from None
     typer.echo(f"finished round(s) {', '.join(str(r.round) for r in results)}")
+
+
+@command("eval")
+def eval_(
+    store: str = StoreOpt,
+    round: int = typer.Option(-1, "--round", "-r", help="Evaluate base + the adapter learned in this round."),
+    base: bool = typer.Option(False, "--base", help="Evaluate the base model (same as --round -1)."),
+    adapter: str = typer.Option("main", "--adapter", help="Adapter name (A/B variants from learn --adapter-name)."),
+    dataset: str = typer.Option("arith"), split: str = typer.Option("test"),
+    num_prompts: Optional[int] = typer.Option(128), levels: str = typer.Option("1,2,3,4,5"),
+    problem_key: Optional[str] = typer.Option(None), answer_key: Optional[str] = typer.Option(None),
+    num_samples: int = typer.Option(8, "--num-samples", "-n"), max_new_tokens: int = typer.Option(256),
+    temperature: float = typer.Option(1.0), top_p: float = typer.Option(1.0),
+    engine: str = typer.Option("auto"), seed: int = typer.Option(1234), batch_size: int = typer.Option(16),
+    workers: Optional[int] = typer.Option(None), timeout: float = typer.Option(10.0),
+):
+    """pass@k (k = 1, 2, 4, ..., n) of a round's policy on held-out prompts, overall and per level/subject."""
+    from replay.render import print_table
+    from stages.eval import EvalConfig, run
+    from stages.generate import GenerateConfig
+
+    gen = GenerateConfig(dataset=dataset, split=split, num_prompts=num_prompts or None, levels=_levels(levels),
+                         problem_key=problem_key, answer_key=answer_key, num_samples=num_samples,
+                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, engine=engine,
+                         seed=seed, batch_size=batch_size)
+    rows = run(store, EvalConfig(round=-1 if base else round, adapter_name=adapter, generate=gen,
+                                 workers=workers, timeout=timeout))
+    import pyarrow as pa
+
+    table = pa.Table.from_pylist([{"slice": f"{r['group_by']}={r['group_value']}", "k": r["k"],
+                                   "pass@k": float(f"{r['pass_at_k']:.4f}"), "prompts": r["n_prompts"]} for r in rows])
+    print_table(table, title=f"pass@k, round {rows[0]['round']} ({rows[0]['adapter_name']})")
+
+
+@command()
+def export(
+    store: str = StoreOpt,
+    format: str = typer.Option("jsonl", "--format", "-f", help="trl (prompt_ids, completion_ids, logprobs) | jsonl"),
+    out: str = typer.Option(..., "--out", "-o", help="Output file (.jsonl, or .parquet)."),
+    round: Optional[int] = typer.Option(None, "--round", "-r", help="Only this round."),
+):
+    """Export scored rollouts for other tools (TRL's rollout_func contract, or plain JSONL)."""
+    from stages.export import run
+
+    n = run(store, format, out, round)
+    typer.echo(f"wrote {n} rollouts to {out}")
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def write_result(table: pa.Table, fmt: str, output: str | None) -> None:
             raise ReplayError("--format parquet needs --output FILE")
         import pyarrow.parquet as pq
 
-        pq.write_table(table, output)
+        _atomic(output, lambda tmp: pq.write_table(table, tmp))
         return
     if fmt == "csv":
         import pyarrow.csv as pacsv
@@ -63,9 +64,22 @@ def write_result(table: pa.Table, fmt: str, output: str | None) -> None:
     else:
         payload = "".join(json.dumps(row, default=str, ensure_ascii=False) + "\n" for row in table.to_pylist())
     if output:
-        Path(output).write_text(payload, encoding="utf-8")
+        _atomic(output, lambda tmp: Path(tmp).write_text(payload, encoding="utf-8"))
     else:
         sys.stdout.write(payload)
+
+
+def _atomic(output: str, write) -> None:
+    """Write through a temp file beside `output`, then rename: no half-written result file."""
+    target = Path(output)
+    tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise ReplayError(f"cannot write {target}: {exc.strerror or exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _flatten_lists(table: pa.Table) -> pa.Table:

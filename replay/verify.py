@@ -115,16 +115,13 @@ class _Worker:
             self.broken = True
         return done
 
-    def dead(self) -> bool:
-        return self.broken or not self.process.is_alive()
-
     def kill(self) -> None:
         self.process.kill()
         self.process.join(timeout=5)
         self.conn.close()
 
     def stop(self) -> None:
-        if not self.jobs and not self.dead():
+        if not self.jobs and not self.broken and self.process.is_alive():
             try:
                 self.conn.send(None)
             except (OSError, EOFError):
@@ -239,19 +236,20 @@ class VerifierPool:
                 continue
             deadline = min(w.head_since for w in busy) + self.timeout
             waitables = [w.conn for w in busy] + [w.process.sentinel for w in busy]
-            wait(waitables, timeout=max(0.0, deadline - time.monotonic()))
+            ready = set(wait(waitables, timeout=max(0.0, deadline - time.monotonic())))
             for index, worker in enumerate(self._workers):
                 for job, (correct, status, extracted, error, latency_ms) in worker.receive():
                     out.append(_verdict(job.key, correct, status, extracted, latency_ms, error))
                 if worker.jobs:
-                    out.extend(self._enforce(index, backlog))
+                    exited = worker.broken or worker.process.sentinel in ready
+                    out.extend(self._enforce(index, exited, backlog))
             yield from out
 
-    def _enforce(self, index: int, backlog: deque[_Job]) -> list[Verdict]:
-        """Kill/replace a dead or overrunning worker; re-queue its other jobs."""
+    def _enforce(self, index: int, exited: bool, backlog: deque[_Job]) -> list[Verdict]:
+        """Replace a worker that exited or overran the backstop; re-queue its other jobs."""
         worker = self._workers[index]
         elapsed_ms = (time.monotonic() - worker.head_since) * 1000.0
-        if worker.dead():
+        if exited:
             head = worker.jobs.popleft()
             backlog.extendleft(reversed(worker.jobs))
             worker.jobs.clear()

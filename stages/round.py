@@ -82,13 +82,13 @@ def run_one(store_path: str, settings: dict[str, dict], echo=print) -> RoundResu
     log.info("round %d: start", r)
     records = {}
     gen_cfg.round = r
-    records["generate"] = generate.run(str(store.root), gen_cfg)
+    records["generate"] = generate.run(str(root), gen_cfg)
     log.info("round %d: generate %s", r, records["generate"]["counts"])
     echo(f"round {r}: generate {records['generate']['counts']}")
-    records["score"] = score.run(str(store.root), score.ScoreConfig(round=r, **settings.get("score", {})))
+    records["score"] = score.run(str(root), score.ScoreConfig(round=r, **settings.get("score", {})))
     log.info("round %d: score %s", r, records["score"]["counts"])
     echo(f"round {r}: score {records['score']['counts']}")
-    records["learn"] = learn.run(str(store.root), learn.LearnConfig(round=r, **learn_cfg_fields))
+    records["learn"] = learn.run(str(root), learn.LearnConfig(round=r, **learn_cfg_fields))
     log.info("round %d: learn %s", r, records["learn"]["counts"])
     echo(f"round {r}: learn {records['learn']['counts']} -> {records['learn'].get('adapter')}")
     return RoundResult(r, records)

@@ -8,7 +8,8 @@ import torch
 
 from replay.engines import SamplingSettings, make_engine
 from replay.engines.base import check_requests, cut_at_stop, find_stop, generator_seed
-from replay.engines.hf_engine import HFEngine, left_pad, process_logits, sample_tokens
+from replay.engines.hf_engine import (HFEngine, left_pad, nucleus_mask, process_logits,
+                                      sample_tokens)
 from tests._tiny_model import (EOS, converted_smollm2, teacher_forced_logprobs, tiny_model,
                                tiny_tokenizer, word_prompt)
 
@@ -43,6 +44,27 @@ def test_top_p_applies_after_top_k():
     # top-k 3 renormalises to 0.526, 0.316, 0.158: top-p 0.8 then keeps two (tail mass 0.158 < 0.2)
     scores = process_logits(LOG_PROBS, temperature=1.0, top_k=3, top_p=0.8)
     assert torch.isfinite(scores[0]).tolist() == [True, True, False, False]
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, None, 0.95), (1.3, 40, 0.8), (1.0, 7, 1.0),
+                                                     (0.5, None, 0.3)])
+@pytest.mark.parametrize("probe", [3, 256])  # 3: the nucleus outgrows the probe -> full sort
+def test_processing_matches_transformers_warpers(temperature, top_k, top_p, probe):
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 500) * 3
+    expected = TemperatureLogitsWarper(temperature)(None, logits)
+    if top_k is not None:
+        expected = TopKLogitsWarper(top_k)(None, expected)
+    if top_p < 1:
+        expected = TopPLogitsWarper(top_p)(None, expected)
+    got = process_logits(logits, temperature, top_k, 1.0)
+    if top_p < 1:
+        got = got.masked_fill(~nucleus_mask(got, top_p, probe=probe), float("-inf"))
+    assert torch.equal(torch.isfinite(got), torch.isfinite(expected))
+    assert torch.isfinite(got).sum(-1).min() >= 1
+    torch.testing.assert_close(got.log_softmax(-1), expected.log_softmax(-1))
 
 
 def test_inverse_cdf_draws_follow_the_probabilities():

@@ -171,11 +171,12 @@ def test_pathological_completion_ends_as_a_verdict_and_spares_the_others(pool, n
     _assert_normal(_run(pool, NORMAL))  # the pool still works afterwards
 
 
-def test_huge_completion_with_a_final_box_is_judged(pool):
+def test_huge_and_dirty_completions_are_judged(pool):
     completion = "We reason at length. " * 10_000 + "Hence $\\boxed{\\frac{1}{2}}$."
-    by_key = _run(pool, [("long", "0.5", completion), ("ctl", "8", "\x1b so \\boxed{8}")])
-    assert by_key["long"].correct and by_key["ctl"].correct
-    assert "\x1b" not in by_key["ctl"].extracted_answer
+    by_key = _run(pool, [("long", "0.5", completion), ("ctl", "8", "\x1b so \\boxed{8}"),
+                         ("nul", "12", "\\boxed{1\x002}"), ("sur", "12", "\\boxed{1\ud8002}")])
+    assert by_key["long"].correct and by_key["ctl"].correct and by_key["nul"].correct
+    assert by_key["sur"].extracted_answer == "1?2" and not by_key["sur"].correct
 
 
 def test_backstop_kills_a_stuck_worker_and_replaces_it():

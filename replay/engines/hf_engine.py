@@ -18,6 +18,7 @@ from transformers import DynamicCache
 from .base import Completion, SamplingSettings, check_requests, cut_at_stop, generator_seed
 
 STOP_CHECK_SLACK_TOKENS = 8  # stop strings are searched in the last len(stop) + this many tokens
+NUCLEUS_PROBE = 256  # top-p looks among this many most likely tokens before sorting them all
 
 
 def process_logits(logits: torch.Tensor, temperature: float, top_k: int | None,
@@ -31,13 +32,23 @@ def process_logits(logits: torch.Tensor, temperature: float, top_k: int | None,
         kth_best = torch.topk(scores, top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth_best, float("-inf"))
     if top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, dim=-1)  # ascending
-        mass_up_to = sorted_scores.softmax(-1).cumsum(-1)
-        drop_sorted = mass_up_to <= 1 - top_p
-        drop_sorted[:, -1] = False  # the most likely token always stays
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        scores = scores.masked_fill(drop, float("-inf"))
+        scores = scores.masked_fill(~nucleus_mask(scores, top_p), float("-inf"))
     return scores
+
+
+def nucleus_mask(scores: torch.Tensor, top_p: float, probe: int = NUCLEUS_PROBE) -> torch.Tensor:
+    """[B, V] bool: keep a token iff the mass of the tokens ranked above it is < top_p.
+
+    A full-vocabulary sort per step is slow, and the nucleus is usually small: look among the
+    `probe` most likely tokens first and sort everything only when a row's nucleus is wider.
+    """
+    probs = scores.softmax(-1)
+    best, order = probs.topk(min(probe, probs.shape[-1]), dim=-1)  # descending
+    if best.shape[-1] < probs.shape[-1] and bool((best.sum(-1) < top_p).any()):
+        best, order = probs.sort(dim=-1, descending=True)
+    keep_ranked = best.cumsum(-1) - best < top_p
+    keep_ranked[:, 0] = True  # the most likely token always stays
+    return torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, keep_ranked)
 
 
 def sample_tokens(scores: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,245 @@
+"""Figures of `replay report`: rows (lists of dicts read from the store's views) in, Figures out.
+
+Built on matplotlib's object API (Figure + the Agg canvas), never pyplot: no global state, no GUI
+backend, nothing to close, safe to call from any thread.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+
+import matplotlib
+import matplotlib.ticker
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+SIZE = (8, 4.5)
+DPI = 110
+BASE_ROUND = -1
+KINDS = ("negative", "mixed", "positive")
+KIND_COLORS = {"negative": "#d62728", "mixed": "#ff9f1c", "positive": "#2ca02c"}
+MARKERS = "osD^v<>ph*"
+STYLES = ("-", "--", ":", "-.")
+LEARN_PANELS = (("loss", "loss"), ("clip_frac", "clip fraction"),
+                ("nonzero_adv_share", "share of samples with non-zero advantage"), ("grad_norm", "grad norm"))
+
+
+def round_label(round: int) -> str:
+    return "base" if round == BASE_ROUND else str(round)
+
+
+def to_png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return buf.getvalue()
+
+
+def _axes(title: str, xlabel: str, ylabel: str, size=SIZE):
+    fig = Figure(figsize=size, dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def _round_ticks(ax, rounds) -> None:
+    rounds = sorted(set(rounds))
+    ax.set_xticks(rounds, [round_label(r) for r in rounds])
+
+
+def _colors(n: int) -> list:
+    if n <= 10:
+        return [matplotlib.colormaps["tab10"](i) for i in range(n)]
+    return [matplotlib.colormaps["viridis"](i / (n - 1)) for i in range(n)]
+
+
+def _legend_right(ax) -> None:
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+
+
+def passk_series(rows: list[dict]) -> dict[tuple[str, int], list[tuple[int, float]]]:
+    """{(series label, k): sorted [(round, pass@k)]} from eval rows (store, adapter_name, dataset, k, ...).
+
+    The base model (round -1) is every adapter's starting point: its value starts each adapter's
+    line of the same store and dataset. A label names only what varies between the rows.
+    """
+    base = {(r["store"], r["dataset"], r["k"]): r["pass_at_k"] for r in rows if r["round"] == BASE_ROUND}
+    trained = [r for r in rows if r["round"] != BASE_ROUND]
+    n_stores = len({r["store"] for r in rows})
+    n_datasets = len({r["dataset"] for r in rows})
+    n_adapters = len({r["adapter_name"] for r in trained})
+
+    def label(store: str, adapter: str, dataset: str) -> str:
+        parts = [store] if n_stores > 1 else []
+        parts += [adapter] if n_adapters > 1 or adapter == "base" else []
+        parts += [dataset] if n_datasets > 1 else []
+        return " · ".join(parts)
+
+    series: dict[tuple[str, int], dict[int, float]] = defaultdict(dict)
+    for r in trained:
+        points = series[(label(r["store"], r["adapter_name"], r["dataset"]), r["k"])]
+        points[r["round"]] = r["pass_at_k"]
+        if (r["store"], r["dataset"], r["k"]) in base:
+            points[BASE_ROUND] = base[(r["store"], r["dataset"], r["k"])]
+    covered = {(r["store"], r["dataset"], r["k"]) for r in trained}
+    for (store, dataset, k), value in base.items():
+        if (store, dataset, k) not in covered:  # only the base model was evaluated there
+            series[(label(store, "base", dataset), k)][BASE_ROUND] = value
+    return {key: sorted(points.items()) for key, points in sorted(series.items())}
+
+
+def latest_passk(rows: list[dict]) -> list[dict]:
+    """The base model's rows (of the first store that has them: stores compared share a base model),
+    then each (store, adapter, dataset)'s rows at its latest evaluated round."""
+    latest: dict[tuple, int] = {}
+    for r in rows:
+        key = (r["store"], r["adapter_name"], r["dataset"])
+        latest[key] = max(latest.get(key, r["round"]), r["round"])
+    base_store = next((r["store"] for r in rows if r["round"] == BASE_ROUND), None)
+    return ([r for r in rows if r["round"] == BASE_ROUND and r["store"] == base_store]
+            + [r for r in rows if r["round"] != BASE_ROUND
+               and latest[(r["store"], r["adapter_name"], r["dataset"])] == r["round"]])
+
+
+def passk_lines(series: dict[tuple[str, int], list[tuple[int, float]]], title: str) -> Figure:
+    """One line per (series, k): colour per series (per k when there is one series), marker per k."""
+    fig, ax = _axes(title, "round (policy after learning that round)", "pass@k")
+    labels = sorted({label for label, _ in series})
+    ks = sorted({k for _, k in series})
+    colors = _colors(len(labels) if len(labels) > 1 else len(ks))
+    for (label, k), points in series.items():
+        i, j = labels.index(label), ks.index(k)
+        rounds, values = zip(*points)
+        ax.plot(rounds, values, marker=MARKERS[j % len(MARKERS)], linestyle=STYLES[j % len(STYLES)] if len(labels) > 1
+                else "-", color=colors[i if len(labels) > 1 else j], label=f"{label} pass@{k}".strip())
+    _round_ticks(ax, [r for points in series.values() for r, _ in points])
+    ax.set_ylim(0, 1.02)
+    _legend_right(ax)
+    return fig
+
+
+def grouped_bars(entries: list[tuple[str, int, float]], title: str, xlabel: str = "") -> Figure:
+    """Bars of (group, k, pass@k): one cluster per group (adapter or store), one bar per k."""
+    groups = list(dict.fromkeys(g for g, _, _ in entries))
+    ks = sorted({k for _, k, _ in entries})
+    fig, ax = _axes(title, xlabel, "pass@k")
+    width = 0.8 / len(ks)
+    colors = _colors(len(ks))
+    for j, k in enumerate(ks):
+        xs = [groups.index(g) + (j - (len(ks) - 1) / 2) * width for g, kk, _ in entries if kk == k]
+        values = [v for _, kk, v in entries if kk == k]
+        bars = ax.bar(xs, values, width * 0.95, color=colors[j], label=f"pass@{k}")
+        ax.bar_label(bars, fmt="%.2f", fontsize="x-small", padding=1)
+    if len(groups) > 3:
+        ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right", rotation_mode="anchor")
+    else:
+        ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylim(0, 1.1)
+    ax.grid(axis="x", visible=False)
+    _legend_right(ax)
+    return fig
+
+
+def group_shares(rounds: list[dict]) -> Figure:
+    """Stacked bars: share of negative / mixed / positive groups per round."""
+    fig, ax = _axes("Group kinds per round (share of prompts)", "round", "share of groups")
+    totals = np.array([sum(r[f"{kind}_groups"] for kind in KINDS) for r in rounds], dtype=float)
+    xs = [r["round"] for r in rounds]
+    bottom = np.zeros(len(rounds))
+    for kind in KINDS:
+        share = np.array([r[f"{kind}_groups"] for r in rounds]) / totals
+        bars = ax.bar(xs, share, 0.7, bottom=bottom, color=KIND_COLORS[kind], label=kind)
+        ax.bar_label(bars, labels=[f"{s:.0%}" if s >= 0.06 else "" for s in share], label_type="center",
+                     fontsize="small", color="white")
+        bottom += share
+    _round_ticks(ax, xs)
+    ax.set_ylim(0, 1)
+    ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    ax.grid(axis="x", visible=False)
+    _legend_right(ax)
+    return fig
+
+
+def rescue_bars(rounds: list[dict]) -> Figure:
+    """Per round: negative groups, and prompts rescued (negative in an earlier round, not now)."""
+    fig, ax = _axes("Negative groups and rescues per round", "round", "prompts")
+    xs = np.array([r["round"] for r in rounds], dtype=float)
+    for offset, key, color, label in ((-0.2, "negative_groups", KIND_COLORS["negative"], "negative groups"),
+                                      (0.2, "rescued", "#1f77b4", "rescued (was negative before)")):
+        bars = ax.bar(xs + offset, [r[key] for r in rounds], 0.38, color=color, label=label)
+        ax.bar_label(bars, fontsize="small", padding=1)
+    _round_ticks(ax, xs.astype(int))
+    ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.margins(y=0.12)
+    ax.grid(axis="x", visible=False)
+    _legend_right(ax)
+    return fig
+
+
+def confidence_hist(values: dict[str, list[float]], title: str) -> Figure:
+    """Histograms (density) of the confidence of wrong answers, one per group kind, with means."""
+    fig, ax = _axes(title, "confidence exp(mean token logprob)", "density")
+    bins = np.linspace(0, 1, 26)
+    for kind, vals in values.items():
+        if not vals:
+            continue
+        color = KIND_COLORS[kind]
+        ax.hist(vals, bins=bins, density=True, color=color, alpha=0.35)
+        ax.hist(vals, bins=bins, density=True, histtype="step", color=color, linewidth=1.5,
+                label=f"{kind} groups (n={len(vals)}, mean {np.mean(vals):.2f})")
+        ax.axvline(float(np.mean(vals)), color=color, linestyle="--", linewidth=1)
+    ax.set_xlim(0, 1)
+    _legend_right(ax)
+    return fig
+
+
+def round_lines(series: dict[str, list[tuple[int, float]]], title: str, ylabel: str) -> Figure:
+    """One line per label over rounds, for shares in [0, 1] (e.g. negative-group share per store)."""
+    fig, ax = _axes(title, "round", ylabel)
+    for (label, points), color in zip(sorted(series.items()), _colors(len(series))):
+        rounds, values = zip(*sorted(points))
+        ax.plot(rounds, values, marker="o", color=color, label=label)
+    _round_ticks(ax, [r for points in series.values() for r, _ in points])
+    ax.set_ylim(-0.02, 1.02)
+    ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    _legend_right(ax)
+    return fig
+
+
+def learn_panels(rows: list[dict]) -> Figure:
+    """Loss, clip fraction, non-zero-advantage share and grad norm per step; a line per (round, adapter)."""
+    fig = Figure(figsize=(11, 6.5), dpi=DPI, layout="constrained")
+    axes = fig.subplots(2, 2, sharex=True).ravel()
+    runs: dict[tuple[int, str], list[dict]] = defaultdict(list)
+    for r in rows:
+        runs[(r["round"], r["adapter_name"])].append(r)
+    rounds = sorted({rnd for rnd, _ in runs})
+    adapters = sorted({a for _, a in runs})
+    colors = _colors(len(rounds))
+    few_steps = max(len(v) for v in runs.values()) <= 25
+    for ax, (key, title) in zip(axes, LEARN_PANELS):
+        for (rnd, adapter), run in sorted(runs.items()):
+            run = sorted(run, key=lambda r: r["step"])
+            objective = run[0].get("objective") or adapter
+            suffix = f" ({objective})" if objective != adapter else ""
+            ax.plot([r["step"] for r in run], [r[key] for r in run], color=colors[rounds.index(rnd)],
+                    linestyle=STYLES[adapters.index(adapter) % len(STYLES)], marker="o" if few_steps else None,
+                    markersize=3, label=f"round {rnd} · {adapter}{suffix}")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if key == "nonzero_adv_share":
+            ax.set_ylim(-0.02, 1.02)
+            ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    for ax in axes[2:]:
+        ax.set_xlabel("optimizer step")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    axes[0].set_ylabel("loss")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize="small", frameon=False)
+    fig.suptitle("Learn metrics per optimizer step")
+    return fig

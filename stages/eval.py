@@ -1,0 +1,84 @@
+"""`replay eval`: pass@k of a round's policy on held-out prompts, reusing generate and score.
+
+Eval samples live in a store of their own under `<store>/evals/<adapter>/round=R/`, so `learn`
+never trains on them; the pass@k rows go to the main store's `eval` table (view `eval_passk`).
+Round R evaluates base + the adapter learned in round R; round -1 is the base model. Every
+adapter sees the same prompts and the same per-sample seeds (common random numbers), so
+differences between adapters are not sampling noise of the prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from replay.core.passk import default_ks, mean_pass_at_k
+from replay.errors import ReplayError
+from replay.store import Store, utc_now
+from stages import generate, score
+
+BASE_ROUND = -1
+
+
+@dataclass
+class EvalConfig:
+    round: int = BASE_ROUND
+    adapter_name: str = "main"
+    generate: generate.GenerateConfig = None  # dataset, split, num_prompts, num_samples, ...
+    workers: int | None = None
+    timeout: float = 10.0
+
+
+def eval_store_path(store: Store, round: int, adapter_name: str) -> Path:
+    label = "base" if round == BASE_ROUND else adapter_name
+    return store.root / "evals" / label / f"round={round}"
+
+
+def passk_rows(groups: list[dict], round: int, adapter_name: str, dataset: str, n_samples: int) -> list[dict]:
+    """pass@k overall and per level / subject from per-prompt (n, c) counts."""
+    ks = default_ks(n_samples)
+    now = utc_now()
+    slices: dict[tuple[str, str], list[dict]] = {("all", "all"): groups}
+    for key in ("level", "subject"):
+        for g in groups:
+            if g[key] is not None:
+                slices.setdefault((key, str(g[key])), []).append(g)
+    rows = []
+    for (group_by, value), members in sorted(slices.items()):
+        n = np.array([m["n"] for m in members])
+        c = np.array([m["n_correct"] for m in members])
+        for k, p in mean_pass_at_k(n, c, ks).items():
+            rows.append(dict(round=round, adapter_name=adapter_name, dataset=dataset, group_by=group_by,
+                             group_value=value, k=k, pass_at_k=p, n_prompts=len(members), n_samples=n_samples,
+                             created_at=now))
+    return rows
+
+
+def run(store_path: str, cfg: EvalConfig) -> list[dict]:
+    store = Store.open(store_path)
+    if cfg.round == BASE_ROUND:
+        adapter = "none"
+    else:
+        path = store.adapter_dir(cfg.round, cfg.adapter_name)
+        if not (path / "adapter_config.json").exists():
+            raise ReplayError(f"no adapter {cfg.adapter_name!r} for round {cfg.round} at {path}: "
+                              f"run `replay learn --round {cfg.round}` first (or --base for the base model)")
+        adapter = str(path)
+    base_model = store.meta.get("base_model") or cfg.generate.model
+    sub = eval_store_path(store, cfg.round, cfg.adapter_name)
+    # round 0 inside the eval store for every policy: the same seeds for every adapter
+    gen_cfg = replace(cfg.generate, round=0, adapter=adapter, model=base_model, stage="eval-generate")
+    generate.run(str(sub), gen_cfg)
+    score.run(str(sub), score.ScoreConfig(round=0, workers=cfg.workers, timeout=cfg.timeout, stage="eval-score"))
+    groups = Store.open(sub).query("SELECT prompt_id, n, n_correct, level, subject FROM groups").to_pylist()
+    rows = passk_rows(groups, cfg.round, cfg.adapter_name if cfg.round != BASE_ROUND else "base",
+                      _dataset_label(cfg.generate), cfg.generate.num_samples)
+    store.write("eval", rows, round=cfg.round)
+    return rows
+
+
+def _dataset_label(g: generate.GenerateConfig) -> str:
+    name = g.dataset if g.dataset == "arith" else Path(g.dataset).stem
+    return f"{name}:{g.split}:{g.num_prompts or 'all'}"

@@ -1,0 +1,47 @@
+"""`replay export`: scored rollouts for other tools.
+
+- `trl`: one JSON object per rollout in TRL's `rollout_func` contract — `prompt_ids`,
+  `completion_ids`, `logprobs` (per completion token) — plus `reward` and the keys.
+- `jsonl`: one JSON object per rollout with prompt, completion text, verdict and confidence.
+A `.parquet` output path writes the same columns as Parquet.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from replay.errors import ReplayError
+from replay.store import Store
+
+FORMATS = ("trl", "jsonl")
+
+_SQL = {
+    "trl": """SELECT s.round, s.prompt_id, s.sample_idx, r.prompt_token_ids AS prompt_ids,
+                     r.completion_token_ids AS completion_ids, r.completion_logprobs AS logprobs,
+                     s.reward, s.correct
+              FROM samples s JOIN rollouts r USING (round, prompt_id, sample_idx)
+              WHERE s.correct IS NOT NULL {and_round}
+              ORDER BY s.round, s.prompt_id, s.sample_idx""",
+    "jsonl": """SELECT round, prompt_id, sample_idx, problem, gold_answer, completion_text, finish_reason,
+                       num_completion_tokens, confidence, correct, reward, status, extracted_answer, policy_round
+                FROM samples {where_round} ORDER BY round, prompt_id, sample_idx""",
+}
+
+
+def run(store_path: str, fmt: str, out: str, round: int | None = None) -> int:
+    if fmt not in FORMATS:
+        raise ReplayError(f"unknown --format {fmt!r}; use {' or '.join(FORMATS)}")
+    store = Store.open(store_path)
+    cond = "" if round is None else f"round = {int(round)}"
+    sql = _SQL[fmt].format(and_round=f"AND s.{cond}" if cond else "", where_round=f"WHERE {cond}" if cond else "")
+    table = store.query(sql)
+    if fmt == "trl":
+        missing = table.column("logprobs").null_count
+        if missing:
+            raise ReplayError(f"{missing} rollouts have no token ids/logprobs (imported text): "
+                              f"use --format jsonl for them")
+    from replay.render import write_result
+
+    path = Path(out)
+    write_result(table, "parquet" if path.suffix == ".parquet" else "json", str(path))
+    return table.num_rows

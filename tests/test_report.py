@@ -1,0 +1,181 @@
+"""`replay report` on hand-built stores: valid PNGs, an HTML page with the images and the numbers."""
+
+import base64
+import re
+
+import matplotlib.image
+import pytest
+
+from replay import plots
+from replay.report import passk_table, store_labels, write_report
+from replay.store import Store
+from tests._store_rows import NOW, prompt_row, rollout_row, verdict_row
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# 5 prompts x 4 samples; 1 = correct. Round 0: P0, P1 negative, P2, P3 mixed, P4 positive (negative share 40%).
+# Round 1: P0 rescued (mixed), P1 still negative (20%). Round 2: P1 rescued, no negative group left.
+OUTCOMES = {
+    0: [[0, 0, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]],
+    1: [[1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]],
+    2: [[1, 1, 1, 1], [1, 0, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]],
+}
+# pass@k of the evaluated policies: (round, adapter) -> {k: value}
+PASSK = {(-1, "base"): {1: 0.25, 4: 0.5}, (0, "main"): {1: 0.375, 4: 0.625},
+         (1, "main"): {1: 0.5, 4: 0.75}, (1, "grpo"): {1: 0.4375, 4: 0.6875}}
+
+
+def eval_row(round, adapter, k, value):
+    return dict(round=round, adapter_name=adapter, dataset="arith:test:16", group_by="all", group_value="all",
+                k=k, pass_at_k=value, n_prompts=16, n_samples=4, created_at=NOW)
+
+
+def metrics_row(round, adapter, objective, step):
+    # GRPO gives negative and positive groups zero advantage: fewer samples carry a gradient
+    share = 0.4 if objective == "grpo" else 0.8 + 0.05 * round
+    return dict(round=round, adapter_name=adapter, objective=objective, step=step, epoch=0,
+                loss=0.5 / (step + 1) + 0.1 * round + share / 10, clip_frac=0.02 * step * share, dual_clip_frac=0.0,
+                ratio_mean=1.0, ratio_max=1.2, grad_norm=1.0 + 0.1 * step + share, tokens=512,
+                nonzero_adv_share=share, negative_group_share=0.4, lr=1e-5, seconds=0.5)
+
+
+def build_store(path, outcomes=OUTCOMES, passk=PASSK, learn=True):
+    store = Store.create(path, base_model="test-model")
+    prompts = [prompt_row(f"What is {i} + {i}?", answer=str(2 * i), level=i % 3 + 1) for i in range(5)]
+    store.write("prompts", prompts)
+    for round, groups in outcomes.items():
+        rollouts, verdicts = [], []
+        for p, outcome in zip(prompts, groups):
+            for idx, correct in enumerate(outcome):
+                # wrong answers of negative groups are the more confident ones here
+                lp = -0.1 - 0.2 * idx if sum(outcome) == 0 else -0.6 - 0.3 * idx
+                rollouts.append(rollout_row(round, p["prompt_id"], idx, (lp, lp, lp),
+                                            policy_round=round - 1 if round else None))
+                verdicts.append(verdict_row(round, p["prompt_id"], idx, bool(correct)))
+        store.write("rollouts", rollouts, round=round)
+        store.write("verdicts", verdicts, round=round)
+    for (round, adapter), values in passk.items():
+        store.write("eval", [eval_row(round, adapter, k, v) for k, v in values.items()], round=round)
+    if learn:
+        for round, adapter, objective in ((0, "main", "lens"), (1, "main", "lens"), (1, "grpo", "grpo")):
+            store.write("learn_metrics", [metrics_row(round, adapter, objective, s) for s in range(6)],
+                        round=round, name=adapter)
+    return store
+
+
+GRPO_PASSK = {(-1, "base"): {1: 0.25, 4: 0.5}, (0, "main"): {1: 0.3125, 4: 0.5625}}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """One report of a LENS store compared with a GRPO store that rescued nothing (rendering is slow)."""
+    root = tmp_path_factory.mktemp("report")
+    build_store(root / "lens")
+    build_store(root / "grpo", outcomes={0: OUTCOMES[0], 1: OUTCOMES[0]}, passk=GRPO_PASSK, learn=False)
+    paths = write_report(root / "lens", root / "out", compare=[root / "grpo"])
+    return paths, (root / "out" / "index.html").read_text(encoding="utf-8")
+
+
+def test_report_writes_valid_pngs(report):
+    paths, _ = report
+    pngs = [p for p in paths if p.suffix == ".png"]
+    assert {p.stem for p in pngs} == {"passk_by_round", "passk_by_adapter", "group_shares", "rescues",
+                                       "wrong_confidence", "wrong_confidence_latest", "learn_metrics",
+                                       "compare_passk", "compare_final_passk", "compare_negative_share"}
+    for png in pngs:
+        assert png.read_bytes()[:8] == PNG_MAGIC
+        height, width, channels = matplotlib.image.imread(png).shape
+        assert height >= 300 and width >= 600 and channels in (3, 4)
+    assert paths[-1].name == "index.html"
+
+
+def test_html_embeds_every_image_and_the_numbers(report):
+    paths, page = report
+    for png in (p for p in paths if p.suffix == ".png"):
+        assert base64.b64encode(png.read_bytes()).decode() in page
+    assert page.count("data:image/png;base64,") == len(paths) - 1
+    assert "http" not in page.replace("http-equiv", "")  # self-contained: nothing fetched
+    shares = _table_rows(page, "group_shares")
+    assert shares[0][:1] == ["0"] and shares[0][5:11] == ["2", "2", "1", "40.0%", "40.0%", "20.0%"]
+    assert shares[1][8] == "20.0%" and shares[2][8] == "0.0%"
+    passk = _table_rows(page, "passk_by_round")
+    assert ["base", "base", "arith:test:16", "16", "4", "0.250", "0.500"] in passk
+    assert ["1", "grpo", "arith:test:16", "16", "4", "0.438", "0.688"] in passk
+    rescues = _table_rows(page, "rescues")
+    assert sorted((r[1], r[2]) for r in rescues) == [("0", "1"), ("0", "2"), ("1", "2")]
+    learn = _table_rows(page, "learn_metrics")
+    assert [r[:4] for r in learn] == [["0", "main", "lens", "6"], ["1", "grpo", "grpo", "6"],
+                                      ["1", "main", "lens", "6"]]
+    assert learn[0][4:6] == ["0.5800", "0.1633"]  # first and last loss: 0.5/1 + 0.08, 0.5/6 + 0.08
+    assert [r[7] for r in learn] == ["80.0%", "40.0%", "85.0%"]
+
+
+def test_confidence_table_separates_negative_and_mixed(report):
+    _, page = report
+    rows = {(r[0], r[1]): r for r in _table_rows(page, "wrong_confidence")}
+    assert rows[("0", "negative")][2] == "8" and rows[("0", "mixed")][2] == "5"
+    assert ("2", "negative") not in rows and rows[("2", "mixed")][2] == "2"
+
+
+def _table_rows(page: str, section: str) -> list[list[str]]:
+    body = re.search(f"<section id='{section}'>(.*?)</section>", page, re.S).group(1)
+    rows = re.findall(r"<tr>(.*?)</tr>", body, re.S)[1:]  # skip the header
+    return [re.findall(r"<td>(.*?)</td>", row) for row in rows]
+
+
+def test_empty_store_gives_a_page_that_says_so(tmp_path):
+    Store.create(tmp_path / "empty")
+    paths = write_report(tmp_path / "empty", tmp_path / "out")
+    assert paths == [tmp_path / "out" / "index.html"]
+    page = paths[0].read_text()
+    assert "This store is empty" in page and "No evaluation yet" in page and "<img" not in page
+
+
+def test_store_without_eval_or_learn_skips_those_plots_with_a_note(tmp_path):
+    build_store(tmp_path / "s", passk={}, learn=False)
+    paths = write_report(tmp_path / "s", tmp_path / "out")
+    assert {p.stem for p in paths} == {"group_shares", "rescues", "wrong_confidence", "wrong_confidence_latest",
+                                       "index"}
+    page = paths[-1].read_text()
+    assert "No evaluation yet" in page and "No learn metrics yet" in page and "This store is empty" not in page
+
+
+def test_compare_stores_are_labelled_by_directory(report):
+    _, page = report
+    finals = _table_rows(page, "compare_final_passk")
+    assert ["grpo", "0", "main", "arith:test:16", "16", "4", "0.312", "0.562"] in finals
+    # the base model once (both stores share it), then each store's adapters at their latest round
+    assert [r[:3] for r in finals] == [["lens", "base", "base"], ["lens", "1", "grpo"], ["lens", "1", "main"],
+                                       ["grpo", "0", "main"]]
+    shares = {(r[0], r[1]): r[3] for r in _table_rows(page, "compare_negative_share")}
+    assert shares[("grpo", "1")] == "40.0%" and shares[("lens", "1")] == "20.0%"
+
+
+def test_passk_series_starts_every_adapter_at_the_base_model():
+    rows = [dict(store="s", dataset="d", k=k, round=rnd, adapter_name=a, pass_at_k=v)
+            for (rnd, a), values in PASSK.items() for k, v in values.items()]
+    series = plots.passk_series(rows)
+    assert series[("main", 1)] == [(-1, 0.25), (0, 0.375), (1, 0.5)]
+    assert series[("grpo", 4)] == [(-1, 0.5), (1, 0.6875)]
+    assert set(series) == {("main", 1), ("main", 4), ("grpo", 1), ("grpo", 4)}
+    only_base = plots.passk_series([r for r in rows if r["round"] == -1])
+    assert only_base == {("base", 1): [(-1, 0.25)], ("base", 4): [(-1, 0.5)]}
+
+
+def test_latest_passk_keeps_one_base_and_each_adapters_last_round():
+    rows = [dict(store=store, dataset="d", k=1, round=rnd, adapter_name=a, pass_at_k=0.1)
+            for store, evals in (("x", PASSK), ("y", GRPO_PASSK)) for rnd, a in evals]
+    assert [(r["store"], r["round"], r["adapter_name"]) for r in plots.latest_passk(rows)] == [
+        ("x", -1, "base"), ("x", 1, "main"), ("x", 1, "grpo"), ("y", 0, "main")]
+
+
+def test_passk_table_pivots_k_into_columns():
+    rows = [dict(store="s", dataset="d", k=k, round=0, adapter_name="main", pass_at_k=k / 8, n_prompts=3,
+                 n_samples=8) for k in (1, 8)]
+    columns, body = passk_table(rows)
+    assert columns == ["round", "adapter", "dataset", "prompts", "samples/prompt", "pass@1", "pass@8"]
+    assert body == [["0", "main", "d", "3", "8", "0.125", "1.000"]]
+
+
+def test_store_labels_use_the_parent_when_names_clash(tmp_path):
+    paths = [tmp_path / "a" / "store", tmp_path / "b" / "store", tmp_path / "lens"]
+    assert store_labels(paths) == ["a/store", "b/store", "lens"]

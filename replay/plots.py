@@ -106,11 +106,18 @@ def latest_passk(rows: list[dict]) -> list[dict]:
                and latest[(r["store"], r["adapter_name"], r["dataset"])] == r["round"]])
 
 
+def shown_ks(ks, most: int = 4) -> list[int]:
+    """At most `most` of the sorted ks, evenly spread, always the first and the last (tables keep all)."""
+    ks = sorted(set(ks))
+    return ks if len(ks) <= most else [ks[int(i)] for i in np.linspace(0, len(ks) - 1, most).round()]
+
+
 def passk_lines(series: dict[tuple[str, int], list[tuple[int, float]]], title: str) -> Figure:
     """One line per (series, k): colour per series (per k when there is one series), marker per k."""
     fig, ax = _axes(title, "round (policy after learning that round)", "pass@k")
+    ks = shown_ks(k for _, k in series)
+    series = {key: points for key, points in series.items() if key[1] in ks}
     labels = sorted({label for label, _ in series})
-    ks = sorted({k for _, k in series})
     colors = _colors(len(labels) if len(labels) > 1 else len(ks))
     for (label, k), points in series.items():
         i, j = labels.index(label), ks.index(k)
@@ -125,8 +132,9 @@ def passk_lines(series: dict[tuple[str, int], list[tuple[int, float]]], title: s
 
 def grouped_bars(entries: list[tuple[str, int, float]], title: str, xlabel: str = "") -> Figure:
     """Bars of (group, k, pass@k): one cluster per group (adapter or store), one bar per k."""
+    ks = shown_ks(k for _, k, _ in entries)
+    entries = [e for e in entries if e[1] in ks]
     groups = list(dict.fromkeys(g for g, _, _ in entries))
-    ks = sorted({k for _, k, _ in entries})
     fig, ax = _axes(title, xlabel, "pass@k")
     width = 0.8 / len(ks)
     colors = _colors(len(ks))
@@ -186,9 +194,10 @@ def confidence_hist(values: dict[str, list[float]], title: str) -> Figure:
     fig, ax = _axes(title, "confidence exp(mean token logprob)", "density")
     bins = np.linspace(0, 1, 26)
     for kind, vals in values.items():
-        if not vals:
-            continue
         color = KIND_COLORS[kind]
+        if not vals:
+            ax.plot([], [], color=color, label=f"no {kind} groups")
+            continue
         ax.hist(vals, bins=bins, density=True, color=color, alpha=0.35)
         ax.hist(vals, bins=bins, density=True, histtype="step", color=color, linewidth=1.5,
                 label=f"{kind} groups (n={len(vals)}, mean {np.mean(vals):.2f})")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import plots
+from .errors import ReplayError
 from .store import Store, atomic_write_bytes, utc_now
 
 QUERIES = {
@@ -133,8 +134,8 @@ def rescues_section(rounds: list[dict], rescues: list[dict]) -> Section:
         return s
     s.figures = [(s.slug, plots.to_png(plots.rescue_bars(scored)))]
     s.note = (f"A rescue is a prompt negative in one round and not negative in a later one, counted at the first "
-              f"such round. {len(rescues)} rescue(s) in all" + (f"; the first {MAX_TABLE_ROWS} are listed."
-                                                                 if len(rescues) > MAX_TABLE_ROWS else "."))
+              f"such round. {len({r['prompt_id'] for r in rescues})} prompt(s) rescued; the table has one row per "
+              f"negative round" + (f" (the first {MAX_TABLE_ROWS} rows)." if len(rescues) > MAX_TABLE_ROWS else "."))
     s.columns = ["prompt", "negative in round", "rescued in round", "then", "pass rate", "problem"]
     s.rows = [[r["prompt_id"][:12], str(r["negative_round"]), str(r["rescued_round"]), r["rescued_kind"],
                _pct(r["rescued_pass_rate"]), _short(r["problem"])] for r in rescues[:MAX_TABLE_ROWS]]
@@ -288,9 +289,11 @@ def write_report(store_path: str | os.PathLike, out_dir: str | os.PathLike,
     empty = not (data["rounds"] or data["eval"] or data["learn"])
     banner = "This store is empty: no rollouts, evaluations or learn metrics yet." if empty else None
     out = Path(out_dir)
-    written = [out / f"{stem}.png" for section in sections for stem, _ in section.figures]
-    for path, png in zip(written, (png for section in sections for _, png in section.figures)):
-        atomic_write_bytes(path, png)  # creates out_dir
-    page = render_html(f"replay report: {label}", facts, sections, banner)
-    atomic_write_bytes(out / "index.html", page.encode("utf-8"))
-    return written + [out / "index.html"]
+    files = [(out / f"{stem}.png", png) for section in sections for stem, png in section.figures]
+    files.append((out / "index.html", render_html(f"replay report: {label}", facts, sections, banner).encode()))
+    try:
+        for path, payload in files:
+            atomic_write_bytes(path, payload)  # creates out_dir
+    except OSError as exc:
+        raise ReplayError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
+    return [path for path, _ in files]

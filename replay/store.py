@@ -128,6 +128,14 @@ def clean_temp_files(directory: Path) -> int:
     return removed
 
 
+def _store_root(path: str | os.PathLike) -> Path:
+    root = Path(path).absolute()
+    if any(part.startswith("round=") for part in root.parts):
+        # DuckDB's Hive parsing takes the first round=... directory of a path as the rows' round
+        raise StoreError(f"{root}: a store may not live inside a directory named round=...")
+    return root
+
+
 class Store:
     def __init__(self, root: Path, meta: dict):
         self.root = root
@@ -136,7 +144,7 @@ class Store:
     # -- lifecycle -------------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | os.PathLike, base_model: str | None = None) -> "Store":
-        root = Path(path).absolute()
+        root = _store_root(path)
         if (root / STORE_FILE).exists():
             return cls.open(root)
         meta = {"schema_version": schemas.SCHEMA_VERSION, "created_at": utc_now().isoformat(),
@@ -150,7 +158,7 @@ class Store:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Store":
-        root = Path(path).absolute()
+        root = _store_root(path)
         meta_path = root / STORE_FILE
         if not meta_path.exists():
             raise StoreError(f"no replay store at {root} (missing {STORE_FILE}); "

@@ -10,7 +10,10 @@ Verdict; nothing hangs, nothing raises for bad inputs.
 Workers are plain processes with our own loop over Pipes (concurrent.futures cannot kill one
 stuck worker), started with "forkserver" (fork of a threaded process is unsafe; the fork server
 preloads math-verify so a replacement worker starts in milliseconds) or "spawn" where there is
-no forkserver. Each worker has up to `depth` answers queued so it never waits on the parent.
+no forkserver. Consecutive items with the same gold (a GRPO group: G samples of one prompt) go
+to one worker as one message, up to MAX_BATCH: one gold parse, warm math-verify/sympy caches for
+the repeated answers, fewer messages. Each worker has up to `depth` such batches queued so it
+never waits on the parent; every answer is still timed on its own.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ from typing import Any, Iterable, Iterator
 
 from replay import verify_worker
 from replay.answers import GOLD_MAX_CHARS, answer_window
+from replay.verify_worker import INFLIGHT_BYTES, Job, WorkerHandle
 
 VERIFIER_NAME = "math-verify"
 STATUSES = ("ok", "no_answer", "gold_unparseable", "timeout", "error")
+MAX_BATCH = 16  # items of one gold per message
 _END = object()
 
 
@@ -70,69 +75,6 @@ def _reject(key: Any, gold: Any, completion: Any) -> Verdict | None:
     return None
 
 
-@dataclass(slots=True)
-class _Job:
-    seq: int
-    key: Any
-    gold: str
-    window: str  # the part of the completion that gets parsed (bounded: pipes stay unblocked)
-    attempts: int = 0
-
-
-class _Worker:
-    def __init__(self, ctx, parse_timeout: int, verify_timeout: int) -> None:
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(
-            target=verify_worker.worker_main,
-            args=(child, parse_timeout, verify_timeout),
-            name="replay-verifier",
-            daemon=True,
-        )
-        self.process.start()
-        child.close()
-        self.jobs: deque[_Job] = deque()  # sent, unanswered; the head is being judged
-        self.head_since = 0.0  # monotonic time the head job started, as seen from the parent
-        self.broken = False
-
-    def send(self, job: _Job) -> None:
-        if not self.jobs:
-            self.head_since = time.monotonic()
-        self.jobs.append(job)
-        try:
-            self.conn.send((job.seq, job.gold, job.window))
-        except (OSError, EOFError):
-            self.broken = True
-
-    def receive(self) -> list[tuple[_Job, tuple]]:
-        """Every answer already waiting in the pipe (results come back in send order)."""
-        done = []
-        try:
-            while self.jobs and self.conn.poll():
-                _seq, *result = self.conn.recv()
-                done.append((self.jobs.popleft(), tuple(result)))
-                self.head_since = time.monotonic()
-        except (OSError, EOFError):
-            self.broken = True
-        return done
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.join(timeout=5)
-        self.conn.close()
-
-    def stop(self) -> None:
-        if not self.jobs and not self.broken and self.process.is_alive():
-            try:
-                self.conn.send(None)
-            except (OSError, EOFError):
-                pass
-            self.process.join(timeout=2)
-        if self.process.is_alive():
-            self.process.kill()
-        self.process.join(timeout=5)
-        self.conn.close()
-
-
 def _context():
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
@@ -148,7 +90,7 @@ class VerifierPool:
     timeout: hard wall-clock seconds per answer (the backstop; the worker is killed past it).
     parse_timeout / verify_timeout: math-verify's own soft timeouts, whole seconds, used inside
     the worker for each parse and each verify call.
-    depth: answers queued per worker.
+    depth: batches (messages) queued per worker.
     """
 
     def __init__(self, workers: int = 2, timeout: float = 10.0, parse_timeout: int = 3,
@@ -161,7 +103,7 @@ class VerifierPool:
         self.depth = depth
         self._worker_args = (int(parse_timeout), int(verify_timeout))
         self._ctx = _context()
-        self._workers = [_Worker(self._ctx, *self._worker_args) for _ in range(workers)]
+        self._workers = [WorkerHandle(self._ctx, *self._worker_args) for _ in range(workers)]
         self._running = False
         self._closed = False
 
@@ -204,34 +146,51 @@ class VerifierPool:
                         self._replace(index)
 
     def _run(self, source: Iterator) -> Iterator[Verdict]:
-        backlog: deque[_Job] = deque()  # jobs to (re)send before pulling new items
+        pending: deque[Job] = deque()  # re-queued jobs first, then items read ahead
         exhausted = False
         seq = 0
+
+        def pull(out: list[Verdict]) -> bool:
+            """Move one item from the source to `pending` (or a rejection to `out`)."""
+            nonlocal exhausted, seq
+            item = _END if exhausted else next(source, _END)
+            if item is _END:
+                exhausted = True
+                return False
+            key, gold, completion = item
+            gold, completion = _plain_str(gold), _plain_str(completion)
+            rejected = _reject(key, gold, completion)
+            if rejected is not None:
+                out.append(rejected)
+            else:
+                pending.append(Job(seq, key, gold, answer_window(completion)))
+                seq += 1
+            return True
+
         while True:
             out: list[Verdict] = []
-            for worker in self._workers:
-                while len(worker.jobs) < self.depth and not worker.broken:
-                    if backlog:
-                        worker.send(backlog.popleft())
-                        continue
-                    if exhausted:
-                        break
-                    item = next(source, _END)
-                    if item is _END:
-                        exhausted = True
-                        break
-                    key, gold, completion = item
-                    gold, completion = _plain_str(gold), _plain_str(completion)
-                    rejected = _reject(key, gold, completion)
-                    if rejected is not None:
-                        out.append(rejected)
-                        continue
-                    worker.send(_Job(seq, key, gold, answer_window(completion)))
-                    seq += 1
+            while pending or pull(out):
+                if not pending:
+                    continue
+                # read on while the run of one gold may go on, then cut the batch
+                gold = pending[0].gold
+                while len(pending) <= MAX_BATCH and pending[-1].gold == gold and pull(out):
+                    pass
+                batch = [pending.popleft()]
+                size = batch[0].nbytes
+                while (pending and pending[0].gold == gold and len(batch) < MAX_BATCH
+                       and size + pending[0].nbytes <= INFLIGHT_BYTES // 2):
+                    size += pending[0].nbytes
+                    batch.append(pending.popleft())
+                free = [w for w in self._workers if not w.broken and w.has_room(size, self.depth)]
+                if not free:
+                    pending.extendleft(reversed(batch))
+                    break
+                min(free, key=lambda w: len(w.jobs)).send(batch)
             busy = [w for w in self._workers if w.jobs]
             if not busy:
                 yield from out
-                if exhausted and not backlog:
+                if exhausted and not pending:
                     return
                 continue
             deadline = min(w.head_since for w in busy) + self.timeout
@@ -242,28 +201,26 @@ class VerifierPool:
                     out.append(_verdict(job.key, correct, status, extracted, latency_ms, error))
                 if worker.jobs:
                     exited = worker.broken or worker.process.sentinel in ready
-                    out.extend(self._enforce(index, exited, backlog))
+                    out.extend(self._enforce(index, exited, pending))
             yield from out
 
-    def _enforce(self, index: int, exited: bool, backlog: deque[_Job]) -> list[Verdict]:
+    def _enforce(self, index: int, exited: bool, pending: deque[Job]) -> list[Verdict]:
         """Replace a worker that exited or overran the backstop; re-queue its other jobs."""
         worker = self._workers[index]
         elapsed_ms = (time.monotonic() - worker.head_since) * 1000.0
         if exited:
-            head = worker.jobs.popleft()
-            backlog.extendleft(reversed(worker.jobs))
-            worker.jobs.clear()
+            head, *rest = worker.take_jobs()
+            pending.extendleft(reversed(rest))
             self._replace(index)
             head.attempts += 1
             if head.attempts < 2:
-                backlog.appendleft(head)
+                pending.appendleft(head)
                 return []
             code = worker.process.exitcode
             return [_verdict(head.key, False, "error", error=f"verifier worker died (exit code {code})")]
         if elapsed_ms > self.timeout * 1000.0:
-            head = worker.jobs.popleft()
-            backlog.extendleft(reversed(worker.jobs))
-            worker.jobs.clear()
+            head, *rest = worker.take_jobs()
+            pending.extendleft(reversed(rest))
             self._replace(index)
             return [_verdict(head.key, False, "timeout", latency_ms=elapsed_ms,
                              error=f"killed after the {self.timeout:g}s wall-clock backstop")]
@@ -271,4 +228,4 @@ class VerifierPool:
 
     def _replace(self, index: int) -> None:
         self._workers[index].kill()
-        self._workers[index] = _Worker(self._ctx, *self._worker_args)
+        self._workers[index] = WorkerHandle(self._ctx, *self._worker_args)

@@ -1,5 +1,6 @@
-"""The math-verify calls that judge one (gold, completion) pair, and the loop that runs them in a
-verifier worker process (replay.verify.VerifierPool starts it).
+"""The math-verify calls that judge one (gold, completion) pair, the loop that runs them in a
+verifier worker process, and the parent's handle on such a process (replay.verify.VerifierPool
+drives the handles).
 
 math-verify's own timeouts use SIGALRM, which only works in the main thread of a process: that is
 why every judgement runs in a worker process. Its timeouts are soft (a Python signal handler can
@@ -11,7 +12,9 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 from math_verify.errors import TimeoutException
@@ -137,23 +140,120 @@ class Judge:
 
 
 def worker_main(conn, parse_timeout: int, verify_timeout: int) -> None:
-    """Worker loop: receive (seq, gold, completion), send (seq, correct, status, extracted,
-    error, latency_ms); None or a closed pipe ends it."""
+    """Worker loop: receive a batch [(seq, gold, completion), ...], send one
+    (seq, correct, status, extracted, error, latency_ms) per item as soon as it is judged (the
+    parent times each answer from the previous result); None or a closed pipe ends it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # timeouts become statuses
     judge = Judge(parse_timeout, verify_timeout)
     while True:
         try:
-            message = conn.recv()
+            batch = conn.recv()
         except (EOFError, OSError):
             return
-        if message is None:
+        if batch is None:
             return
-        seq, gold, completion = message
-        started = time.perf_counter()
-        correct, status, extracted, error = judge(gold, completion)
-        latency_ms = (time.perf_counter() - started) * 1000.0
+        for seq, gold, completion in batch:
+            started = time.perf_counter()
+            correct, status, extracted, error = judge(gold, completion)
+            latency_ms = (time.perf_counter() - started) * 1000.0
+            try:
+                conn.send((seq, correct, status, extracted, error, latency_ms))
+            except (EOFError, OSError):
+                return
+
+
+# ---- the parent's handle on one worker process -------------------------------------------------
+
+# Unanswered payload per worker, counted at 4 bytes a character (UTF-8's worst case). It stays
+# well below a Linux socket buffer, so conn.send() to a worker that is stuck never blocks the
+# parent (which must stay free to enforce the backstop). A batch bigger than this is only sent
+# to an idle worker, which is reading.
+INFLIGHT_BYTES = 96 * 1024
+
+
+@dataclass(slots=True)
+class Job:
+    seq: int
+    key: Any
+    gold: str
+    window: str  # the part of the completion that gets parsed (replay.answers.answer_window)
+    attempts: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * (len(self.gold) + len(self.window)) + 64
+
+
+class WorkerHandle:
+    """A worker process, its pipe, and the jobs sent to it and not yet answered (in order)."""
+
+    def __init__(self, ctx, parse_timeout: int, verify_timeout: int) -> None:
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=worker_main, args=(child, parse_timeout, verify_timeout),
+                                   name="replay-verifier", daemon=True)
+        self.process.start()
+        child.close()
+        self.jobs: deque[Job] = deque()  # the head is being judged
+        self.batches: deque[int] = deque()  # unanswered jobs per message sent
+        self.inflight_bytes = 0
+        self.head_since = 0.0  # monotonic time the head job started, as seen from the parent
+        self.broken = False
+
+    def has_room(self, batch_bytes: int, depth: int) -> bool:
+        return not self.jobs or (
+            len(self.batches) < depth and self.inflight_bytes + batch_bytes <= INFLIGHT_BYTES
+        )
+
+    def send(self, batch: list[Job]) -> None:
+        if not self.jobs:
+            self.head_since = time.monotonic()
+        self.jobs.extend(batch)
+        self.batches.append(len(batch))
+        self.inflight_bytes += sum(job.nbytes for job in batch)
         try:
-            conn.send((seq, correct, status, extracted, error, latency_ms))
-        except (EOFError, OSError):
-            return
+            self.conn.send([(job.seq, job.gold, job.window) for job in batch])
+        except (OSError, EOFError):
+            self.broken = True
+
+    def receive(self) -> list[tuple[Job, tuple]]:
+        """Every answer already waiting in the pipe (they come back in send order)."""
+        done = []
+        try:
+            while self.jobs and self.conn.poll():
+                _seq, *result = self.conn.recv()
+                job = self.jobs.popleft()
+                self.inflight_bytes -= job.nbytes
+                self.batches[0] -= 1
+                if self.batches[0] == 0:
+                    self.batches.popleft()
+                done.append((job, tuple(result)))
+                self.head_since = time.monotonic()
+        except (OSError, EOFError):
+            self.broken = True
+        return done
+
+    def take_jobs(self) -> list[Job]:
+        """Forget (and return) every unanswered job: the worker is being replaced."""
+        jobs = list(self.jobs)
+        self.jobs.clear()
+        self.batches.clear()
+        self.inflight_bytes = 0
+        return jobs
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.join(timeout=5)
+        self.conn.close()
+
+    def stop(self) -> None:
+        if not self.jobs and not self.broken and self.process.is_alive():
+            try:
+                self.conn.send(None)
+            except (OSError, EOFError):
+                pass
+            self.process.join(timeout=2)
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=5)
+        self.conn.close()

@@ -1,6 +1,6 @@
 """`replay eval`: pass@k of a round's policy on held-out prompts, reusing generate and score.
 
-Eval samples live in a store of their own under `<store>/evals/<adapter>/round=R/`, so `learn`
+Eval samples live in a store of their own under `<store>/evals/<adapter>-r<R>/` (`base/`), so `learn`
 never trains on them; the pass@k rows go to the main store's `eval` table (view `eval_passk`).
 Round R evaluates base + the adapter learned in round R; round -1 is the base model. Every
 adapter sees the same prompts and the same per-sample seeds (common random numbers), so
@@ -32,8 +32,8 @@ class EvalConfig:
 
 
 def eval_store_path(store: Store, round: int, adapter_name: str) -> Path:
-    label = "base" if round == BASE_ROUND else adapter_name
-    return store.root / "evals" / label / f"round={round}"
+    # no "round=" directory here: DuckDB's Hive parsing would read it as the rows' round
+    return store.root / "evals" / ("base" if round == BASE_ROUND else f"{adapter_name}-r{round}")
 
 
 def passk_rows(groups: list[dict], round: int, adapter_name: str, dataset: str, n_samples: int) -> list[dict]:

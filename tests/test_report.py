@@ -7,6 +7,7 @@ import matplotlib.image
 import pytest
 
 from replay import plots
+from replay.errors import ReplayError
 from replay.report import passk_table, store_labels, write_report
 from replay.store import Store
 from tests._store_rows import NOW, prompt_row, rollout_row, verdict_row
@@ -130,6 +131,15 @@ def test_empty_store_gives_a_page_that_says_so(tmp_path):
     assert "This store is empty" in page and "No evaluation yet" in page and "<img" not in page
 
 
+def test_unwritable_output_and_missing_compare_store_are_one_line_errors(tmp_path):
+    Store.create(tmp_path / "s")
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(ReplayError, match="cannot write the report"):
+        write_report(tmp_path / "s", tmp_path / "file")
+    with pytest.raises(ReplayError, match="no replay store"):
+        write_report(tmp_path / "s", tmp_path / "out", compare=[tmp_path / "nowhere"])
+
+
 def test_store_without_eval_or_learn_skips_those_plots_with_a_note(tmp_path):
     build_store(tmp_path / "s", passk={}, learn=False)
     paths = write_report(tmp_path / "s", tmp_path / "out")
@@ -166,6 +176,17 @@ def test_latest_passk_keeps_one_base_and_each_adapters_last_round():
             for store, evals in (("x", PASSK), ("y", GRPO_PASSK)) for rnd, a in evals]
     assert [(r["store"], r["round"], r["adapter_name"]) for r in plots.latest_passk(rows)] == [
         ("x", -1, "base"), ("x", 1, "main"), ("x", 1, "grpo"), ("y", 0, "main")]
+
+
+def test_plots_show_at_most_four_ks_spread_from_first_to_last():
+    assert plots.shown_ks([4, 1, 2]) == [1, 2, 4]
+    assert plots.shown_ks([1, 2, 4, 8, 16, 32, 64]) == [1, 4, 16, 64]
+    assert plots.shown_ks([1, 2, 4, 8, 16]) == [1, 2, 8, 16]
+    series = {(label, k): [(-1, 0.1), (0, 0.2)] for label in ("lens", "grpo") for k in (1, 2, 4, 8, 16, 32, 64)}
+    ax = plots.passk_lines(series, "t").axes[0]
+    assert sorted(line.get_label() for line in ax.get_lines()) == sorted(
+        f"{label} pass@{k}" for label in ("lens", "grpo") for k in (1, 4, 16, 64))
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["base", "0"]
 
 
 def test_passk_table_pivots_k_into_columns():

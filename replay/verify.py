@@ -33,6 +33,7 @@ from replay.verify_worker import INFLIGHT_BYTES, Job, WorkerHandle
 VERIFIER_NAME = "math-verify"
 STATUSES = ("ok", "no_answer", "gold_unparseable", "timeout", "error")
 MAX_BATCH = 16  # items of one gold per message
+STARTUP_TIMEOUT = 120.0  # seconds for a new worker to import math-verify and warm up
 _END = object()
 
 
@@ -106,6 +107,7 @@ class VerifierPool:
         self._workers = [WorkerHandle(self._ctx, *self._worker_args) for _ in range(workers)]
         self._running = False
         self._closed = False
+        self._failed_starts = 0
 
     def __enter__(self) -> "VerifierPool":
         return self
@@ -187,20 +189,25 @@ class VerifierPool:
                     pending.extendleft(reversed(batch))
                     break
                 min(free, key=lambda w: len(w.jobs)).send(batch)
-            busy = [w for w in self._workers if w.jobs]
-            if not busy:
+            busy = [w for w in self._workers if w.jobs or not w.ready]
+            if not any(w.jobs for w in busy):
                 yield from out
                 if exhausted and not pending:
                     return
                 continue
-            deadline = min(w.head_since for w in busy) + self.timeout
+            deadline = min(w.head_since + self.timeout if w.ready else w.started_at + STARTUP_TIMEOUT
+                           for w in busy)
             waitables = [w.conn for w in busy] + [w.process.sentinel for w in busy]
             ready = set(wait(waitables, timeout=max(0.0, deadline - time.monotonic())))
             for index, worker in enumerate(self._workers):
                 for job, (correct, status, extracted, error, latency_ms) in worker.receive():
                     out.append(_verdict(job.key, correct, status, extracted, latency_ms, error))
+                exited = worker.broken or worker.process.sentinel in ready
+                if not worker.ready:
+                    self._check_startup(index, exited, pending)
+                    continue
+                self._failed_starts = 0
                 if worker.jobs:
-                    exited = worker.broken or worker.process.sentinel in ready
                     out.extend(self._enforce(index, exited, pending))
             yield from out
 
@@ -225,6 +232,19 @@ class VerifierPool:
             return [_verdict(head.key, False, "timeout", latency_ms=elapsed_ms,
                              error=f"killed after the {self.timeout:g}s wall-clock backstop")]
         return []
+
+    def _check_startup(self, index: int, exited: bool, pending: deque[Job]) -> None:
+        """Replace a worker that died or hung while starting; its jobs go back untouched. Three
+        failed starts in a row are an installation problem: raise rather than respawn forever."""
+        worker = self._workers[index]
+        if not exited and time.monotonic() - worker.started_at <= STARTUP_TIMEOUT:
+            return
+        pending.extendleft(reversed(worker.take_jobs()))
+        self._replace(index)
+        self._failed_starts += 1
+        if self._failed_starts >= 3:
+            raise RuntimeError(f"verifier workers fail to start (exit code {worker.process.exitcode});"
+                               f" check that `python -c 'import math_verify'` works")
 
     def _replace(self, index: int) -> None:
         self._workers[index].kill()

@@ -35,6 +35,7 @@ EXTRACTION = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfi
 EXTRACTION_VERSION = "latex-boxed0+expr.gold-boxed.window4000.hash-boxed.numstop.v1"
 
 GOLD_CACHE_SIZE = 4096
+READY = "ready"  # a worker's first message: warmed up, the parent may start its answers' clocks
 
 # (correct, status, extracted_answer, error)
 Outcome = tuple[bool, str, str, "str | None"]
@@ -79,7 +80,7 @@ class Judge:
             )
             result = (parsed, None) if parsed else ([], "nothing extractable from the gold")
         except TimeoutException:
-            result = ([], "gold parse timed out")
+            return [], "gold parse timed out"  # not cached: it may be load, not the gold
         except Exception as exc:
             result = ([], _error_text(exc))
         self._golds[gold] = result
@@ -140,12 +141,17 @@ class Judge:
 
 
 def worker_main(conn, parse_timeout: int, verify_timeout: int) -> None:
-    """Worker loop: receive a batch [(seq, gold, completion), ...], send one
+    """Worker loop: warm up and send READY; then receive a batch [(seq, gold, completion), ...], send one
     (seq, correct, status, extracted, error, latency_ms) per item as soon as it is judged (the
     parent times each answer from the previous result); None or a closed pipe ends it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # timeouts become statuses
     judge = Judge(parse_timeout, verify_timeout)
+    judge("\\frac{1}{2}", "so $\\boxed{0.5}$")  # lazy imports now, not in a timed answer
+    try:
+        conn.send(READY)
+    except (EOFError, OSError):
+        return
     while True:
         try:
             batch = conn.recv()
@@ -198,6 +204,8 @@ class WorkerHandle:
         self.batches: deque[int] = deque()  # unanswered jobs per message sent
         self.inflight_bytes = 0
         self.head_since = 0.0  # monotonic time the head job started, as seen from the parent
+        self.started_at = time.monotonic()
+        self.ready = False  # until its READY: start-up time is nobody's answer time
         self.broken = False
 
     def has_room(self, batch_bytes: int, depth: int) -> bool:
@@ -206,7 +214,7 @@ class WorkerHandle:
         )
 
     def send(self, batch: list[Job]) -> None:
-        if not self.jobs:
+        if not self.jobs and self.ready:
             self.head_since = time.monotonic()
         self.jobs.extend(batch)
         self.batches.append(len(batch))
@@ -220,7 +228,12 @@ class WorkerHandle:
         """Every answer already waiting in the pipe (they come back in send order)."""
         done = []
         try:
-            while self.jobs and self.conn.poll():
+            if not self.ready and self.conn.poll():
+                if self.conn.recv() != READY:
+                    raise EOFError("worker spoke before it was ready")
+                self.ready = True
+                self.head_since = time.monotonic()
+            while self.ready and self.jobs and self.conn.poll():
                 _seq, *result = self.conn.recv()
                 job = self.jobs.popleft()
                 self.inflight_bytes -= job.nbytes

@@ -40,6 +40,12 @@ def pool():
         yield p
 
 
+@pytest.fixture(scope="module")
+def judge():
+    # in this process; generous timeouts: the first parse pays for lazy imports
+    return Judge(parse_timeout=20, verify_timeout=20)
+
+
 def _run(pool, items):
     verdicts = list(pool.verify_many(items))
     keys = [v.key for v in verdicts]
@@ -112,14 +118,13 @@ def test_gsm8k_helpers():
     ("", "\\boxed{1}", False, "gold_unparseable"),
     ("\\text{}", "\\boxed{1}", False, "gold_unparseable"),
 ])
-def test_judge_statuses(gold, completion, correct, status):
-    got_correct, got_status, _extracted, _error = Judge(1, 1)(gold, completion)
+def test_judge_statuses(judge, gold, completion, correct, status):
+    got_correct, got_status, _extracted, _error = judge(gold, completion)
     assert (got_correct, got_status) == (correct, status)
 
 
-def test_judge_passes_gold_first_and_parses_it_once():
+def test_judge_passes_gold_first_and_parses_it_once(judge):
     # math-verify is asymmetric: a set answer may match a relation gold, not the other way round
-    judge = Judge(1, 1)
     assert judge("1 < x < 2", "\\boxed{(1,2)}")[:2] == (True, "ok")
     assert judge("(1,2)", "\\boxed{1 < x < 2}")[:2] == (False, "ok")
     assert judge.parsed_gold("(1,2)") is judge.parsed_gold("(1,2)")

@@ -1,0 +1,198 @@
+"""The stage commands of the CLI: generate, score, import, learn, round, eval (see cli.py)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from .cli import StoreOpt, command
+from .errors import ReplayError
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ReplayError(f"--levels must be comma-separated integers 1-5, got {text!r}") from None
+
+
+@command()
+def generate(
+    store: str = StoreOpt,
+    round: int = typer.Option(0, "--round", "-r", help="Round to sample (policy: base + adapter of round-1)."),
+    dataset: str = typer.Option("arith", help="arith (built-in) or a .jsonl/.parquet file (MATH or GSM8K format)."),
+    num_prompts: Optional[int] = typer.Option(64, help="Number of prompts (files: the first N; all if 0)."),
+    split: str = typer.Option("train", help="Split label (arith: train and test are disjoint streams)."),
+    problem_key: Optional[str] = typer.Option(None, help="Field holding the problem (default problem/question)."),
+    answer_key: Optional[str] = typer.Option(None, help="Field holding the gold answer (default answer)."),
+    levels: str = typer.Option("1,2,3,4,5", help="arith difficulty levels, cycled."),
+    model: str = typer.Option("smollm2-135m", help="smollm2-135m (embedded), an HF model dir or a .gguf file."),
+    engine: str = typer.Option("auto", help="auto | vllm | transformers (auto: vllm if installed)."),
+    adapter: str = typer.Option("auto", help="auto (round-1's adapter) | none | a peft adapter dir."),
+    num_samples: int = typer.Option(8, "--num-samples", "-G", help="Samples per prompt (G)."),
+    temperature: float = typer.Option(1.0),
+    top_p: float = typer.Option(1.0),
+    top_k: int = typer.Option(0, help="0: off."),
+    max_new_tokens: int = typer.Option(256),
+    seed: int = typer.Option(0, help="Base seed; each sample's seed derives from (seed, round, prompt, idx)."),
+    batch_size: int = typer.Option(16, help="Prompts per batch (and per written part file)."),
+    shard: str = typer.Option("0/1", help="i/n: this worker's share of the prompts (by prompt_id)."),
+):
+    """Sample G completions per prompt and store them with token ids and per-token logprobs."""
+    from stages.generate import GenerateConfig, run
+
+    cfg = GenerateConfig(round=round, dataset=dataset, num_prompts=num_prompts or None, split=split,
+                         problem_key=problem_key, answer_key=answer_key, levels=_levels(levels), model=model,
+                         engine=engine, adapter=adapter, num_samples=num_samples, temperature=temperature,
+                         top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed,
+                         batch_size=batch_size, shard=shard)
+    record = run(store, cfg)
+    c = record["counts"]
+    typer.echo(f"round {round}: {c['groups_written']} groups written ({c['rollouts_written']} rollouts, "
+               f"{c['tokens_written']} tokens), {c['groups_already_stored']} already stored")
+
+
+@command()
+def score(
+    store: str = StoreOpt,
+    round: int = typer.Option(0, "--round", "-r"),
+    workers: Optional[int] = typer.Option(None, help="Verifier worker processes (default: measured best here)."),
+    timeout: float = typer.Option(10.0, help="Hard wall-clock limit per answer, seconds (then status=timeout)."),
+    rescore: bool = typer.Option(False, help="Re-verify rollouts lacking a verdict of the current verifier version."),
+):
+    """Verify the round's unscored rollouts with math-verify (worker processes, hard timeouts)."""
+    from stages.score import ScoreConfig, run
+
+    record = run(store, ScoreConfig(round=round, workers=workers, timeout=timeout, rescore=rescore))
+    c = record["counts"]
+    statuses = ", ".join(f"{k}={v}" for k, v in sorted(c["statuses"].items())) or "nothing new"
+    typer.echo(f"round {round}: scored {c['scored']} ({c['correct']} correct; {statuses}), "
+               f"{c['already_scored']} already scored")
+
+
+@command("import")
+def import_(
+    file: str = typer.Argument(..., help="JSONL or Parquet with problem, answer, completion columns."),
+    store: str = StoreOpt,
+    round: int = typer.Option(0, "--round", "-r"),
+    source: Optional[str] = typer.Option(None, help="Prompt source label (default: the file name)."),
+    problem_key: str = typer.Option("problem"),
+    answer_key: str = typer.Option("answer"),
+    completion_key: str = typer.Option("completion"),
+    model: str = typer.Option("imported", help="Name of the model that wrote the completions."),
+):
+    """Import completions made elsewhere as rollouts of a round (groups formed by problem)."""
+    from stages.import_rollouts import ImportConfig, run
+
+    cfg = ImportConfig(round=round, file=file, source=source, problem_key=problem_key, answer_key=answer_key,
+                       completion_key=completion_key, model=model)
+    record = run(store, cfg)
+    c = record["counts"]
+    typer.echo(f"round {round}: imported {c['rollouts_written']} rollouts of {c['prompts']} problems "
+               f"({c['groups_already_stored']} groups already stored)")
+    if "note" in record:
+        typer.echo(f"note: {record['note']}")
+
+
+@command()
+def learn(
+    store: str = StoreOpt,
+    round: int = typer.Option(0, "--round", "-r", help="Learn round: trains on its scored rollouts."),
+    objective: str = typer.Option("lens", help="grpo | lens | nsr | psr | w_reinforce"),
+    adapter_name: str = typer.Option("main", help="Another name trains a side adapter (same-data A/B)."),
+    window: int = typer.Option(1, help="Train on the last K rounds of rollouts (whole groups)."),
+    where: Optional[str] = typer.Option(None, help="SQL predicate over the samples view (group kept if any matches)."),
+    recompute_old_logprobs: bool = typer.Option(False, help="Recompute behaviour logprobs with each row's policy."),
+    fresh: bool = typer.Option(False, help="Start a new LoRA instead of continuing round-1's adapter."),
+    model: Optional[str] = typer.Option(None, help="Base model (default: the store's)."),
+    lora_r: int = typer.Option(16), lora_alpha: int = typer.Option(32), lora_dropout: float = typer.Option(0.0),
+    target_modules: str = typer.Option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"),
+    lr: float = typer.Option(1e-5), epochs: int = typer.Option(1),
+    micro_batch_size: int = typer.Option(4), grad_accum: int = typer.Option(4),
+    max_grad_norm: float = typer.Option(1.0),
+    clip_eps: float = typer.Option(0.2), clip_eps_high: Optional[float] = typer.Option(None),
+    dual_clip: Optional[float] = typer.Option(3.0, help="Dual-clip bound for negative advantages (0: off)."),
+    tis_cap: Optional[float] = typer.Option(None, help="Truncated importance weight cap (off by default)."),
+    aggregation: str = typer.Option("seq-mean-token-mean", help="seq-mean-token-mean | token-mean"),
+    lens_alpha: float = typer.Option(0.25, help="LENS loss weight of negative groups."),
+    lens_d_imp: str = typer.Option("confidence", help="confidence | off | sequence"),
+    w_reinforce_lambda: float = typer.Option(0.1, help="W-REINFORCE weight of correct samples."),
+    gradient_checkpointing: bool = typer.Option(False),
+    seed: int = typer.Option(0),
+    force: bool = typer.Option(False, help="Retrain a round whose learn is already complete."),
+):
+    """Train the round's LoRA adapter on stored rollouts (continues round-1's adapter by default)."""
+    from stages.learn import LearnConfig, run
+
+    cfg = LearnConfig(round=round, objective=objective, adapter_name=adapter_name, window=window, where=where,
+                      recompute_old_logprobs=recompute_old_logprobs, init_from_previous=not fresh, model=model,
+                      lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                      target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()),
+                      lr=lr, epochs=epochs, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
+                      max_grad_norm=max_grad_norm, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
+                      dual_clip=dual_clip or None, tis_cap=tis_cap, aggregation=aggregation,
+                      lens_alpha=lens_alpha, lens_d_imp=lens_d_imp, w_reinforce_lambda=w_reinforce_lambda,
+                      gradient_checkpointing=gradient_checkpointing, seed=seed, force=force)
+    record = run(store, cfg)
+    if record.get("skipped"):
+        typer.echo(f"round {round}: learn already complete ({record['adapter']}); --force retrains")
+        return
+    c = record["counts"]
+    typer.echo(f"round {round}: {cfg.objective} on {c['samples']} samples in {c['groups']} groups "
+               f"({c['trained_samples']} with gradient), {c['optimizer_steps']} steps -> {record['adapter']}")
+
+
+@command("round")
+def round_(
+    store: str = StoreOpt,
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="TOML with [generate] [score] [learn] tables."),
+    set_: list[str] = typer.Option([], "--set", help="Override a setting: section.key=value (repeatable)."),
+    rounds: int = typer.Option(1, help="Run this many rounds in a row."),
+    wait: bool = typer.Option(False, help="Wait for a running tick instead of exiting."),
+):
+    """One cron tick: run the next unfinished round's missing stages (generate -> score -> learn).
+
+    Exit codes: 0 done, or another tick holds the store lock (message says so); 1 error."""
+    from replay.config import load_settings
+    from stages.round import EXIT_LOCKED, RoundLocked, run
+
+    settings = load_settings(config, set_)
+    try:
+        results = run(store, settings, rounds=rounds, wait=wait, echo=typer.echo)
+    except RoundLocked as exc:
+        typer.echo(str(exc))
+        raise typer.Exit(EXIT_LOCKED) from None
+    typer.echo(f"finished round(s) {', '.join(str(r.round) for r in results)}")
+
+
+@command("eval")
+def eval_(
+    store: str = StoreOpt,
+    round: int = typer.Option(-1, "--round", "-r", help="Evaluate base + the adapter learned in this round."),
+    base: bool = typer.Option(False, "--base", help="Evaluate the base model (same as --round -1)."),
+    adapter: str = typer.Option("main", "--adapter", help="Adapter name (A/B variants from learn --adapter-name)."),
+    dataset: str = typer.Option("arith"), split: str = typer.Option("test"),
+    num_prompts: Optional[int] = typer.Option(128), levels: str = typer.Option("1,2,3,4,5"),
+    problem_key: Optional[str] = typer.Option(None), answer_key: Optional[str] = typer.Option(None),
+    num_samples: int = typer.Option(8, "--num-samples", "-n"), max_new_tokens: int = typer.Option(256),
+    temperature: float = typer.Option(1.0), top_p: float = typer.Option(1.0),
+    engine: str = typer.Option("auto"), seed: int = typer.Option(1234), batch_size: int = typer.Option(16),
+    workers: Optional[int] = typer.Option(None), timeout: float = typer.Option(10.0),
+):
+    """pass@k (k = 1, 2, 4, ..., n) of a round's policy on held-out prompts, overall and per level/subject."""
+    from replay.render import print_table
+    from stages.eval import EvalConfig, run
+    from stages.generate import GenerateConfig
+
+    gen = GenerateConfig(dataset=dataset, split=split, num_prompts=num_prompts or None, levels=_levels(levels),
+                         problem_key=problem_key, answer_key=answer_key, num_samples=num_samples,
+                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, engine=engine,
+                         seed=seed, batch_size=batch_size)
+    rows = run(store, EvalConfig(round=-1 if base else round, adapter_name=adapter, generate=gen,
+                                 workers=workers, timeout=timeout))
+    import pyarrow as pa
+
+    table = pa.Table.from_pylist([{"slice": f"{r['group_by']}={r['group_value']}", "k": r["k"],
+                                   "pass@k": float(f"{r['pass_at_k']:.4f}"), "prompts": r["n_prompts"]} for r in rows])
+    print_table(table, title=f"pass@k, round {rows[0]['round']} ({rows[0]['adapter_name']})")

@@ -1,0 +1,313 @@
+"""Bad input through the CLI: each case exits non-zero with one `error:` line naming the key detail,
+no traceback, and nothing written to the store. Also full disks and refused writes."""
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+import schemas
+from replay.cli import app
+from replay.store import Store
+from tests._tiny_model import save_tiny_model
+
+runner = CliRunner()
+GOOD = {"problem": "w1 w2 w3", "answer": "1"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture()
+def store(tmp_path):
+    return Store.create(tmp_path / "store", base_model=None)
+
+
+def snapshot(root):
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()} if root.exists() else None
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def fails_cleanly(result, *details):
+    """Exit != 0 through the CLI's error policy: one `error:` line holding every detail."""
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}"
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    for detail in details:
+        assert str(detail) in lines[0]
+    return lines[0]
+
+
+def generate(store, model_dir, *extra):
+    return invoke("generate", "--store", store, "--model", model_dir, "--engine", "transformers", "-G", 2,
+                  "--max-new-tokens", 3, *extra)
+
+
+def write_lines(path, lines):
+    path.write_bytes(b"\n".join(line if isinstance(line, bytes) else json.dumps(line).encode()
+                                for line in lines) + b"\n")
+    return path
+
+
+JSONL_CASES = {
+    "broken line 3": ([GOOD, GOOD | {"problem": "w4"}, b'{"problem": "w5", "answer"'],
+                      ["line 3", "not valid JSON"]),
+    "no problem": ([GOOD, {"answer": "2"}], ["line 2", "missing field 'problem'"]),
+    "no answer": ([GOOD, {"problem": "w9"}], ["line 2", "missing field 'answer'"]),
+    "empty problem": ([{"problem": " \t", "answer": "1"}], ["line 1", "field 'problem' is empty"]),
+    "problem not text": ([{"problem": {"text": "w1"}, "answer": "1"}], ["line 1", "must be text, got dict"]),
+    "not utf-8": ([GOOD, b'{"problem": "caf\xe9", "answer": "1"}'], ["line 2", "not UTF-8"]),
+    "duplicate ids": ([GOOD | {"unique_id": "a"}, {"problem": "w7", "answer": "2", "unique_id": "a"}],
+                      ["line 2", "duplicate unique_id 'a'"]),
+    "not an object": ([GOOD, [1, 2]], ["line 2", "expected a JSON object"]),
+    "bad level": ([GOOD | {"level": "hard"}], ["line 1", "field 'level' must be an integer"]),
+    "gsm8k without marker": ([{"question": "w1?", "answer": "about 3"}], ["line 1", "no final '#### N'"]),
+}
+
+
+@pytest.mark.parametrize("case", JSONL_CASES)
+def test_bad_jsonl_names_file_and_line_and_writes_nothing(store, model_dir, tmp_path, case):
+    lines, details = JSONL_CASES[case]
+    path = write_lines(tmp_path / "data.jsonl", lines)
+    before = snapshot(store.root)
+    fails_cleanly(generate(store.root, model_dir, "--dataset", path), path, *details)
+    assert snapshot(store.root) == before
+    assert store.query("SELECT count(*) AS n FROM rollouts").to_pylist() == [{"n": 0}]
+
+
+def test_bad_dataset_does_not_create_a_new_store(model_dir, tmp_path):
+    path = write_lines(tmp_path / "data.jsonl", [GOOD, GOOD, b"{"])
+    fails_cleanly(generate(tmp_path / "fresh", model_dir, "--dataset", path), "line 3")
+    assert not (tmp_path / "fresh").exists()
+
+
+PARQUET_CASES = {
+    "problem is a list": (pa.table({"problem": [[1, 2]], "answer": ["1"]}), ["row 1", "'problem' must be text"]),
+    "answer is a struct": (pa.table({"problem": ["w1"], "answer": [{"a": 1}]}), ["row 1", "'answer' must be text"]),
+    "no answer column": (pa.table({"problem": ["w1"]}), ["row 1", "missing field 'answer'"]),
+    "null problem": (pa.table({"problem": pa.array([None], pa.string()), "answer": ["1"]}),
+                     ["row 1", "missing field 'problem'"]),
+    "level is text": (pa.table({"problem": ["w1"], "answer": ["1"], "level": ["x"]}), ["row 1", "'level'"]),
+}
+
+
+@pytest.mark.parametrize("case", PARQUET_CASES)
+def test_bad_parquet_dataset(store, model_dir, tmp_path, case):
+    table, details = PARQUET_CASES[case]
+    path = tmp_path / "data.parquet"
+    pq.write_table(table, path)
+    before = snapshot(store.root)
+    fails_cleanly(generate(store.root, model_dir, "--dataset", path), path, *details)
+    assert snapshot(store.root) == before
+
+
+def test_unreadable_missing_empty_or_unknown_dataset_files(store, model_dir, tmp_path):
+    before = snapshot(store.root)
+    fake = tmp_path / "fake.parquet"
+    fake.write_bytes(b"PAR1 but not really")
+    fails_cleanly(generate(store.root, model_dir, "--dataset", fake), fake, "not a readable Parquet file")
+    fails_cleanly(generate(store.root, model_dir, "--dataset", tmp_path / "absent.jsonl"), "absent.jsonl: no such file")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"\n\n")
+    fails_cleanly(generate(store.root, model_dir, "--dataset", empty), empty, "no rows")
+    fails_cleanly(generate(store.root, model_dir, "--dataset", tmp_path / "data.csv"), "unknown dataset")
+    assert snapshot(store.root) == before
+
+
+@pytest.mark.parametrize("flags, detail", [
+    (["--num-samples", 0], "--num-samples must be at least 1, got 0"),
+    (["--shard", "3/2"], "--shard 3/2: need 0 <= i < n"),
+    (["--shard", "half"], "--shard must look like i/n"),
+    (["--max-new-tokens", 0], "--max-new-tokens must be at least 1"),
+    (["--temperature", -1], "temperature must be >= 0"),
+    (["--top-p", 0], "top_p must be in (0, 1]"),
+    (["--num-prompts", -3], "--num-prompts must be at least 1"),
+    (["--levels", "9"], "levels must be among 1-5"),
+    (["--levels", "one"], "--levels must be comma-separated integers"),
+])
+def test_bad_generate_flags(store, model_dir, flags, detail):
+    before = snapshot(store.root)
+    fails_cleanly(generate(store.root, model_dir, "--num-prompts", 2, *flags), detail)
+    assert snapshot(store.root) == before
+
+
+def test_unknown_model_and_model_without_tokenizer(store, model_dir, tmp_path):
+    before = snapshot(store.root)
+    fails_cleanly(generate(store.root, "no-such-model"), "unknown model 'no-such-model'")
+    bare = shutil.copytree(model_dir, tmp_path / "bare")
+    (bare / "tokenizer.json").unlink()
+    fails_cleanly(generate(store.root, bare), "is missing a tokenizer")
+    assert snapshot(store.root) == before
+
+
+def test_store_of_another_schema_version_is_refused(store, model_dir):
+    meta = store.root / "store.json"
+    meta.write_text(json.dumps(json.loads(meta.read_text()) | {"schema_version": schemas.SCHEMA_VERSION + 7}))
+    before = snapshot(store.root)
+    fails_cleanly(generate(store.root, model_dir), f"schema version {schemas.SCHEMA_VERSION + 7}")
+    for args in (["sql", "select 1"], ["status"], ["score"], ["inspect", "rounds"]):
+        fails_cleanly(invoke(*args, "--store", store.root), "schema version")
+    assert snapshot(store.root) == before
+
+
+@pytest.mark.parametrize("args", [["sql", "select 1"], ["inspect", "rounds"], ["inspect", "negatives"],
+                                  ["status"], ["score"], ["learn"]])
+def test_read_commands_need_an_existing_store(tmp_path, args):
+    missing = tmp_path / "missing"
+    fails_cleanly(invoke(*args, "--store", missing), f"no replay store at {missing}")
+    assert not missing.exists()
+
+
+IMPORT_GOOD = {"problem": "1+1?", "answer": "2", "completion": "\\boxed{2}"}
+
+
+@pytest.mark.parametrize("lines, details", [
+    ([IMPORT_GOOD, b"{oops"], ["line 2", "not valid JSON"]),
+    ([IMPORT_GOOD, {"problem": "1+1?", "answer": "2"}], ["line 2", "field 'completion' must be text"]),
+    ([IMPORT_GOOD, IMPORT_GOOD | {"answer": "3"}], ["line 2", "gold '3' here but '2' earlier"]),
+    ([IMPORT_GOOD | {"completion_token_ids": [1], "completion_logprobs": [0.5]}], ["line 1", "must be <= 0"]),
+    ([IMPORT_GOOD | {"completion_logprobs": [-0.5]}], ["line 1", "needs completion_token_ids"]),
+    ([IMPORT_GOOD | {"sample_idx": 0}, IMPORT_GOOD | {"sample_idx": 0}], ["line 2", "duplicate sample 0"]),
+])
+def test_import_with_a_broken_row_writes_nothing(store, tmp_path, lines, details):
+    path = write_lines(tmp_path / "done.jsonl", lines)
+    before = snapshot(store.root)
+    fails_cleanly(invoke("import", path, "--store", store.root), path, *details)
+    assert snapshot(store.root) == before
+    fails_cleanly(invoke("import", path, "--store", tmp_path / "fresh"), path)
+    assert not (tmp_path / "fresh").exists()
+
+
+# -- known bugs: inputs that escape the readers' validation (see the report to the lead) -------------
+def xfail(reason):
+    return pytest.mark.xfail(strict=True, reason=reason)
+
+
+@xfail("replay/keys.py _digest encodes with strict UTF-8: a JSON '\\ud800' escape (lone surrogate) in a "
+       "problem raises UnicodeEncodeError; replay/datasets.text_field should reject it as a DatasetError")
+def test_lone_surrogate_in_a_problem(store, model_dir, tmp_path):
+    path = write_lines(tmp_path / "data.jsonl", [b'{"problem": "w1 \\ud800", "answer": "1"}'])
+    fails_cleanly(generate(store.root, model_dir, "--dataset", path), "line 1")
+
+
+@xfail("replay/datasets.file_prompts accepts a level outside int32; Store.write then raises a raw "
+       "ArrowInvalid after store.json and the manifest were started")
+def test_level_beyond_int32(store, model_dir, tmp_path):
+    path = write_lines(tmp_path / "data.jsonl", [GOOD | {"level": 2**40}])
+    before = snapshot(store.root)
+    fails_cleanly(generate(store.root, model_dir, "--dataset", path), "line 1", "level")
+    assert snapshot(store.root) == before
+
+
+@xfail("replay/datasets.read_rows: json.loads raises RecursionError on deeply nested input; not a DatasetError")
+def test_deeply_nested_json_line(store, model_dir, tmp_path):
+    path = write_lines(tmp_path / "data.jsonl", [b"[" * 100_000])
+    fails_cleanly(generate(store.root, model_dir, "--dataset", path), "line 1")
+
+
+@pytest.mark.parametrize("extra", [
+    pytest.param({"sample_idx": "first"}, marks=xfail("import_rollouts.parse_rows: int('first') raises ValueError")),
+    pytest.param({"sample_idx": [0]}, marks=xfail("import_rollouts.parse_rows: int([0]) raises TypeError")),
+    pytest.param({"sample_idx": 2**40}, marks=xfail("sample_idx beyond int32 passes parse_rows; prompts are written, "
+                                                    "then the rollouts write raises ArrowInvalid")),
+    pytest.param({"completion_token_ids": [1], "completion_logprobs": [float("nan")]},
+                 marks=xfail("parse_rows accepts NaN logprobs (NaN > 0 is False): learn would train on NaN")),
+    pytest.param({"completion": "\ud800"}, marks=xfail("a lone surrogate in the completion passes parse_rows; "
+                                                       "Store.write raises UnicodeEncodeError after the prompts")),
+])
+def test_import_rows_that_escape_validation(store, tmp_path, extra):
+    path = tmp_path / "done.jsonl"
+    path.write_text(json.dumps(IMPORT_GOOD | extra) + "\n")
+    before = snapshot(store.root)
+    fails_cleanly(invoke("import", path, "--store", store.root), "line 1")
+    assert snapshot(store.root) == before
+
+
+@xfail("Store.connect() (CREATE VIEW over the glob) runs outside the try in Store.read_only_query and raises "
+       "duckdb.InvalidInputException for a truncated shard: `replay sql` prints a traceback")
+def test_sql_over_a_truncated_shard_is_one_line_naming_the_file(store, tmp_path):
+    path = write_lines(tmp_path / "done.jsonl", [IMPORT_GOOD, IMPORT_GOOD | {"completion": "3"}])
+    assert invoke("import", path, "--store", store.root).exit_code == 0
+    (shard,) = store.files("rollouts", 0)
+    shard.write_bytes(shard.read_bytes()[:64])
+    fails_cleanly(invoke("sql", "select count(*) from prompts", "--store", store.root), shard)
+
+
+# -- full disk, refused writes -----------------------------------------------------------------------
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def half_write_then_no_space(table, where, **kwargs):
+    with open(where, "wb") as fh:
+        fh.write(b"PAR1 half a file")
+    no_space()
+
+
+def part_and_temp_files(root):
+    return [p for p in root.rglob("*") if p.name.startswith((".tmp-", "part-"))]
+
+
+def test_disk_full_during_import_leaves_no_partial_file(store, tmp_path, monkeypatch):
+    path = write_lines(tmp_path / "done.jsonl", [IMPORT_GOOD])
+    monkeypatch.setattr(pq, "write_table", half_write_then_no_space)
+    fails_cleanly(invoke("import", path, "--store", store.root), "No space left on device")
+    assert part_and_temp_files(store.root) == []
+
+
+def test_disk_full_during_generate_leaves_no_rollout_file(store, model_dir, tmp_path, monkeypatch):
+    real = pq.write_table
+
+    def rollouts_disk_full(table, where, **kwargs):
+        if "rollouts" in str(where):
+            half_write_then_no_space(table, where)
+        real(table, where, **kwargs)
+
+    monkeypatch.setattr(pq, "write_table", rollouts_disk_full)
+    line = fails_cleanly(generate(store.root, model_dir, "--num-prompts", 1, "--levels", "1"),
+                         "No space left on device")
+    assert "rollouts" in line
+    assert not (store.root / "rollouts").exists() or part_and_temp_files(store.root / "rollouts") == []
+    assert store.query("SELECT count(*) AS n FROM rollouts").to_pylist() == [{"n": 0}]
+
+
+def test_permission_denied_on_rename_is_one_line(store, tmp_path, monkeypatch):
+    path = write_lines(tmp_path / "done.jsonl", [IMPORT_GOOD])
+
+    def denied(src, dst):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(os, "replace", denied)
+    fails_cleanly(invoke("import", path, "--store", store.root), "Permission denied")
+    fails_cleanly(invoke("import", path, "--store", tmp_path / "new"), "cannot create store", "Permission denied")
+    monkeypatch.undo()
+    assert part_and_temp_files(store.root) == [] and part_and_temp_files(tmp_path / "new") == []
+
+
+@xfail("Store.write_manifest -> atomic_write_bytes does not turn OSError into StoreError: a full disk at the "
+       "manifest write escapes as a raw OSError (traceback)")
+def test_disk_full_at_the_manifest_write_is_one_line(store, tmp_path, monkeypatch):
+    path = write_lines(tmp_path / "done.jsonl", [IMPORT_GOOD])
+    real = os.replace
+
+    def manifest_disk_full(src, dst):
+        if str(dst).endswith(".json"):
+            no_space()
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", manifest_disk_full)
+    fails_cleanly(invoke("import", path, "--store", store.root), "No space left on device")

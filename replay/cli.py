@@ -7,7 +7,6 @@ Heavy modules (torch, transformers, vLLM) are imported inside the commands that 
 from __future__ import annotations
 
 import functools
-import sys
 from typing import Optional
 
 import typer
@@ -123,6 +122,3 @@ def report(
 def main() -> None:
     app()
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -188,7 +188,9 @@ def run(store_path: str, cfg: GenerateConfig, engine=None) -> dict:
 
 def _build_engine(cfg: GenerateConfig, model_ref, adapter_path):
     from replay.engines import make_engine
+    from replay.runtime import configure_torch
 
+    configure_torch()
     return make_engine(pick_engine(cfg.engine), model_ref, lora=adapter_path)
 
 

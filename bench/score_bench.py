@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--chunk", type=int, default=500, help="items per interleaved turn")
     parser.add_argument("--timeout", type=float, default=10.0, help="hard backstop (s)")
-    parser.add_argument("--parse-timeout", type=int, default=3)
-    parser.add_argument("--verify-timeout", type=int, default=3)
+    parser.add_argument("--parse-timeout", type=int, default=4)
+    parser.add_argument("--verify-timeout", type=int, default=4)
     args = parser.parse_args(argv)
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)
 

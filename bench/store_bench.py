@@ -1,23 +1,27 @@
 """Store benchmark: write N synthetic rollouts through `Store.write`, then time the negative-group
 question through `replay sql` (CLI subprocess and in-process) vs pandas over JSONL rollout dumps.
 
-    python bench/store_bench.py [--rollouts 1000000] [--out DIR] [--keep] [--skip-pandas]
+    python bench/store_bench.py [--rollouts 1000000] [--out DIR] [--keep] [--skip-pandas] [--profile]
 
 Synthetic data: 8 samples per prompt, 5 rounds over one prompt set, completion lengths ~ Gamma
 (mean 300, max 1024) with a float32 logprob per token, a per-prompt difficulty that eases each
-round (about 31% → 22% negative groups). Generation is vectorised (numpy/pyarrow) and not timed
-as part of the write. The JSONL dumps (one object per rollout: ids, logprobs, text, reward, as
-peers' trainers dump them) are written from the same batches with DuckDB's JSON writer.
+round (about 31% -> 22% negative groups). Generation is vectorised (numpy/pyarrow) and not part
+of the timed write. The JSONL dumps (one object per rollout: ids, logprobs, text, reward, as
+trainers dump them) are written from the same batches with DuckDB's JSON writer.
+
+Every timing is printed as wall and CPU seconds (CPU of all threads of the timed process): on a
+shared machine wall time depends on the neighbours, CPU time much less.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import multiprocessing
 import os
-import resource
+import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,17 +31,95 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import schemas  # noqa: E402
 from replay import keys  # noqa: E402
 from replay.store import Store  # noqa: E402
 
 G, ROUNDS, VOCAB, MAX_TOKENS = 8, 5, 49152, 1024
 NOW_US = 1_790_000_000_000_000
 TS = pa.timestamp("us", tz="UTC")
-Q_COUNT = "SELECT round, count(*) AS negative_groups FROM negative_groups GROUP BY round ORDER BY round"
-Q_TOP = ("SELECT prompt_id, n, mean_confidence FROM negative_groups WHERE round = {last} "
-         "ORDER BY mean_confidence DESC LIMIT 20")
+QUERIES = {
+    "count": "SELECT round, count(*) AS negative_groups FROM negative_groups GROUP BY round ORDER BY round",
+    "top20": (f"SELECT prompt_id, n, mean_confidence FROM negative_groups WHERE round = {ROUNDS - 1} "
+              "ORDER BY mean_confidence DESC LIMIT 20"),
+}
+
+# Proposed rewrite of samples.sql's latest_verdicts: a hash aggregate keyed on scored_at instead of
+# a window sort. arg_max_null, not arg_max: a NULL in the newest verdict must not fall back to an
+# older verdict's value. Ties on scored_at (two verdicts of one rollout in the same microsecond)
+# pick one arbitrarily; the shipped view breaks them by verifier_version (a struct key costs ~40%).
+LATEST_VERDICTS_BY_AGGREGATE = """WITH latest_verdicts AS (
+    SELECT round, prompt_id, sample_idx,
+           arg_max_null(correct, scored_at) AS correct,
+           arg_max_null(reward, scored_at) AS reward,
+           arg_max_null(status, scored_at) AS status,
+           arg_max_null(extracted_answer, scored_at) AS extracted_answer,
+           arg_max_null(verifier_version, scored_at) AS verifier_version,
+           max(scored_at) AS scored_at
+    FROM verdicts
+    GROUP BY round, prompt_id, sample_idx
+),
+unique_prompts AS ("""
+
+# Proposed rounds.sql: groups computed once (MATERIALIZED) and reused by s, g and the rescues.
+ROUNDS_MATERIALIZED = """CREATE OR REPLACE VIEW rounds AS
+WITH r AS (
+    SELECT round, count(*) AS rollouts, count(DISTINCT prompt_id) AS prompts,
+           avg(num_completion_tokens) AS mean_tokens, max(policy_round) AS policy_round
+    FROM rollouts GROUP BY round
+),
+grp AS MATERIALIZED (
+    SELECT round, prompt_id, kind, n, n_correct, mean_wrong_confidence FROM groups
+),
+s AS (
+    SELECT round, sum(n) AS scored, sum(n_correct) / sum(n) AS accuracy,
+           sum(mean_wrong_confidence * (n - n_correct)) / nullif(sum(n - n_correct), 0) AS mean_wrong_confidence
+    FROM grp GROUP BY round
+),
+g AS (
+    SELECT round,
+           count(*) FILTER (WHERE kind = 'negative') AS negative_groups,
+           count(*) FILTER (WHERE kind = 'mixed') AS mixed_groups,
+           count(*) FILTER (WHERE kind = 'positive') AS positive_groups,
+           avg(CASE WHEN kind = 'negative' THEN 1.0 ELSE 0.0 END) AS negative_share
+    FROM grp GROUP BY round
+),
+x AS (
+    SELECT rescued_round AS round, count(DISTINCT prompt_id) AS rescued FROM (
+        SELECT a.prompt_id, min(b.round) AS rescued_round
+        FROM grp a JOIN grp b ON b.prompt_id = a.prompt_id AND b.round > a.round
+        WHERE a.kind = 'negative' AND b.kind <> 'negative'
+        GROUP BY a.prompt_id, a.round)
+    GROUP BY 1
+)
+SELECT r.round, r.policy_round, r.prompts, r.rollouts, s.scored, s.accuracy,
+       coalesce(g.negative_groups, 0) AS negative_groups,
+       coalesce(g.mixed_groups, 0) AS mixed_groups,
+       coalesce(g.positive_groups, 0) AS positive_groups,
+       g.negative_share, coalesce(x.rescued, 0) AS rescued,
+       r.mean_tokens, s.mean_wrong_confidence
+FROM r
+LEFT JOIN s ON s.round = r.round
+LEFT JOIN g ON g.round = r.round
+LEFT JOIN x ON x.round = r.round
+ORDER BY r.round;"""
+
+
+class Clock:
+    """Accumulates wall and CPU seconds (all threads of this process) over timed blocks."""
+
+    def __init__(self):
+        self.wall = self.cpu = 0.0
+
+    @contextlib.contextmanager
+    def __call__(self):
+        wall, cpu = time.perf_counter(), time.process_time()
+        yield
+        self.wall += time.perf_counter() - wall
+        self.cpu += time.process_time() - cpu
 
 
 # -- synthetic data ---------------------------------------------------------------------------
@@ -66,7 +148,9 @@ def text_pool(rng, nbytes: int = 16 << 20) -> np.ndarray:
 
 
 def make_prompts(n: int, rng, pool: np.ndarray) -> pa.Table:
-    problems = string_array(pool, rng.integers(80, 400, n), rng)
+    # numbered, so that no two random windows of the pool give the same problem (and prompt_id)
+    numbers = pa.array([f"Problem {i}. " for i in range(n)])
+    problems = pc.binary_join_element_wise(numbers, string_array(pool, rng.integers(80, 400, n), rng), "")
     ids = [keys.prompt_id("bench", p) for p in problems.to_pylist()]
     return pa.table({
         "prompt_id": ids, "source": pa.repeat("bench", n), "split": pa.repeat("train", n),
@@ -78,23 +162,22 @@ def make_prompts(n: int, rng, pool: np.ndarray) -> pa.Table:
 def make_batch(rnd: int, prompt_rows: np.ndarray, prompts: pa.Table, difficulty: np.ndarray, rng, pool):
     """Rollouts, verdicts and the matching JSONL-dump table for whole groups of `prompt_rows`."""
     n = len(prompt_rows) * G
-    pidx = np.repeat(prompt_rows, G)
-    pids = prompts.column("prompt_id").take(pa.array(pidx))
+    pidx = pa.array(np.repeat(prompt_rows, G))
+    pids = prompts.column("prompt_id").take(pidx)
     sample = np.tile(np.arange(G, dtype=np.int32), len(prompt_rows))
     lengths = np.clip(rng.gamma(2.0, 150.0, n), 1, MAX_TOKENS).astype(np.int32)
     total = int(lengths.sum())
     scale = np.repeat(rng.uniform(0.05, 0.8, n).astype(np.float32), lengths)
     logprobs = -rng.standard_exponential(total, dtype=np.float32) * scale
-    starts = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(lengths, out=starts[1:])
-    sum_lp = np.add.reduceat(logprobs.astype(np.float64), starts[:-1])
-    token_ids = (VOCAB * rng.random(total, dtype=np.float32) ** 3).astype(np.int32)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    sum_lp = np.add.reduceat(logprobs.astype(np.float64), starts)
+    token_ids = (VOCAB * rng.random(total, dtype=np.float32) ** 3).astype(np.int32)  # Zipf-ish ids
     plen = np.repeat(rng.integers(40, 160, len(prompt_rows)).astype(np.int32), G)
-    pid_list = pids.to_pylist()
+    keys_ = list(zip(pids.to_pylist(), sample.tolist()))
     col = lambda v, t=None: pa.repeat(pa.scalar(v, t), n)  # noqa: E731
     rollouts = pa.table({
         "round": col(rnd, pa.int32()), "prompt_id": pids, "sample_idx": sample,
-        "rollout_id": [keys.rollout_id(rnd, p, s) for p, s in zip(pid_list, sample.tolist())],
+        "rollout_id": [keys.rollout_id(rnd, p, s) for p, s in keys_],
         "prompt_token_ids": list_array(plen, rng.integers(0, VOCAB, int(plen.sum()), dtype=np.int32)),
         "completion_token_ids": list_array(lengths, token_ids),
         "completion_logprobs": list_array(lengths, logprobs),
@@ -106,107 +189,104 @@ def make_batch(rnd: int, prompt_rows: np.ndarray, prompts: pa.Table, difficulty:
         "base_model": col("SmolLM2-135M-Instruct"), "engine": col("vllm"), "engine_version": col("0.11.0"),
         "logprobs_mode": col("processed"), "temperature": col(1.0, pa.float32()),
         "top_p": col(1.0, pa.float32()), "top_k": col(-1, pa.int32()), "max_tokens": col(MAX_TOKENS, pa.int32()),
-        "seed": [keys.sample_seed(0, rnd, p, s) for p, s in zip(pid_list, sample.tolist())],
+        "seed": [keys.sample_seed(0, rnd, p, s) for p, s in keys_],
         "created_at": pa.array(np.full(n, NOW_US), TS)})
-    p_correct = 1 / (1 + np.exp(-(-1.2 + 0.2 * rnd + 2.5 * difficulty[pidx])))
+    p_correct = 1 / (1 + np.exp(-(-1.2 + 0.2 * rnd + 2.5 * difficulty[np.repeat(prompt_rows, G)])))
     correct = rng.random(n) < p_correct
-    status = np.where(correct, "ok", np.where(rng.random(n) < 0.1, "no_answer", "ok"))
-    verdicts = pa.table({
-        "round": col(rnd, pa.int32()), "prompt_id": pids, "sample_idx": sample,
-        "rollout_id": rollouts.column("rollout_id"), "correct": correct,
-        "reward": correct.astype(np.float32), "status": pa.array(status),
-        "extracted_answer": pa.array(rng.integers(0, 1000, n).astype(str)), "error": pa.nulls(n, pa.string()),
-        "verifier": col("math-verify"), "verifier_version": col("0.8.0"),
-        "latency_ms": rng.gamma(2.0, 5.0, n).astype(np.float32), "scored_at": pa.array(np.full(n, NOW_US), TS)})
+    verdicts = verdict_table(rnd, rollouts, correct, rng, "0.8.0", NOW_US)
+    # 5% of the rollouts re-scored a day later by a newer verifier that flips 30% of those verdicts
+    again = np.flatnonzero(rng.random(n) < 0.05)
+    correct[again] ^= rng.random(len(again)) < 0.3
+    rescores = verdict_table(rnd, rollouts.take(again), correct[again], rng, "0.8.1", NOW_US + 86_400_000_000)
     dump = pa.table({
         "step": rollouts.column("round"), "prompt_id": pids, "sample_idx": sample,
-        "prompt": prompts.column("problem").take(pa.array(pidx)),
+        "prompt": prompts.column("problem").take(pidx),
         **{c: rollouts.column(c) for c in ("prompt_token_ids", "completion_token_ids",
                                            "completion_logprobs", "completion_text", "finish_reason")},
-        "reward": verdicts.column("reward")})
-    return rollouts, verdicts, dump
+        "reward": correct.astype(np.float32)})  # the final verdict, as a dump written after re-scoring
+    return rollouts, verdicts, rescores, dump
+
+
+def verdict_table(rnd: int, rollouts: pa.Table, correct: np.ndarray, rng, version: str, at_us: int) -> pa.Table:
+    n = len(correct)
+    status = np.where(correct | (rng.random(n) > 0.1), "ok", "no_answer")
+    return pa.table({
+        "round": pa.repeat(pa.scalar(rnd, pa.int32()), n), "prompt_id": rollouts.column("prompt_id"),
+        "sample_idx": rollouts.column("sample_idx"), "rollout_id": rollouts.column("rollout_id"),
+        "correct": correct, "reward": correct.astype(np.float32), "status": pa.array(status),
+        "extracted_answer": pa.array(rng.integers(0, 1000, n).astype(str)), "error": pa.nulls(n, pa.string()),
+        "verifier": pa.repeat("math-verify", n), "verifier_version": pa.repeat(version, n),
+        "latency_ms": rng.gamma(2.0, 5.0, n).astype(np.float32), "scored_at": pa.array(np.full(n, at_us), TS)})
 
 
 def write_all(store: Store, jsonl_dir: Path, n_rollouts: int, part_rows: int, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
-    t = time.perf_counter()
-    pool = text_pool(rng)
-    n_prompts = n_rollouts // (G * ROUNDS)
-    prompts = make_prompts(n_prompts, rng, pool)
-    difficulty = rng.standard_normal(n_prompts)
-    gen = time.perf_counter() - t
-    t = time.perf_counter()
-    store.write("prompts", prompts)
-    timing = {"prompts_write_s": time.perf_counter() - t, "gen_s": gen, "rollouts_write_s": 0.0,
-              "verdicts_write_s": 0.0, "jsonl_write_s": 0.0, "rollouts": 0, "tokens": 0,
-              "bench_peak_mib": 0.0, "write_peak_mib": 0.0}
+    clocks = {k: Clock() for k in ("gen", "prompts", "rollouts", "verdicts", "jsonl")}
+    stats = {"n_rollouts": 0, "tokens": 0, "write_peak_mib": 0.0, "bench_peak_mib": 0.0}
+    with clocks["gen"]():
+        pool = text_pool(rng)
+        n_prompts = n_rollouts // (G * ROUNDS)
+        prompts = make_prompts(n_prompts, rng, pool)
+        difficulty = rng.standard_normal(n_prompts)
+    with clocks["prompts"]():
+        store.write("prompts", prompts)
     per_part = max(1, part_rows // G)
     con = duckdb.connect()
     for rnd in range(ROUNDS):
         for k, lo in enumerate(range(0, n_prompts, per_part)):
-            t = time.perf_counter()
-            rollouts, verdicts, dump = make_batch(rnd, np.arange(lo, min(lo + per_part, n_prompts)),
-                                                  prompts, difficulty, rng, pool)
-            timing["gen_s"] += time.perf_counter() - t
-            timing["bench_peak_mib"] = max(timing["bench_peak_mib"], peak_rss_mib())
+            with clocks["gen"]():
+                rows = np.arange(lo, min(lo + per_part, n_prompts))
+                rollouts, verdicts, rescores, dump = make_batch(rnd, rows, prompts, difficulty, rng, pool)
+            stats["bench_peak_mib"] = max(stats["bench_peak_mib"], peak_rss_mib())
             reset_peak_rss()
-            t = time.perf_counter()
-            store.write("rollouts", rollouts)
-            timing["rollouts_write_s"] += time.perf_counter() - t
-            t = time.perf_counter()
-            store.write("verdicts", verdicts)
-            timing["verdicts_write_s"] += time.perf_counter() - t
-            timing["write_peak_mib"] = max(timing["write_peak_mib"], peak_rss_mib())
-            t = time.perf_counter()
-            path = jsonl_dir / f"rollouts_step{rnd}_part{k:03d}.jsonl"
-            con.register("dump", dump)
-            con.execute(f"COPY dump TO '{path}' (FORMAT json)")
-            con.unregister("dump")
-            timing["jsonl_write_s"] += time.perf_counter() - t
-            timing["bench_peak_mib"] = max(timing["bench_peak_mib"], peak_rss_mib())
-            timing["rollouts"] += rollouts.num_rows
-            timing["tokens"] += int(np.sum(rollouts.column("num_completion_tokens").to_numpy()))
+            with clocks["rollouts"]():
+                store.write("rollouts", rollouts)
+            with clocks["verdicts"]():
+                store.write("verdicts", verdicts)
+                store.write("verdicts", rescores)
+            stats["write_peak_mib"] = max(stats["write_peak_mib"], peak_rss_mib())
+            with clocks["jsonl"]():
+                con.register("dump", dump)
+                con.execute(f"COPY dump TO '{jsonl_dir / f'rollouts_step{rnd}_part{k:03d}.jsonl'}' (FORMAT json)")
+                con.unregister("dump")
+            stats["bench_peak_mib"] = max(stats["bench_peak_mib"], peak_rss_mib())
+            stats["n_rollouts"] += rollouts.num_rows
+            stats["tokens"] += int(np.sum(rollouts.column("num_completion_tokens").to_numpy()))
     con.close()
-    return timing
+    return {**stats, **clocks}
 
 
-# -- queries ----------------------------------------------------------------------------------
-def replay_command() -> list[str]:
-    """The installed `replay` console script next to this interpreter (not a pyenv shim)."""
-    script = Path(sys.executable).parent / "replay"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "replay.cli"]
-
-
+# -- measuring --------------------------------------------------------------------------------
 def peak_rss_mib() -> float:
     """VmHWM of this process: unlike ru_maxrss it is not inherited from the parent across exec."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return float("nan")
 
 
 def reset_peak_rss() -> None:
     """Linux: reset VmHWM to the current RSS, so the next peak_rss_mib() covers one step."""
-    try:
+    with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
-def cli_run(store: Path, sql: str) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS (MiB) and stdout of one `replay sql ... --format csv` process.
+def cli_run(store: Path, sql: str) -> tuple[float, float, float, str]:
+    """Wall s, CPU s, peak RSS MiB and stdout of one `replay sql ... --format csv` process.
 
-    The peak RSS comes from GNU time (a fresh process between us and the CLI, so the CLI does not
+    CPU and RSS come from GNU time (a fresh process between us and the CLI, so the CLI does not
     inherit this big process's high-water mark); NaN without /usr/bin/time."""
-    timer = ["/usr/bin/time", "-f", "%M"] if Path("/usr/bin/time").exists() else []
-    cmd = timer + replay_command() + ["sql", sql, "--store", str(store), "--format", "csv"]
+    script = Path(sys.executable).parent / "replay"  # the console script, not a pyenv shim
+    replay = [str(script)] if script.exists() else [sys.executable, "-m", "replay"]
+    timer = ["/usr/bin/time", "-f", "%U %S %M"] if Path("/usr/bin/time").exists() else []
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(timer + replay + ["sql", sql, "--store", str(store), "--format", "csv"],
+                          capture_output=True, text=True)
     wall = time.perf_counter() - t
     if proc.returncode:
         raise RuntimeError(f"replay sql failed: {proc.stderr}")
-    rss = int(proc.stderr.split()[-1]) / 1024 if timer else float("nan")
-    return wall, rss, proc.stdout
+    user, sys_, rss = map(float, proc.stderr.split()[-3:]) if timer else (float("nan"),) * 3
+    return wall, user + sys_, rss / 1024, proc.stdout
 
 
 def inprocess(store: str, queries: list[str], repeats: int, queue) -> None:
@@ -215,12 +295,13 @@ def inprocess(store: str, queries: list[str], repeats: int, queue) -> None:
     base = peak_rss_mib()
     result = {}
     for sql in queries:
-        times = []
+        runs = []
         for _ in range(repeats):
-            t = time.perf_counter()
-            table = opened.read_only_query(sql)
-            times.append(time.perf_counter() - t)
-        result[sql] = (times, table.to_pylist())
+            clock = Clock()
+            with clock():
+                table = opened.read_only_query(sql)
+            runs.append((clock.wall, clock.cpu))
+        result[sql] = (runs, table.to_pylist())
     queue.put((result, base, peak_rss_mib()))
 
 
@@ -228,61 +309,33 @@ def pandas_baseline(jsonl_dir: str, last: int, engine: str, queue) -> None:
     """Child process: pandas.read_json over the dumps, then the same two questions."""
     import pandas as pd
 
-    t0 = time.perf_counter()
-    frames, parse_s, conf_s = [], 0.0, 0.0
+    parse, conf, q1c, q2c = Clock(), Clock(), Clock(), Clock()
+    frames = []
     for path in sorted(Path(jsonl_dir).glob("*.jsonl")):
-        t = time.perf_counter()
-        chunks = (pd.read_json(path, lines=True, chunksize=20_000) if engine == "ujson"
-                  else [pd.read_json(path, lines=True, engine="pyarrow")])
-        for chunk in chunks:
-            keep = pd.DataFrame({"round": chunk["step"], "prompt_id": chunk["prompt_id"],
-                                 "correct": chunk["reward"] > 0.5})
-            parse_s += time.perf_counter() - t
-            t = time.perf_counter()
-            keep["confidence"] = np.exp([np.mean(lp) for lp in chunk["completion_logprobs"]])
-            conf_s += time.perf_counter() - t
+        with parse():
+            chunks = (pd.read_json(path, lines=True, chunksize=20_000) if engine == "ujson"
+                      else iter([pd.read_json(path, lines=True, engine="pyarrow")]))
+        while True:
+            with parse():
+                chunk = next(chunks, None)
+                if chunk is None:
+                    break
+                keep = pd.DataFrame({"round": chunk["step"], "prompt_id": chunk["prompt_id"],
+                                     "correct": chunk["reward"] > 0.5})
+            with conf():
+                keep["confidence"] = np.exp([np.mean(lp) for lp in chunk["completion_logprobs"]])
             frames.append(keep)
-            t = time.perf_counter()
-        parse_s += time.perf_counter() - t
-    df = pd.concat(frames, ignore_index=True)
-    t = time.perf_counter()
-    groups = df.groupby(["round", "prompt_id"]).agg(n=("correct", "size"), n_correct=("correct", "sum"))
-    q1 = groups[groups.n_correct == 0].groupby(level="round").size()
-    q1_s = time.perf_counter() - t
-    t = time.perf_counter()
-    last_round = df[df["round"] == last]
-    g = last_round.groupby("prompt_id").agg(n=("correct", "size"), n_correct=("correct", "sum"),
-                                             mean_confidence=("confidence", "mean"))
-    q2 = g[g.n_correct == 0].nlargest(20, "mean_confidence")
-    q2_s = time.perf_counter() - t
-    queue.put({"parse_s": parse_s, "conf_s": conf_s, "q1_s": q1_s, "q2_s": q2_s,
-               "total_s": time.perf_counter() - t0, "q1": {int(k): int(v) for k, v in q1.items()},
-               "q2": list(q2.index),
-               "rss_mib": peak_rss_mib()})
-
-
-def profile(store: str, sql: str, top: int = 6) -> None:
-    """EXPLAIN ANALYZE on a trusted connection, reduced to the slowest operators."""
-    import json
-
-    con = Store.open(store).connect()
-    with tempfile.NamedTemporaryFile(suffix=".json") as fh:
-        con.execute("PRAGMA enable_profiling = 'json'")
-        con.execute(f"PRAGMA profiling_output = '{fh.name}'")
-        con.sql(sql).fetchall()
-        con.execute("PRAGMA disable_profiling")
-        tree = json.load(open(fh.name))
-    nodes, stack = [], list(tree["operator"])
-    while stack:
-        node = stack.pop()
-        nodes.append(node)
-        stack.extend(node.get("children", []))
-    print(f"  profile of {sql[:70]}...: {sum(n['timing'] for n in nodes):.3f} s in operators (summed over threads)")
-    for node in sorted(nodes, key=lambda n: -n["timing"])[:top]:
-        info = {k: v for k, v in node["extra_info"].items() if k in ("Function", "Join Type", "Conditions",
-                                                                      "Groups", "Partitions", "Projections")}
-        print(f"    {node['type']:<22} {node['timing']:7.3f} s {node['intermediate_rows']:>10,} rows  "
-              f"{json.dumps(info)[:110]}")
+    with parse():
+        df = pd.concat(frames, ignore_index=True)
+    with q1c():
+        groups = df.groupby(["round", "prompt_id"]).agg(n=("correct", "size"), n_correct=("correct", "sum"))
+        q1 = groups[groups.n_correct == 0].groupby(level="round").size()
+    with q2c():
+        g = df[df["round"] == last].groupby("prompt_id").agg(
+            n=("correct", "size"), n_correct=("correct", "sum"), mean_confidence=("confidence", "mean"))
+        q2 = g[g.n_correct == 0].nlargest(20, "mean_confidence")
+    queue.put({"parse": parse, "conf": conf, "q1": q1c, "q2": q2c, "rss_mib": peak_rss_mib(),
+               "answer_count": {int(k): int(v) for k, v in q1.items()}, "answer_top20": list(q2.index)})
 
 
 def in_child(target, *args):
@@ -295,88 +348,154 @@ def in_child(target, *args):
     return result
 
 
+def profile(con: duckdb.DuckDBPyConnection, sql: str, top: int = 5) -> None:
+    """EXPLAIN ANALYZE (JSON profile) on a trusted connection, reduced to the slowest operators."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as fh:
+        con.execute("PRAGMA enable_profiling = 'json'")
+        con.execute(f"PRAGMA profiling_output = '{fh.name}'")
+        con.sql(sql).fetchall()
+        con.execute("PRAGMA disable_profiling")
+        tree = json.loads(Path(fh.name).read_text())
+    nodes, stack = [], list(tree["operator"])
+    while stack:
+        nodes.append(stack.pop())
+        stack.extend(nodes[-1].get("children", []))
+    print(f"    operators {sum(n['timing'] for n in nodes):.3f} s (thread time, incl. waits); slowest:")
+    for node in sorted(nodes, key=lambda n: -n["timing"])[:top]:
+        info = {k: v for k, v in node["extra_info"].items() if k in ("Function", "Join Type", "Conditions",
+                                                                      "Groups", "Projections")}
+        print(f"      {node['type']:<15} {node['timing']:6.3f} s {node['intermediate_rows']:>10,} rows  "
+              f"{json.dumps(info)[:100]}")
+
+
+def compare_views(store: Store, repeats: int, show_profile: bool) -> None:
+    """Shipped views vs the proposed rewrites, on trusted connections; same answers checked."""
+    samples = schemas.view_sql("samples")
+    proposed = re.sub(r"WITH latest_verdicts AS \(.*?\n\),\nunique_prompts AS \(",
+                      lambda _: LATEST_VERDICTS_BY_AGGREGATE, samples, flags=re.S)
+    if proposed == samples:
+        print("  (samples.sql no longer has the latest_verdicts CTE this rewrite replaces: skipped)")
+        return
+    variants = {"shipped views": [], "samples rewrite": [proposed], "samples + rounds rewrite": [proposed, ROUNDS_MATERIALIZED]}
+    questions = {**QUERIES, "rounds": "SELECT * FROM rounds", "newest": "SELECT verifier_version, "
+                 "count(*), sum(reward), sum(CAST(extracted_answer AS BIGINT)) FROM samples GROUP BY ALL ORDER BY 1"}
+    answers = {}
+    print("\nview rewrite (trusted connection)   query   wall min s  CPU min s  same answer")
+    for name, statements in variants.items():
+        con = store.connect()
+        for statement in statements:
+            con.execute(statement)
+        for q, sql in questions.items():
+            if q != "rounds" and name == "samples + rounds rewrite":
+                continue
+            runs = []
+            for _ in range(repeats):
+                clock = Clock()
+                with clock():
+                    rows = con.sql(sql).fetchall()
+                runs.append((clock.wall, clock.cpu))
+            rows = [tuple(round(v, 9) if isinstance(v, float) else v for v in row) for row in rows]
+            print(f"  {name:<33} {q:<7} {min(r[0] for r in runs):10.3f} {min(r[1] for r in runs):10.3f}  "
+                  f"{answers.setdefault(q, rows) == rows}")
+            if show_profile and q in QUERIES:
+                profile(con, sql)
+        con.close()
+
+
 # -- report -----------------------------------------------------------------------------------
-def du(path: Path, pattern: str = "**/*") -> int:
-    return sum(p.stat().st_size for p in path.glob(pattern) if p.is_file())
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.glob("**/*") if p.is_file())
+
+
+def row(label: str, runs: list, extra: str = "") -> str:
+    walls, cpus = sorted(r[0] for r in runs), sorted(r[1] for r in runs)
+    return f"{label:<28} {walls[len(walls) // 2]:8.3f} {walls[0]:7.3f} {cpus[len(cpus) // 2]:8.3f}  {extra}"
+
+
+def report_write(w: dict, store: Store) -> None:
+    n = w["n_rollouts"]
+    print(f"\nrollouts {n:,} ({w['tokens'] / n:.0f} completion tokens mean), "
+          f"{len(store.files('rollouts'))} rollout part files; load average {os.getloadavg()[0]:.1f}")
+    print("step                               wall s    CPU s    rollouts/s (wall, CPU)")
+    for key, label in (("gen", "generate (not in the write)"), ("rollouts", "Store.write rollouts"),
+                       ("verdicts", "Store.write verdicts"), ("prompts", "Store.write prompts"),
+                       ("jsonl", "JSONL dump (DuckDB COPY)")):
+        c = w[key]
+        print(f"{label:<32} {c.wall:8.2f} {c.cpu:8.2f}    {n / c.wall:10,.0f} {n / max(c.cpu, 1e-9):10,.0f}")
+    print(f"peak RSS during Store.write {w['write_peak_mib']:6.0f} MiB (incl. the batch in memory); "
+          f"whole bench {w['bench_peak_mib']:.0f} MiB (incl. generation and the JSONL dump)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rollouts", type=int, default=1_000_000)
     ap.add_argument("--part-rows", type=int, default=40_000, help="rollouts per part file (whole groups)")
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--out", type=Path, default=None, help="work directory (default: a temp dir in /tmp)")
+    ap.add_argument("--keep", action="store_true", help="keep the store and the JSONL dumps")
     ap.add_argument("--skip-pandas", action="store_true")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--profile", action="store_true", help="print the slowest operators of each query "
-                    "(always done for a query whose CLI median exceeds 1 s)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--profile", action="store_true", help="print each query's slowest operators")
+    ap.add_argument("--reuse", action="store_true", help="skip the write: query the store and dumps that "
+                    "an earlier --keep run left in --out (implies --keep)")
     args = ap.parse_args()
+    if args.reuse and not (args.out and (args.out / "store" / "store.json").exists()):
+        ap.error("--reuse needs --out DIR holding a store from an earlier --keep run")
+    args.keep = args.keep or args.reuse
     out = args.out or Path(tempfile.mkdtemp(prefix="store-bench-", dir="/tmp"))
     store_dir, jsonl_dir = out / "store", out / "jsonl"
     jsonl_dir.mkdir(parents=True, exist_ok=True)
     try:
         print(f"duckdb {duckdb.__version__}, pyarrow {pa.__version__}, numpy {np.__version__}, "
-              f"{os.cpu_count()} cores, out {out}", flush=True)
-        timing = write_all(Store.create(store_dir, base_model="bench"), jsonl_dir, args.rollouts, args.part_rows)
-        n = timing["rollouts"]
-        print(f"\nrollouts {n:,} ({timing['tokens'] / n:.0f} completion tokens mean), "
-              f"{len(list(store_dir.glob('rollouts/*/part-*')))} rollout part files")
-        print(f"generate (untimed in write)  {timing['gen_s']:8.2f} s")
-        print(f"Store.write rollouts         {timing['rollouts_write_s']:8.2f} s  "
-              f"{n / timing['rollouts_write_s']:10,.0f} rollouts/s  (goal >= 50,000)")
-        print(f"Store.write verdicts         {timing['verdicts_write_s']:8.2f} s  "
-              f"{n / timing['verdicts_write_s']:10,.0f} rows/s")
-        print(f"Store.write prompts          {timing['prompts_write_s']:8.2f} s")
-        print(f"JSONL dump (DuckDB COPY)     {timing['jsonl_write_s']:8.2f} s")
-        print(f"peak RSS during Store.write   {timing['write_peak_mib']:8.0f} MiB (incl. the batch in memory)")
-        print(f"peak RSS of the bench        {timing['bench_peak_mib']:8.0f} MiB (incl. generation, JSONL dump)")
+              f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, out {out}", flush=True)
+        if args.reuse:
+            store = Store.open(store_dir)
+        else:
+            store = Store.create(store_dir, base_model="bench")
+            report_write(write_all(store, jsonl_dir, args.rollouts, args.part_rows), store)
         store_b, jsonl_b = du(store_dir), du(jsonl_dir)
         print(f"disk: store {store_b / 2**20:,.0f} MiB (rollouts {du(store_dir / 'rollouts') / 2**20:,.0f}, "
               f"verdicts {du(store_dir / 'verdicts') / 2**20:,.0f}), JSONL {jsonl_b / 2**20:,.0f} MiB "
-              f"({jsonl_b / store_b:.1f}x)")
+              f"({jsonl_b / store_b:.1f}x the store)")
 
-        queries = {"count": Q_COUNT, "top20": Q_TOP.format(last=ROUNDS - 1)}
-        print("\nquery                      median s   min s   rows  peak RSS MiB")
+        print(f"\nquery (load average {os.getloadavg()[0]:.1f})     median s   min s  CPU s  rows, peak RSS MiB")
         startup = [cli_run(store_dir, "SELECT 1") for _ in range(args.repeats)]
-        print(f"CLI `SELECT 1` (start-up)  {statistics.median(s[0] for s in startup):8.3f} "
-              f"{min(s[0] for s in startup):7.3f}      1  {max(s[1] for s in startup):8.0f}")
-        best = {}
-        for name, sql in queries.items():
-            runs = [cli_run(store_dir, sql) for _ in range(args.repeats)]
-            best[name] = statistics.median(r[0] for r in runs)
-            print(f"CLI {name:<22} {best[name]:8.3f} {min(r[0] for r in runs):7.3f} "
-                  f"{len(runs[0][2].splitlines()) - 1:6d}  {max(r[1] for r in runs):8.0f}")
-        for name, sql in queries.items():
-            if args.profile or best[name] > 1.0:
-                profile(str(store_dir), sql)
-        result, base_rss, rss = in_child(inprocess, str(store_dir), list(queries.values()), args.repeats + 2)
-        for name, sql in queries.items():
-            times, rows = result[sql]
-            print(f"in-process {name:<15} {statistics.median(times):8.3f} {min(times):7.3f} {len(rows):6d}  "
-                  f"{rss:8.0f} (after imports {base_rss:.0f})")
-        if not args.skip_pandas:
-            for engine in ("ujson", "pyarrow"):
-                pd_res = in_child(pandas_baseline, str(jsonl_dir), ROUNDS - 1, engine)
-                q1 = pd_res["parse_s"] + pd_res["q1_s"]
-                q2 = pd_res["parse_s"] + pd_res["conf_s"] + pd_res["q2_s"]
-                print(f"\npandas read_json(lines=True, engine={engine}) "
-                      f"{'in chunks of 20,000 rows' if engine == 'ujson' else 'one file at a time'}: "
-                      f"parse {pd_res['parse_s']:.1f} s, confidence {pd_res['conf_s']:.1f} s, "
-                      f"groupby count {pd_res['q1_s']:.3f} s, top-20 {pd_res['q2_s']:.3f} s, "
-                      f"peak RSS {pd_res['rss_mib']:.0f} MiB")
-                print(f"  count: pandas {q1:.1f} s vs replay sql CLI {best['count']:.3f} s -> "
-                      f"{q1 / best['count']:.0f}x; top-20: pandas {q2:.1f} s vs CLI {best['top20']:.3f} s -> "
-                      f"{q2 / best['top20']:.0f}x")
-                store_q1 = {r["round"]: r["negative_groups"] for r in result[Q_COUNT][1]}
-                store_q2 = [r["prompt_id"] for r in result[queries["top20"]][1]]
-                same = store_q1 == pd_res["q1"] and store_q2 == pd_res["q2"]
-                print(f"  negative groups per round {store_q1}; pandas gives the same answers: {same}")
+        print(row("CLI `SELECT 1` (start-up)", startup, f"1, {max(s[2] for s in startup):.0f}"))
+        cli = {}
+        for name, sql in QUERIES.items():
+            cli[name] = [cli_run(store_dir, sql) for _ in range(args.repeats)]
+            print(row(f"CLI {name}", cli[name], f"{len(cli[name][0][3].splitlines()) - 1}, "
+                                                f"{max(r[2] for r in cli[name]):.0f}"))
+        result, base_rss, rss = in_child(inprocess, str(store_dir), list(QUERIES.values()), args.repeats)
+        for name, sql in QUERIES.items():
+            print(row(f"in-process {name}", result[sql][0], f"{len(result[sql][1])}, {rss:.0f} "
+                                                             f"({base_rss:.0f} after imports)"))
+        compare_views(store, args.repeats, args.profile)
+        if args.skip_pandas:
+            return
+        median = {k: sorted(r[0] for r in v)[len(v) // 2] for k, v in cli.items()}
+        median_cpu = {k: sorted(r[1] for r in v)[len(v) // 2] for k, v in cli.items()}
+        for engine in ("ujson", "pyarrow"):
+            p = in_child(pandas_baseline, str(jsonl_dir), ROUNDS - 1, engine)
+            how = "in chunks of 20,000 rows" if engine == "ujson" else "one 40k-row file at a time"
+            print(f"\npandas read_json(lines=True, engine={engine}), {how}; load average "
+                  f"{os.getloadavg()[0]:.1f}; peak RSS {p['rss_mib']:.0f} MiB\n"
+                  f"  parse {p['parse'].wall:.1f} s (CPU {p['parse'].cpu:.1f}), confidence {p['conf'].wall:.1f} s "
+                  f"(CPU {p['conf'].cpu:.1f}), groupby count {p['q1'].wall:.3f} s, top-20 {p['q2'].wall:.3f} s")
+            for name, parts in (("count", ("parse", "q1")), ("top20", ("parse", "conf", "q2"))):
+                wall, cpu = sum(p[k].wall for k in parts), sum(p[k].cpu for k in parts)
+                print(f"  {name}: pandas {wall:.1f} s (CPU {cpu:.1f}) vs `replay sql` CLI {median[name]:.3f} s "
+                      f"(CPU {median_cpu[name]:.3f}) -> {wall / median[name]:.1f}x wall, "
+                      f"{cpu / median_cpu[name]:.1f}x CPU")
+            store_count = {r["round"]: r["negative_groups"] for r in result[QUERIES["count"]][1]}
+            same = (store_count == p["answer_count"]
+                    and [r["prompt_id"] for r in result[QUERIES["top20"]][1]] == p["answer_top20"])
+            print(f"  negative groups per round {store_count}; pandas gives the same answers: {same}")
     finally:
-        if not args.keep and args.out is None:
-            shutil.rmtree(out, ignore_errors=True)
-        elif not args.keep:
+        if not args.keep:
             shutil.rmtree(store_dir, ignore_errors=True)
             shutil.rmtree(jsonl_dir, ignore_errors=True)
+            if args.out is None:
+                shutil.rmtree(out, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from math_verify import parse, verify  # noqa: E402
 
 from replay.answers import boxed_gsm8k_completion, prepare_completion, split_gsm8k_answer  # noqa: E402
 from replay.verify import VerifierPool, verifier_version  # noqa: E402
-from replay.verify_worker import EXTRACTION  # noqa: E402
+from replay.verify_worker import extraction_config  # noqa: E402
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -73,8 +73,8 @@ def in_process_rate(golds: list[str], completions: list[str], wrap, prepare) -> 
     """Share verified correct with plain parse/verify calls (gold wrapped by `wrap`)."""
     correct = 0
     for gold, completion in zip(golds, completions):
-        parsed_gold = parse(wrap(gold), extraction_config=EXTRACTION, parsing_timeout=5)
-        answer = parse(prepare(completion), extraction_config=EXTRACTION, parsing_timeout=5)
+        parsed_gold = parse(wrap(gold), extraction_config=extraction_config(), parsing_timeout=5)
+        answer = parse(prepare(completion), extraction_config=extraction_config(), parsing_timeout=5)
         correct += bool(verify(parsed_gold, answer, timeout_seconds=5))
     return correct / len(golds)
 

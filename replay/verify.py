@@ -5,7 +5,9 @@ thread). On top of math-verify's own soft timeouts, the parent enforces a hard w
 backstop per answer: a worker that overruns it is SIGKILLed and replaced, and the answer gets
 status `timeout`. A worker that dies for another reason is replaced too; its answer is retried
 once, then gets status `error`. Every key given to `verify_many` comes back exactly once, as a
-Verdict; nothing hangs, nothing raises for bad inputs.
+Verdict; nothing hangs, nothing raises for bad inputs. Only a window of each completion near its
+final answer is parsed (replay.answers.answer_window: the last 4000 characters, reaching back to
+the last \\boxed), so a 200 000-character ramble costs no more than a short answer.
 
 Workers are plain processes with our own loop over Pipes (concurrent.futures cannot kill one
 stuck worker), started with "forkserver" (fork of a threaded process is unsafe; the fork server
@@ -48,9 +50,9 @@ class Verdict:
     correct: bool
     reward: float
     status: str  # one of STATUSES
-    extracted_answer: str
-    latency_ms: float
-    error: str | None
+    extracted_answer: str  # math-verify's normalised text of the matched answer (0.5 -> \frac{1}{2})
+    latency_ms: float  # worker time of this answer; wall time until the kill for a backstop timeout
+    error: str | None  # short reason for error / timeout / gold_unparseable
 
 
 def _verdict(key: Any, correct: bool, status: str, extracted: str = "",
@@ -80,7 +82,7 @@ def _context():
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
         # Takes effect only if this process has not started its fork server yet.
-        ctx.set_forkserver_preload(["__main__", "replay.verify_worker"])
+        ctx.set_forkserver_preload(["__main__", "replay.verify_worker", "math_verify"])
         return ctx
     return mp.get_context("spawn")
 
@@ -90,12 +92,14 @@ class VerifierPool:
 
     timeout: hard wall-clock seconds per answer (the backstop; the worker is killed past it).
     parse_timeout / verify_timeout: math-verify's own soft timeouts, whole seconds, used inside
-    the worker for each parse and each verify call.
+    the worker for each parse and each verify call (4 + 4 < 10: for work that Python can
+    interrupt they fire first, with no worker to respawn). All are wall-clock: on a heavily
+    oversubscribed machine an ordinary answer can overrun them, so leave them generous.
     depth: batches (messages) queued per worker.
     """
 
-    def __init__(self, workers: int = 2, timeout: float = 10.0, parse_timeout: int = 3,
-                 verify_timeout: int = 3, depth: int = 2) -> None:
+    def __init__(self, workers: int = 2, timeout: float = 10.0, parse_timeout: int = 4,
+                 verify_timeout: int = 4, depth: int = 2) -> None:
         if workers < 1 or depth < 1 or timeout <= 0:
             raise ValueError("workers and depth must be >= 1 and timeout > 0")
         if parse_timeout < 1 or verify_timeout < 1:

@@ -9,15 +9,13 @@ only run between bytecodes); the parent's wall-clock backstop covers the rest.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
-
-from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-from math_verify.errors import TimeoutException
 
 from replay.answers import (
     ERROR_MAX_CHARS,
@@ -28,17 +26,34 @@ from replay.answers import (
     prepare_completion,
 )
 
-# A final \boxed{} wins over "the answer is ..." phrases and over plain numbers (priority 0 is
-# the first tried); ExprExtractionConfig catches unboxed "... = 42." endings.
-EXTRACTION = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
-# Bump whenever EXTRACTION or the text handling in replay.answers changes what gets extracted.
+# Bump whenever extraction_config() or the text handling in replay.answers changes what gets
+# extracted.
 EXTRACTION_VERSION = "latex-boxed0+expr.gold-boxed.window4000.hash-boxed.numstop.v1"
 
 GOLD_CACHE_SIZE = 4096
 READY = "ready"  # a worker's first message: warmed up, the parent may start its answers' clocks
+# One of each kind of comparison: each pays 0.03-0.1 s CPU of lazy imports the first time, which
+# on a loaded machine would eat into the timeouts of real answers.
+WARM_UP = (
+    ("\\frac{1}{2}", "so $\\boxed{0.5}$"),
+    ("\\frac{3}{7}", "So the answer is 1/14."),
+    ("(1,2)", "\\boxed{[1,2]}"),
+    ("x^2+1", "\\boxed{x^2-1}"),
+    ("\\sqrt{2}", "\\boxed{1.41421}"),
+    ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\boxed{\\begin{pmatrix}1\\\\3\\end{pmatrix}}"),
+)
 
 # (correct, status, extracted_answer, error)
 Outcome = tuple[bool, str, str, "str | None"]
+
+
+@functools.cache
+def extraction_config() -> tuple:
+    """A final \\boxed{} wins over "the answer is ..." phrases and over plain numbers (priority 0
+    is tried first); ExprExtractionConfig catches unboxed "... = 42." endings."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig
+
+    return (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
 
 
 def _error_text(exc: BaseException) -> str:
@@ -58,9 +73,16 @@ class Judge:
     Never raises: every input ends as an Outcome. Timeouts are whole seconds (SIGALRM).
     """
 
-    def __init__(self, parse_timeout: int = 3, verify_timeout: int = 3) -> None:
+    def __init__(self, parse_timeout: int = 4, verify_timeout: int = 4) -> None:
         if parse_timeout < 1 or verify_timeout < 1:
             raise ValueError("math-verify timeouts are whole seconds >= 1")
+        # imported here, not at module level: the parent imports this module for WorkerHandle
+        # and must not pay for math-verify + sympy, which only the workers use
+        import math_verify
+        from math_verify.errors import TimeoutException
+
+        self._parse, self._verify, self._timeout = math_verify.parse, math_verify.verify, TimeoutException
+        self._extraction = extraction_config()
         self.parse_timeout = int(parse_timeout)
         self.verify_timeout = int(verify_timeout)
         self._golds: OrderedDict[str, tuple[list, str | None]] = OrderedDict()
@@ -72,14 +94,14 @@ class Judge:
             self._golds.move_to_end(gold)
             return hit
         try:
-            parsed = parse(
+            parsed = self._parse(
                 gold_latex(clean_text(gold)),
-                extraction_config=EXTRACTION,
+                extraction_config=self._extraction,
                 parsing_timeout=self.parse_timeout,
                 raise_on_error=True,
             )
             result = (parsed, None) if parsed else ([], "nothing extractable from the gold")
-        except TimeoutException:
+        except self._timeout:
             return [], "gold parse timed out"  # not cached: it may be load, not the gold
         except Exception as exc:
             result = ([], _error_text(exc))
@@ -91,7 +113,7 @@ class Judge:
     def __call__(self, gold: str, completion: str) -> Outcome:
         try:
             return self._judge(gold, completion)
-        except TimeoutException:
+        except self._timeout:
             # the alarm can fire just after math-verify returned, before it disarmed it
             return False, "timeout", "", "math-verify timeout"
         except Exception as exc:  # a verdict, never a crash
@@ -105,13 +127,13 @@ class Judge:
         if not text.strip():
             return False, "no_answer", "", None
         try:
-            answer = parse(
+            answer = self._parse(
                 text,
-                extraction_config=EXTRACTION,
+                extraction_config=self._extraction,
                 parsing_timeout=self.parse_timeout,
                 raise_on_error=True,
             )
-        except TimeoutException:
+        except self._timeout:
             return False, "timeout", "", "answer parse timed out"
         except Exception as exc:
             return False, "error", "", _error_text(exc)
@@ -128,9 +150,9 @@ class Judge:
         for gold in golds:
             for answer in answers:
                 try:
-                    if verify(gold, answer, timeout_seconds=self.verify_timeout, raise_on_error=True):
+                    if self._verify(gold, answer, timeout_seconds=self.verify_timeout, raise_on_error=True):
                         return True, "ok", None
-                except TimeoutException:
+                except self._timeout:
                     failure = ("timeout", "verify timed out")
                 except Exception as exc:
                     if failure is None:
@@ -147,7 +169,8 @@ def worker_main(conn, parse_timeout: int, verify_timeout: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # timeouts become statuses
     judge = Judge(parse_timeout, verify_timeout)
-    judge("\\frac{1}{2}", "so $\\boxed{0.5}$")  # lazy imports now, not in a timed answer
+    for gold, completion in WARM_UP:
+        judge(gold, completion)
     try:
         conn.send(READY)
     except (EOFError, OSError):
@@ -185,10 +208,10 @@ class Job:
     gold: str
     window: str  # the part of the completion that gets parsed (replay.answers.answer_window)
     attempts: int = 0
+    nbytes: int = field(init=False)  # upper bound of its share of a message
 
-    @property
-    def nbytes(self) -> int:
-        return 4 * (len(self.gold) + len(self.window)) + 64
+    def __post_init__(self) -> None:
+        self.nbytes = 4 * (len(self.gold) + len(self.window)) + 64
 
 
 class WorkerHandle:

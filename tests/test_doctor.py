@@ -18,7 +18,7 @@ from replay.doctor import Problem, check_store, diagnose
 from replay.errors import ReplayError
 from replay.manifests import finish_manifest, start_manifest
 from replay.store import Store
-from tests._store_rows import NOW, prompt_row, rollout_row, verdict_row
+from tests._store_rows import prompt_row, rollout_row, verdict_row
 
 G = 4
 
@@ -257,11 +257,23 @@ def test_dead_writers_temp_files_are_warnings_and_live_ones_are_ignored(store):
     assert "; 2 warning(s)" in diagnose(store.root).summary()
 
 
+def test_eval_stores_inside_the_store_are_checked_too(store, healthy):
+    inner = store.root / "evals" / "main-r0"
+    shutil.copytree(healthy.root, inner)
+    result = diagnose(store.root)
+    assert result.problems == [] and result.eval_stores == 1 and "1 eval stores" in result.summary()
+    shard = sorted((inner / "verdicts").rglob("part-*.parquet"))[0]
+    shard.write_bytes(b"PAR1")
+    found = errors(store)
+    assert found[0].path == shard and all(inner in p.path.parents for p in found)
+
+
 def test_round_directory_that_is_not_an_integer(store):
     bad = store.root / "verdicts" / "round=abc"
     bad.mkdir()
     shutil.copy(store.files("verdicts", 0)[0], bad / "part-x.parquet")
-    assert any(p.path == bad and "not an integer" in p.message for p in errors(store))
+    problem = one_error(store)
+    assert problem.path == bad and "round 'abc' is not an integer" in problem.message
 
 
 def test_store_json_missing_or_of_another_version_stops_the_check(store, tmp_path):

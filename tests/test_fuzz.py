@@ -10,9 +10,6 @@ NaN logprobs, and JSON nested deeper than Python's recursion limit.
 import hashlib
 import json
 import math
-import shutil
-import tempfile
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,18 +27,18 @@ from replay.store import Store, utc_now, validate
 from stages.import_rollouts import ImportConfig, parse_rows, rollout_row
 from tests._store_rows import prompt_row, rollout_row as store_rollout_row, verdict_row
 
-FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+READERS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 INT32 = st.integers(-(2**31), 2**31 - 1)
-TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=30)  # Cs: lone surrogates
+NASTY = ["", " ", "\x00", "\r", "\u2028", "\\", '"', "é", "🙂", "NaN", "1e999", "#### 3", "\\boxed{", "null"]
+TEXT = st.one_of(st.text(st.characters(blacklist_categories=("Cs",)), max_size=30),  # Cs: lone surrogates
+                 st.lists(st.sampled_from(NASTY), min_size=1, max_size=3).map("".join))
 FIELD_VALUES = st.one_of(st.none(), st.booleans(), INT32, st.floats(allow_nan=False), TEXT,
                          st.lists(INT32, max_size=3), st.dictionaries(TEXT, INT32, max_size=2))
 
 
 @pytest.fixture(scope="module")
-def workdir():
-    path = Path(tempfile.mkdtemp(prefix="replay-fuzz-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("fuzz")
 
 
 # -- dataset readers ------------------------------------------------------------------------------
@@ -52,21 +49,24 @@ def perturbed(valid: st.SearchStrategy, fields: dict) -> st.SearchStrategy:
     return st.builds(lambda row, change: row | dict(change), valid, changes)
 
 
+SOME_TEXT = TEXT.filter(str.strip)
 json_rows = perturbed(
-    st.fixed_dictionaries({"problem": TEXT, "answer": TEXT}),
+    st.fixed_dictionaries({"problem": SOME_TEXT, "answer": SOME_TEXT}),
     {"problem": FIELD_VALUES, "question": FIELD_VALUES, "answer": FIELD_VALUES, "unique_id": FIELD_VALUES,
      "subject": FIELD_VALUES, "level": st.one_of(FIELD_VALUES, st.integers(-5, 10**6), st.just("Level 3"))})
-jsonl_lines = st.one_of(
-    json_rows.map(lambda row: json.dumps(row).encode()),
+hostile_lines = st.one_of(
     st.binary(max_size=40),
     st.recursive(st.none() | st.booleans() | INT32 | TEXT, lambda inner: st.lists(inner, max_size=3), max_leaves=8)
     .map(lambda value: json.dumps(value).encode()),
     st.sampled_from([b"", b"   ", b"{", b"\xff\xfe", b'{"problem": "a"', b"\x00", b"NaN", b'{"problem": "\xe9"}']),
 )
+jsonl_lines = st.builds(lambda rows, hostile, at: rows[:at] + [hostile] + rows[at:] if hostile is not None else rows,
+                        st.lists(json_rows.map(lambda row: json.dumps(row).encode()), max_size=5),
+                        st.one_of(st.none(), hostile_lines), st.integers(0, 5))
 
 
-@FAST
-@given(lines=st.lists(jsonl_lines, max_size=6), newline=st.sampled_from([b"\n", b"\r\n"]))
+@READERS
+@given(lines=jsonl_lines, newline=st.sampled_from([b"\n", b"\r\n"]))
 def test_jsonl_reader_returns_storable_prompts_or_a_dataset_error(workdir, lines, newline):
     path = workdir / "fuzz.jsonl"
     path.write_bytes(newline.join(lines))
@@ -85,7 +85,7 @@ parquet_columns = st.sampled_from([
 ])
 
 
-@FAST
+@settings(max_examples=60, deadline=None)
 @given(columns=st.dictionaries(st.sampled_from(["problem", "answer", "level", "unique_id", "question"]),
                                parquet_columns, max_size=4))
 def test_parquet_reader_returns_storable_prompts_or_a_dataset_error(workdir, columns):
@@ -100,9 +100,14 @@ def test_parquet_reader_returns_storable_prompts_or_a_dataset_error(workdir, col
 
 
 # -- `replay import` row parser ---------------------------------------------------------------------
+aligned_tokens = st.integers(0, 4).flatmap(lambda n: st.fixed_dictionaries({
+    "completion_token_ids": st.lists(st.integers(0, 2**31 - 1), min_size=n, max_size=n),
+    "completion_logprobs": st.lists(st.floats(-1e4, 0.0), min_size=n, max_size=n)}))
 import_rows = perturbed(
-    st.fixed_dictionaries({"problem": st.sampled_from(["1+1?", "2+2?"]), "answer": st.sampled_from(["2", "4"]),
-                           "completion": TEXT}),
+    st.builds(lambda row, tokens: row | tokens,
+              st.builds(lambda pair, text: {"problem": pair[0], "answer": pair[1], "completion": text},
+                        st.sampled_from([("1+1?", "2"), ("2+2?", "4")]), TEXT),
+              st.one_of(st.just({}), aligned_tokens)),
     {"problem": st.one_of(FIELD_VALUES, st.just("")), "answer": FIELD_VALUES, "completion": FIELD_VALUES,
      "prompt_id": st.one_of(TEXT, INT32), "sample_idx": st.one_of(st.none(), st.integers(0, 2**31 - 1)),
      "completion_token_ids": st.one_of(FIELD_VALUES, st.lists(st.one_of(st.integers(0, 2**31 - 1), st.booleans(),
@@ -110,7 +115,7 @@ import_rows = perturbed(
      "completion_logprobs": st.one_of(FIELD_VALUES, st.lists(st.floats(max_value=1.0, allow_nan=False), max_size=4))})
 
 
-@FAST
+@READERS
 @given(rows=st.lists(import_rows, max_size=6))
 def test_import_parser_returns_storable_rollouts_or_a_dataset_error(workdir, rows):
     path = workdir / "import.jsonl"

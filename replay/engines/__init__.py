@@ -10,6 +10,7 @@ from .base import Completion, Engine, FinishReason, LogprobsMode, SamplingSettin
 # name -> "module:Class"; built with Class.load(model_ref, lora=..., **options).
 ENGINES = {
     "transformers": "replay.engines.hf_engine:HFEngine",
+    "vllm": "replay.engines.vllm_engine:VLLMEngine",
 }
 
 

@@ -29,7 +29,7 @@ def command(*args, **kwargs):
             try:
                 return fn(*a, **kw)
             except ReplayError as exc:
-                typer.echo(f"error: {exc}", err=True)
+                typer.echo(f"error: {_printable(str(exc))}", err=True)
                 raise typer.Exit(1) from None
             except KeyboardInterrupt:
                 typer.echo("interrupted: rerun the same command to resume", err=True)
@@ -38,6 +38,11 @@ def command(*args, **kwargs):
         return app.command(*args, **kwargs)(wrapper)
 
     return decorate
+
+
+def _printable(text: str) -> str:
+    """Input quoted into a message may hold lone surrogates, which no UTF-8 stream can print."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _open(store: str):
@@ -117,6 +122,24 @@ def report(
 
     paths = write_report(store, out, compare)
     typer.echo(f"wrote {paths[-1]} ({len(paths) - 1} plot(s))")
+
+
+@command()
+def doctor(
+    store: str = StoreOpt,
+    deep: bool = typer.Option(False, "--deep", help="Also decompress every data page (reads all the data)."),
+):
+    """Check the store: every Parquet file opens and matches its schema, no duplicate rollout keys,
+    every verdict has its rollout, groups are complete, manifests agree with the files, adapters load.
+    Prints each problem with its file path; exit 1 on any error."""
+    from .doctor import diagnose
+
+    result = diagnose(store, deep=deep)
+    for problem in result.problems:
+        typer.echo(_printable(str(problem)))
+    if result.errors:
+        raise ReplayError(f"{len(result.errors)} error(s) in the store at {result.root}")
+    typer.echo(result.summary())
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ ARITH_LEVELS = {
     5: (4, 3, "+-*"),
 }
 _GSM8K_GOLD = re.compile(r"####\s*(.+?)\s*$", re.S)
+INT32 = (-(2**31), 2**31 - 1)  # the stored integer columns (level, sample_idx) are int32
 
 
 class DatasetError(ReplayError):
@@ -105,10 +106,25 @@ def read_rows(path: Path) -> list[tuple[str, dict]]:
             raise DatasetError(f"{where}: not UTF-8 (byte {exc.start})") from None
         except json.JSONDecodeError as exc:
             raise DatasetError(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+        except RecursionError:
+            raise DatasetError(f"{where}: not valid JSON: nested too deeply") from None
+        except ValueError as exc:  # e.g. an integer of more digits than Python converts
+            raise DatasetError(f"{where}: not valid JSON: {exc}") from None
         if not isinstance(row, dict):
             raise DatasetError(f"{where}: expected a JSON object, got {type(row).__name__}")
         out.append((where, row))
     return out
+
+
+def storable_text(where: str, key: str, value: str) -> str:
+    """`value` unchanged, if Parquet can hold it: a JSON '\\ud800' escape decodes to a lone surrogate,
+    which no UTF-8 encoder accepts (the prompt id's hash and the store's writer both fail on it)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DatasetError(f"{where}: field {key!r} holds a lone surrogate {value[exc.start]!r} at character "
+                           f"{exc.start} (not valid Unicode text)") from None
+    return value
 
 
 def text_field(where: str, row: dict, key: str) -> str:
@@ -117,10 +133,35 @@ def text_field(where: str, row: dict, key: str) -> str:
     value = row[key]
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise DatasetError(f"{where}: field {key!r} must be text, got {type(value).__name__}")
-    value = str(value).strip()
+    value = storable_text(where, key, str(value).strip())
     if not value:
         raise DatasetError(f"{where}: field {key!r} is empty")
     return value
+
+
+def optional_text(where: str, row: dict, key: str) -> str | None:
+    """An optional field as text (numbers are stringified), None when absent."""
+    value = row.get(key)
+    return None if value is None else storable_text(where, key, str(value))
+
+
+def int32_field(where: str, key: str, value: int) -> int:
+    if not INT32[0] <= value <= INT32[1]:
+        raise DatasetError(f"{where}: field {key!r} is {value}, outside the 32-bit integers the store holds")
+    return value
+
+
+def _level(where: str, row: dict) -> int | None:
+    """MATH's levels come as 3 or 'Level 3'."""
+    level = row.get("level")
+    if level is None:
+        return None
+    if not (isinstance(level, int) and not isinstance(level, bool)):
+        try:
+            level = int(str(level).replace("Level", "").strip())
+        except ValueError:
+            raise DatasetError(f"{where}: field 'level' must be an integer, got {level!r}") from None
+    return int32_field(where, "level", level)
 
 
 def _gold(where: str, row: dict, answer_key: str, gsm8k: bool) -> str:
@@ -149,24 +190,18 @@ def file_prompts(path: str | Path, num_prompts: int | None = None, split: str = 
     for where, row in rows:
         problem = text_field(where, row, problem_key)
         answer = _gold(where, row, answer_key, gsm8k)
-        unique_id = row.get("unique_id")
+        unique_id = optional_text(where, row, "unique_id")
         if unique_id is not None:
-            unique_id = str(unique_id)
             if unique_id in seen_ids:
                 raise DatasetError(f"{where}: duplicate unique_id {unique_id!r} (first at {seen_ids[unique_id]})")
             seen_ids[unique_id] = where
-        level = row.get("level")
-        if level is not None and not (isinstance(level, int) and not isinstance(level, bool)):
-            try:
-                level = int(str(level).replace("Level", "").strip())
-            except ValueError:
-                raise DatasetError(f"{where}: field 'level' must be an integer, got {level!r}") from None
-        subject = row.get("subject")
+        level = _level(where, row)
+        subject = optional_text(where, row, "subject")
         if problem in seen_problems:  # the same problem twice would be one prompt_id twice
             continue
         seen_problems.add(problem)
         prompts.append(Prompt(keys.prompt_id(source, problem), source, split, problem, answer, level,
-                              None if subject is None else str(subject), unique_id))
+                              subject, unique_id))
     return prompts[:num_prompts] if num_prompts else prompts
 
 

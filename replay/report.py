@@ -15,6 +15,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import duckdb
+
 from . import plots
 from .errors import ReplayError
 from .store import Store, atomic_write_bytes, utc_now
@@ -263,6 +265,8 @@ def _load(store: Store, label: str) -> dict[str, list[dict]]:
     con = store.connect()  # one connection for all queries: registering the views is the slow part
     try:
         data = {name: con.sql(sql).to_arrow_table().to_pylist() for name, sql in QUERIES.items()}
+    except duckdb.Error as exc:  # a corrupt shard: one line, as for every other query of the store
+        raise store.query_error(exc) from None
     finally:
         con.close()
     for r in data["eval"]:

@@ -54,7 +54,11 @@ def validate(table_name: str, data: pa.Table | Iterable[Mapping]) -> pa.Table:
         missing = [f.name for f in schema if rows and f.name not in rows[0]]
         if missing:
             raise StoreError(f"{table_name}: rows lack column(s) {', '.join(missing)}")
-        data = pa.Table.from_pylist(rows, schema=_relaxed(schema)) if rows else schema.empty_table()
+        try:
+            data = pa.Table.from_pylist(rows, schema=_relaxed(schema)) if rows else schema.empty_table()
+        except (pa.ArrowException, UnicodeEncodeError, OverflowError, TypeError) as exc:
+            # the readers validate input first; this is the last line of defence, still one line
+            raise StoreError(f"{table_name}: rows do not fit the schema: {exc}") from None
     extra = [n for n in data.column_names if n not in schema.names]
     if extra:
         raise StoreError(f"{table_name}: unknown column(s) {', '.join(extra)}")
@@ -240,7 +244,10 @@ class Store:
         if missing:
             raise StoreError(f"manifest {stage}: missing key(s) {', '.join(missing)}")
         path = self.manifest_path(round, stage)
-        atomic_write_bytes(path, json.dumps(record, indent=2, default=str).encode())
+        try:
+            atomic_write_bytes(path, json.dumps(record, indent=2, default=str).encode())
+        except OSError as exc:  # disk full, permission denied: the old manifest (if any) stays intact
+            raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from None
         return path
 
     def read_manifest(self, round: int, stage: str) -> dict | None:
@@ -283,15 +290,30 @@ class Store:
         return f"SELECT {cols} WHERE false"
 
     def connect(self, threads: int | None = None) -> duckdb.DuckDBPyConnection:
-        """An in-memory DuckDB connection with every table and view of the store registered."""
+        """An in-memory DuckDB connection with every table and view of the store registered.
+
+        CREATE VIEW reads the footers of the files behind it: a truncated shard fails here."""
         con = duckdb.connect(":memory:")
-        if threads:
-            con.execute(f"SET threads = {int(threads)}")
-        for table in schemas.TABLES:
-            con.execute(f"CREATE VIEW {table} AS {self._source(table)}")
-        for view in schemas.VIEW_FILES:
-            con.execute(schemas.view_sql(view))
+        try:
+            if threads:
+                con.execute(f"SET threads = {int(threads)}")
+            for table in schemas.TABLES:
+                con.execute(f"CREATE VIEW {table} AS {self._source(table)}")
+            for view in schemas.VIEW_FILES:
+                con.execute(schemas.view_sql(view))
+        except duckdb.Error as exc:
+            con.close()
+            raise self.query_error(exc) from None
         return con
+
+    def query_error(self, exc: duckdb.Error) -> StoreError:
+        """One line for a failed query. DuckDB names a file whose footer is damaged, not one with a
+        corrupt page behind a sound footer: then point at `replay doctor --deep`, which finds it."""
+        message = f"query failed: {_first_line(exc)}"
+        if type(exc) in _DATA_ERRORS and str(self.root) not in message:
+            message += (f" (a file of the store may be corrupt: `replay doctor --store {self.root} --deep` "
+                        "names it)")
+        return StoreError(message)
 
     def query(self, sql: str, params: list | None = None) -> pa.Table:
         """Trusted, internal query (stages use it); returns an Arrow table."""
@@ -299,7 +321,7 @@ class Store:
         try:
             return con.sql(sql, params=params or None).to_arrow_table()
         except duckdb.Error as exc:
-            raise StoreError(f"query failed: {exc}") from None
+            raise self.query_error(exc) from None
         finally:
             con.close()
 
@@ -324,9 +346,13 @@ class Store:
                 con.execute(statement.query)
             return con.sql(statements[-1].query).to_arrow_table()
         except duckdb.Error as exc:
-            raise ReplayError(f"query failed: {_first_line(exc)}") from None
+            raise self.query_error(exc) from None
         finally:
             con.close()
+
+
+# errors of reading data, not of the statement (those are Parser/Binder/Catalog/... subclasses)
+_DATA_ERRORS = (duckdb.Error, duckdb.IOException, duckdb.InternalException, duckdb.InvalidInputException)
 
 
 def _first_line(exc: Exception) -> str:

@@ -12,11 +12,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from replay import keys
-from replay.datasets import DatasetError, Prompt, read_rows, text_field
+from replay.datasets import DatasetError, Prompt, int32_field, read_rows, storable_text, text_field
 from replay.errors import ReplayError
 from replay.manifests import finish_manifest, start_manifest
 from replay.store import Store, utc_now
 from stages.generate import register_prompts
+
+FLOAT32_MAX = 3.4028234663852886e38  # completion_logprobs are stored as float32
 
 
 @dataclass
@@ -30,13 +32,45 @@ class ImportConfig:
     model: str = "imported"  # recorded as base_model of the rows
 
 
-def _int_list(where: str, row: dict, key: str, kind=int) -> list | None:
-    value = row.get(key)
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _token_ids(where: str, row: dict) -> list[int] | None:
+    value = row.get("completion_token_ids")
+    if value is None:
+        return None
+    # a float id would be truncated silently, an id beyond int32 fails only at the write
+    if not isinstance(value, list) or not all(_is_int(v) and 0 <= v <= 2**31 - 1 for v in value):
+        raise DatasetError(f"{where}: field 'completion_token_ids' must be a list of integers 0 to 2^31-1")
+    return value
+
+
+def _logprobs(where: str, row: dict) -> list[float] | None:
+    value = row.get("completion_logprobs")
     if value is None:
         return None
     if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        raise DatasetError(f"{where}: field {key!r} must be a list of numbers")
-    return [kind(v) for v in value]
+        raise DatasetError(f"{where}: field 'completion_logprobs' must be a list of numbers")
+    # NaN passes `lp > 0`; NaN, inf and what float32 storage turns into inf would reach learn's loss.
+    # abs(v) <= MAX is False for NaN and inf, and compares huge ints exactly (math.isfinite overflows)
+    bad = next((i for i, v in enumerate(value) if not abs(v) <= FLOAT32_MAX), None)
+    if bad is not None:
+        raise DatasetError(f"{where}: completion_logprobs[{bad}] is {value[bad]}: must be a finite float32")
+    if any(v > 0 for v in value):
+        raise DatasetError(f"{where}: completion_logprobs must be <= 0 (log-probabilities)")
+    return [float(v) for v in value]
+
+
+def _sample_idx(where: str, row: dict, default: int) -> int:
+    value = row.get("sample_idx")
+    if value is None:
+        return default
+    if isinstance(value, float) and value.is_integer():  # pandas writes 3.0 for an int column with gaps
+        value = int(value)
+    if not _is_int(value) or value < 0:
+        raise DatasetError(f"{where}: field 'sample_idx' must be a non-negative integer, got {value!r}")
+    return int32_field(where, "sample_idx", value)
 
 
 def parse_rows(path: Path, cfg: ImportConfig) -> tuple[list[Prompt], list[dict]]:
@@ -52,18 +86,17 @@ def parse_rows(path: Path, cfg: ImportConfig) -> tuple[list[Prompt], list[dict]]
         if not isinstance(completion, str):
             raise DatasetError(f"{where}: field {cfg.completion_key!r} must be text, got "
                                f"{type(completion).__name__ if completion is not None else 'nothing'}")
-        pid = str(row["prompt_id"]) if row.get("prompt_id") is not None else keys.prompt_id(source, problem)
+        storable_text(where, cfg.completion_key, completion)
+        pid = (storable_text(where, "prompt_id", str(row["prompt_id"])) if row.get("prompt_id") is not None
+               else keys.prompt_id(source, problem))
         if pid in prompts and prompts[pid].answer != answer:
             raise DatasetError(f"{where}: problem has gold {answer!r} here but {prompts[pid].answer!r} earlier")
         prompts.setdefault(pid, Prompt(pid, source, "train", problem, answer))
-        token_ids = _int_list(where, row, "completion_token_ids")
-        logprobs = _int_list(where, row, "completion_logprobs", float)
+        token_ids = _token_ids(where, row)
+        logprobs = _logprobs(where, row)
         if logprobs is not None and (token_ids is None or len(token_ids) != len(logprobs)):
             raise DatasetError(f"{where}: completion_logprobs needs completion_token_ids of the same length")
-        if any(lp > 0 for lp in logprobs or ()):
-            raise DatasetError(f"{where}: completion_logprobs must be <= 0 (log-probabilities)")
-        idx = row.get("sample_idx")
-        idx = len(by_prompt[pid]) if idx is None else int(idx)
+        idx = _sample_idx(where, row, len(by_prompt[pid]))
         if (pid, idx) in seen_keys:
             raise DatasetError(f"{where}: duplicate sample {idx} of one problem (first at {seen_keys[(pid, idx)]})")
         seen_keys[(pid, idx)] = where

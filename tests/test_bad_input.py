@@ -76,6 +76,8 @@ JSONL_CASES = {
     "duplicate ids": ([GOOD | {"unique_id": "a"}, {"problem": "w7", "answer": "2", "unique_id": "a"}],
                       ["line 2", "duplicate unique_id 'a'"]),
     "not an object": ([GOOD, [1, 2]], ["line 2", "expected a JSON object"]),
+    "integer too long": ([GOOD, b'{"problem": "w1", "answer": ' + b"9" * 5000 + b"}"], ["line 2", "not valid JSON"]),
+    "surrogate in a field name": ([b'{"\\ud800": "w1", "answer": "1"}'], ["line 1", "missing field", "\\ud800"]),
     "bad level": ([GOOD | {"level": "hard"}], ["line 1", "field 'level' must be an integer"]),
     "gsm8k without marker": ([{"question": "w1?", "answer": "about 3"}], ["line 1", "no final '#### N'"]),
 }
@@ -194,20 +196,13 @@ def test_import_with_a_broken_row_writes_nothing(store, tmp_path, lines, details
     assert not (tmp_path / "fresh").exists()
 
 
-# -- known bugs: inputs that escape the readers' validation (see the report to the lead) -------------
-def xfail(reason):
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
-@xfail("replay/keys.py _digest encodes with strict UTF-8: a JSON '\\ud800' escape (lone surrogate) in a "
-       "problem raises UnicodeEncodeError; replay/datasets.text_field should reject it as a DatasetError")
+# -- inputs that once escaped the readers' validation -------------------------------------------------
 def test_lone_surrogate_in_a_problem(store, model_dir, tmp_path):
+    # JSON's '\ud800' escape decodes to a lone surrogate: no UTF-8 encoder (hash, Parquet) takes it
     path = write_lines(tmp_path / "data.jsonl", [b'{"problem": "w1 \\ud800", "answer": "1"}'])
     fails_cleanly(generate(store.root, model_dir, "--dataset", path), "line 1")
 
 
-@xfail("replay/datasets.file_prompts accepts a level outside int32; Store.write then raises a raw "
-       "ArrowInvalid after store.json and the manifest were started")
 def test_level_beyond_int32(store, model_dir, tmp_path):
     path = write_lines(tmp_path / "data.jsonl", [GOOD | {"level": 2**40}])
     before = snapshot(store.root)
@@ -215,21 +210,17 @@ def test_level_beyond_int32(store, model_dir, tmp_path):
     assert snapshot(store.root) == before
 
 
-@xfail("replay/datasets.read_rows: json.loads raises RecursionError on deeply nested input; not a DatasetError")
 def test_deeply_nested_json_line(store, model_dir, tmp_path):
     path = write_lines(tmp_path / "data.jsonl", [b"[" * 100_000])
     fails_cleanly(generate(store.root, model_dir, "--dataset", path), "line 1")
 
 
 @pytest.mark.parametrize("extra", [
-    pytest.param({"sample_idx": "first"}, marks=xfail("import_rollouts.parse_rows: int('first') raises ValueError")),
-    pytest.param({"sample_idx": [0]}, marks=xfail("import_rollouts.parse_rows: int([0]) raises TypeError")),
-    pytest.param({"sample_idx": 2**40}, marks=xfail("sample_idx beyond int32 passes parse_rows; prompts are written, "
-                                                    "then the rollouts write raises ArrowInvalid")),
-    pytest.param({"completion_token_ids": [1], "completion_logprobs": [float("nan")]},
-                 marks=xfail("parse_rows accepts NaN logprobs (NaN > 0 is False): learn would train on NaN")),
-    pytest.param({"completion": "\ud800"}, marks=xfail("a lone surrogate in the completion passes parse_rows; "
-                                                       "Store.write raises UnicodeEncodeError after the prompts")),
+    {"sample_idx": "first"},
+    {"sample_idx": [0]},
+    {"sample_idx": 2**40},  # beyond int32: once failed at the rollouts write, after the prompts
+    {"completion_token_ids": [1], "completion_logprobs": [float("nan")]},  # NaN > 0 is False
+    {"completion": "\ud800"},  # a lone surrogate: once failed at the write, after the prompts
 ])
 def test_import_rows_that_escape_validation(store, tmp_path, extra):
     path = tmp_path / "done.jsonl"
@@ -239,14 +230,24 @@ def test_import_rows_that_escape_validation(store, tmp_path, extra):
     assert snapshot(store.root) == before
 
 
-@xfail("Store.connect() (CREATE VIEW over the glob) runs outside the try in Store.read_only_query and raises "
-       "duckdb.InvalidInputException for a truncated shard: `replay sql` prints a traceback")
 def test_sql_over_a_truncated_shard_is_one_line_naming_the_file(store, tmp_path):
     path = write_lines(tmp_path / "done.jsonl", [IMPORT_GOOD, IMPORT_GOOD | {"completion": "3"}])
     assert invoke("import", path, "--store", store.root).exit_code == 0
     (shard,) = store.files("rollouts", 0)
     shard.write_bytes(shard.read_bytes()[:64])
     fails_cleanly(invoke("sql", "select count(*) from prompts", "--store", store.root), shard)
+
+
+@pytest.mark.parametrize("args", [["inspect", "rounds"], ["inspect", "negatives"], ["status"], ["score"],
+                                  ["export", "--out", "{tmp}/out.jsonl"], ["report", "--out", "{tmp}/report"]])
+def test_other_commands_over_a_truncated_shard_name_the_file(store, tmp_path, args):
+    path = write_lines(tmp_path / "done.jsonl", [IMPORT_GOOD, IMPORT_GOOD | {"completion": "3"}])
+    assert invoke("import", path, "--store", store.root).exit_code == 0
+    (shard,) = store.files("rollouts", 0)
+    shard.write_bytes(shard.read_bytes()[:64])
+    before = snapshot(store.root)
+    fails_cleanly(invoke(*[a.format(tmp=tmp_path) for a in args], "--store", store.root), shard)
+    assert snapshot(store.root) == before
 
 
 # -- full disk, refused writes -----------------------------------------------------------------------
@@ -300,8 +301,6 @@ def test_permission_denied_on_rename_is_one_line(store, tmp_path, monkeypatch):
     assert part_and_temp_files(store.root) == [] and part_and_temp_files(tmp_path / "new") == []
 
 
-@xfail("Store.write_manifest -> atomic_write_bytes does not turn OSError into StoreError: a full disk at the "
-       "manifest write escapes as a raw OSError (traceback)")
 def test_disk_full_at_the_manifest_write_is_one_line(store, tmp_path, monkeypatch):
     path = write_lines(tmp_path / "done.jsonl", [IMPORT_GOOD])
     real = os.replace

@@ -89,6 +89,15 @@ def one_error(store, deep=False) -> Problem:
     return found[0]
 
 
+def corrupt_first_text_page(shard):
+    meta = pq.ParquetFile(shard).metadata.row_group(0)
+    text = next(meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema == "completion_text")
+    start = text.dictionary_page_offset or text.data_page_offset
+    data = bytearray(shard.read_bytes())
+    data[start:start + 16] = b"\xff" * 16  # the page header no longer parses
+    shard.write_bytes(bytes(data))
+
+
 def test_healthy_store_passes_with_a_summary(healthy):
     result = diagnose(healthy.root, deep=True)
     assert result.problems == []
@@ -110,12 +119,7 @@ def test_truncated_rollouts_file_is_named(store):
 
 def test_corrupt_page_behind_a_sound_footer_is_named(store):
     shard = store.files("rollouts", 1)[0]
-    meta = pq.ParquetFile(shard).metadata.row_group(0)
-    text = next(meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema == "completion_text")
-    start = text.dictionary_page_offset or text.data_page_offset
-    data = bytearray(shard.read_bytes())
-    data[start:start + 16] = b"\xff" * 16  # the page header no longer parses
-    shard.write_bytes(bytes(data))
+    corrupt_first_text_page(shard)
     assert errors(store) == []  # the footer checks and the key columns do not touch that page
     problem, *consequences = errors(store, deep=True)
     assert problem.path == shard and "corrupt data pages" in problem.message
@@ -287,9 +291,6 @@ def test_store_json_missing_or_of_another_version_stops_the_check(store, tmp_pat
     assert one_error(store).path == meta  # and the data files are still checked
 
 
-@pytest.mark.xfail(strict=True, reason="Store.connect() runs outside the try in Store.query / read_only_query and "
-                   "does not wrap duckdb.Error: a truncated shard raises duckdb.InvalidInputException (a traceback "
-                   "in the CLI), not a ReplayError")
 @pytest.mark.parametrize("method", ["query", "read_only_query"])
 def test_store_queries_over_a_truncated_shard_name_the_file(store, method):
     shard = store.files("rollouts", 0)[0]
@@ -298,15 +299,43 @@ def test_store_queries_over_a_truncated_shard_name_the_file(store, method):
         getattr(store, method)("SELECT count(*) FROM rollouts")
 
 
-def test_doctor_command_when_the_cli_has_it(store):
+@pytest.mark.parametrize("method", ["query", "read_only_query"])
+def test_store_queries_over_a_corrupt_page_point_at_the_deep_doctor(store, method):
+    corrupt_first_text_page(store.files("rollouts", 1)[0])  # DuckDB's own message names no file then
+    with pytest.raises(ReplayError, match=re.escape(f"replay doctor --store {store.root} --deep")) as caught:
+        getattr(store, method)("SELECT max(completion_text) FROM rollouts")
+    assert "\n" not in str(caught.value)
+
+
+def test_doctor_command(store):
     from replay.cli import app
 
-    if not any(getattr(c.callback, "__name__", "") == "doctor" for c in app.registered_commands):
-        pytest.skip("`replay doctor` is not registered in replay/cli.py yet")
     runner = CliRunner()
-    ok = runner.invoke(app, ["doctor", "--store", str(store.root)])
-    assert ok.exit_code == 0 and ok.output.startswith("ok: ") and len(ok.output.splitlines()) == 1
+    for flags in ([], ["--deep"]):
+        ok = runner.invoke(app, ["doctor", "--store", str(store.root), *flags])
+        assert ok.exit_code == 0 and ok.output.startswith("ok: ") and len(ok.output.splitlines()) == 1, ok.output
     shard = store.files("rollouts", 0)[0]
     shard.write_bytes(shard.read_bytes()[:100])
     bad = runner.invoke(app, ["doctor", "--store", str(store.root)])
     assert bad.exit_code == 1 and str(shard) in bad.output and "Traceback" not in bad.output
+    assert bad.output.splitlines()[0] == f"error: {shard}: " + " ".join(errors(store)[0].message.split())
+    assert bad.output.splitlines()[-1].startswith("error: ") and "error(s) in the store" in bad.output.splitlines()[-1]
+
+
+def test_doctor_command_on_a_corrupt_page_needs_deep(store):
+    from replay.cli import app
+
+    shard = store.files("rollouts", 1)[0]
+    corrupt_first_text_page(shard)
+    runner = CliRunner()
+    assert runner.invoke(app, ["doctor", "--store", str(store.root)]).exit_code == 0
+    deep = runner.invoke(app, ["doctor", "--store", str(store.root), "--deep"])
+    assert deep.exit_code == 1 and f"error: {shard}: corrupt data pages" in deep.output
+
+
+def test_doctor_command_on_a_missing_store(tmp_path):
+    from replay.cli import app
+
+    result = CliRunner().invoke(app, ["doctor", "--store", str(tmp_path / "nothing")])
+    assert result.exit_code == 1 and "not a replay store" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "nothing").exists()

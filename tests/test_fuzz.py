@@ -2,9 +2,9 @@
 exception; text helpers never raise; the SQL guard leaves the store byte-identical; the pure core
 stays finite. Bounded so the whole file runs in seconds.
 
-Excluded until the strict-xfail tests in test_bad_input.py pass (then widen the strategies): lone
-surrogates in text, integers outside int32 in `level` / `sample_idx`, non-integer `sample_idx`,
-NaN logprobs, and JSON nested deeper than Python's recursion limit.
+Included on purpose (each once escaped the readers, see test_bad_input.py): lone surrogates in text,
+integers outside int32 in `level` / `sample_idx`, non-integer `sample_idx`, NaN and infinite
+logprobs, JSON nested deeper than Python's recursion limit and integers longer than it converts.
 """
 
 import hashlib
@@ -29,11 +29,14 @@ from tests._store_rows import prompt_row, rollout_row as store_rollout_row, verd
 
 READERS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 INT32 = st.integers(-(2**31), 2**31 - 1)
-NASTY = ["", " ", "\x00", "\r", "\u2028", "\\", '"', "é", "🙂", "NaN", "1e999", "#### 3", "\\boxed{", "null"]
+INTEGERS = st.one_of(INT32, st.integers())  # unbounded: past int32 and int64 too
+NASTY = ["", " ", "\x00", "\r", "\u2028", "\\", '"', "é", "🙂", "NaN", "1e999", "#### 3", "\\boxed{", "null",
+         "\ud800", "\udfff"]
 TEXT = st.one_of(st.text(st.characters(blacklist_categories=("Cs",)), max_size=30),  # Cs: lone surrogates
+                 st.text(st.characters(blacklist_categories=()), max_size=30),  # ... here included
                  st.lists(st.sampled_from(NASTY), min_size=1, max_size=3).map("".join))
-FIELD_VALUES = st.one_of(st.none(), st.booleans(), INT32, st.floats(allow_nan=False), TEXT,
-                         st.lists(INT32, max_size=3), st.dictionaries(TEXT, INT32, max_size=2))
+FIELD_VALUES = st.one_of(st.none(), st.booleans(), INTEGERS, st.floats(), TEXT,  # floats: NaN and inf too
+                         st.lists(INTEGERS, max_size=3), st.dictionaries(TEXT, INTEGERS, max_size=2))
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +56,16 @@ SOME_TEXT = TEXT.filter(str.strip)
 json_rows = perturbed(
     st.fixed_dictionaries({"problem": SOME_TEXT, "answer": SOME_TEXT}),
     {"problem": FIELD_VALUES, "question": FIELD_VALUES, "answer": FIELD_VALUES, "unique_id": FIELD_VALUES,
-     "subject": FIELD_VALUES, "level": st.one_of(FIELD_VALUES, st.integers(-5, 10**6), st.just("Level 3"))})
+     "subject": FIELD_VALUES, "level": st.one_of(FIELD_VALUES, st.integers(-5, 10**6), st.just("Level 3"),
+                                                  st.sampled_from([2**31 - 1, 2**31, -(2**31) - 1, 2**40]),
+                                                  st.integers(2**31).map(lambda n: f"Level {n}"))})
 hostile_lines = st.one_of(
     st.binary(max_size=40),
-    st.recursive(st.none() | st.booleans() | INT32 | TEXT, lambda inner: st.lists(inner, max_size=3), max_leaves=8)
-    .map(lambda value: json.dumps(value).encode()),
-    st.sampled_from([b"", b"   ", b"{", b"\xff\xfe", b'{"problem": "a"', b"\x00", b"NaN", b'{"problem": "\xe9"}']),
+    st.recursive(st.none() | st.booleans() | INTEGERS | TEXT, lambda inner: st.lists(inner, max_size=3),
+                 max_leaves=8).map(lambda value: json.dumps(value).encode()),
+    st.sampled_from([b"", b"   ", b"{", b"\xff\xfe", b'{"problem": "a"', b"\x00", b"NaN", b'{"problem": "\xe9"}',
+                     b'{"problem": "\\ud800", "answer": "1"}', b'{"problem": "a", "answer": "\\udc00x"}',
+                     b"[" * 100_000, b'{"a": ' * 50_000, b'{"problem": "a", "answer": ' + b"9" * 5000 + b"}"]),
 )
 jsonl_lines = st.builds(lambda rows, hostile, at: rows[:at] + [hostile] + rows[at:] if hostile is not None else rows,
                         st.lists(json_rows.map(lambda row: json.dumps(row).encode()), max_size=5),
@@ -82,6 +89,8 @@ def test_jsonl_reader_returns_storable_prompts_or_a_dataset_error(workdir, lines
 parquet_columns = st.sampled_from([
     pa.array(["What?"]), pa.array([7]), pa.array([1.5]), pa.array([True]), pa.array([None], pa.string()),
     pa.array([[1, 2]]), pa.array([{"a": 1}]), pa.array([""]), pa.array([b"\xff"], pa.binary()),
+    pa.array([2**40]), pa.array([-(2**31) - 1]), pa.array([float("nan")]), pa.array([float("inf")]),
+    pa.array(["Level 3"]),
 ])
 
 
@@ -109,10 +118,13 @@ import_rows = perturbed(
                         st.sampled_from([("1+1?", "2"), ("2+2?", "4")]), TEXT),
               st.one_of(st.just({}), aligned_tokens)),
     {"problem": st.one_of(FIELD_VALUES, st.just("")), "answer": FIELD_VALUES, "completion": FIELD_VALUES,
-     "prompt_id": st.one_of(TEXT, INT32), "sample_idx": st.one_of(st.none(), st.integers(0, 2**31 - 1)),
+     "prompt_id": st.one_of(TEXT, INTEGERS),
+     "sample_idx": st.one_of(st.none(), st.integers(0, 2**31 - 1), st.sampled_from([-1, 2**31, 2**40, 1.0, "0"]),
+                             FIELD_VALUES),
      "completion_token_ids": st.one_of(FIELD_VALUES, st.lists(st.one_of(st.integers(0, 2**31 - 1), st.booleans(),
-                                                                        st.floats(0, 10)), max_size=4)),
-     "completion_logprobs": st.one_of(FIELD_VALUES, st.lists(st.floats(max_value=1.0, allow_nan=False), max_size=4))})
+                                                                        st.floats(0, 10), INTEGERS), max_size=4)),
+     "completion_logprobs": st.one_of(FIELD_VALUES, st.lists(st.one_of(st.floats(max_value=1.0),  # NaN, -inf
+                                                                       st.just(-1e39)), max_size=4))})
 
 
 @READERS

@@ -6,6 +6,7 @@ with the file, the line (or row) and the field.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -58,9 +59,20 @@ def arith_problem(seed: int, split: str, index: int, level: int) -> tuple[str, i
     return f"What is {expression.replace('*', '×')}?", answer
 
 
+ARITH_TEST_SHARE = 4  # one problem in 4 belongs to the test pool
+
+
+def arith_pool(problem: str) -> str:
+    """"test" or "train": a fixed partition of the problem space by a hash of the text, so held-out
+    problems never appear in training, whatever the seeds (level 1 has only 162 problems)."""
+    digest = hashlib.sha256(problem.encode()).digest()
+    return "test" if digest[0] % ARITH_TEST_SHARE == 0 else "train"
+
+
 def arith_prompts(num_prompts: int, split: str = "train", seed: int = 0,
                   levels: tuple[int, ...] = (1, 2, 3, 4, 5)) -> list[Prompt]:
-    """Problems cycle through `levels`; `split` selects an independent stream (train vs test)."""
+    """Problems cycle through `levels`; `split` selects an independent stream, drawn from the test
+    pool for split "test" and from the train pool for any other split."""
     bad = [lv for lv in levels if lv not in ARITH_LEVELS]
     if bad or not levels:
         raise DatasetError(f"arith: levels must be among 1-5, got {list(levels)}")
@@ -69,7 +81,8 @@ def arith_prompts(num_prompts: int, split: str = "train", seed: int = 0,
         level = levels[index % len(levels)]
         problem, answer = arith_problem(seed, split, index, level)
         index += 1
-        if problem in seen:  # tiny levels repeat; a group per distinct problem
+        pool_ok = arith_pool(problem) == ("test" if split == "test" else "train")
+        if problem in seen or not pool_ok:  # tiny levels repeat; a group per distinct problem
             if index > 50 * num_prompts:
                 raise DatasetError(f"arith: cannot draw {num_prompts} distinct problems from levels {list(levels)}")
             continue

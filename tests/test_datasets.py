@@ -20,6 +20,15 @@ def test_arith_is_seeded_exact_and_levelled():
     assert test != {p.problem for p in a}
 
 
+def test_arith_test_problems_never_appear_in_training():
+    # level 1 has 162 problems: without disjoint pools, held-out prompts would repeat training ones
+    train = {p.problem for seed in range(3) for p in arith_prompts(100, seed=seed, levels=(1,))}
+    test = {p.problem for p in arith_prompts(30, split="test", seed=7, levels=(1,))}
+    assert len(train) >= 100 and len(test) == 30 and not train & test
+    with pytest.raises(DatasetError, match="cannot draw"):
+        arith_prompts(60, split="test", levels=(1,))  # the test pool of level 1 is ~40 problems
+
+
 def test_arith_level_shapes():
     problem, answer = arith_problem(0, "train", 0, 5)
     assert problem.count(" ") >= 7 and isinstance(answer, int)

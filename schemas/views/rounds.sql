@@ -5,11 +5,13 @@ WITH r AS (
            avg(num_completion_tokens) AS mean_tokens, max(policy_round) AS policy_round
     FROM rollouts GROUP BY round
 ),
+grp AS MATERIALIZED (
+    SELECT round, prompt_id, kind, n, n_correct, mean_wrong_confidence FROM groups
+),
 s AS (
-    SELECT round, count(*) FILTER (WHERE correct IS NOT NULL) AS scored,
-           avg(CASE WHEN correct THEN 1.0 ELSE 0.0 END) FILTER (WHERE correct IS NOT NULL) AS accuracy,
-           avg(confidence) FILTER (WHERE correct = false) AS mean_wrong_confidence
-    FROM samples GROUP BY round
+    SELECT round, sum(n) AS scored, sum(n_correct) / sum(n) AS accuracy,
+           sum(mean_wrong_confidence * (n - n_correct)) / nullif(sum(n - n_correct), 0) AS mean_wrong_confidence
+    FROM grp GROUP BY round
 ),
 g AS (
     SELECT round,
@@ -17,9 +19,16 @@ g AS (
            count(*) FILTER (WHERE kind = 'mixed') AS mixed_groups,
            count(*) FILTER (WHERE kind = 'positive') AS positive_groups,
            avg(CASE WHEN kind = 'negative' THEN 1.0 ELSE 0.0 END) AS negative_share
-    FROM groups GROUP BY round
+    FROM grp GROUP BY round
 ),
-x AS (SELECT rescued_round AS round, count(DISTINCT prompt_id) AS rescued FROM rescues GROUP BY 1)
+x AS (
+    SELECT rescued_round AS round, count(DISTINCT prompt_id) AS rescued FROM (
+        SELECT a.prompt_id, min(b.round) AS rescued_round
+        FROM grp a JOIN grp b ON b.prompt_id = a.prompt_id AND b.round > a.round
+        WHERE a.kind = 'negative' AND b.kind <> 'negative'
+        GROUP BY a.prompt_id, a.round)
+    GROUP BY 1
+)
 SELECT r.round, r.policy_round, r.prompts, r.rollouts, s.scored, s.accuracy,
        coalesce(g.negative_groups, 0) AS negative_groups,
        coalesce(g.mixed_groups, 0) AS mixed_groups,

@@ -2,12 +2,18 @@
 -- A re-score writes new verdict rows; the newest one per rollout wins here.
 CREATE OR REPLACE VIEW samples AS
 WITH latest_verdicts AS (
-    SELECT * EXCLUDE (rn) FROM (
-        SELECT *, row_number() OVER (
-            PARTITION BY round, prompt_id, sample_idx
-            ORDER BY scored_at DESC, verifier_version DESC) AS rn
-        FROM verdicts)
-    WHERE rn = 1
+    -- newest verdict per rollout as a hash aggregate (the window sort it replaces took ~1.5x the CPU).
+    -- arg_max_null, not arg_max: arg_max skips NULL values, so a NULL extracted_answer in the
+    -- newest verdict would be replaced by an older verdict's value.
+    SELECT round, prompt_id, sample_idx,
+           arg_max_null(correct, scored_at) AS correct,
+           arg_max_null(reward, scored_at) AS reward,
+           arg_max_null(status, scored_at) AS status,
+           arg_max_null(extracted_answer, scored_at) AS extracted_answer,
+           arg_max_null(verifier_version, scored_at) AS verifier_version,
+           max(scored_at) AS scored_at
+    FROM verdicts
+    GROUP BY round, prompt_id, sample_idx
 ),
 unique_prompts AS (
     SELECT DISTINCT ON (prompt_id) * FROM prompts ORDER BY prompt_id, created_at

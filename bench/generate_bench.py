@@ -1,4 +1,5 @@
-"""Sampling throughput: replay's engines vs a bare transformers `model.generate` loop, same run.
+"""Sampling throughput: the `replay generate` stage vs its engine's generate call vs a bare
+transformers `model.generate` loop, in one run.
 
     python bench/generate_bench.py                          # ~2 min on 2 idle CPU cores
     python bench/generate_bench.py --prompts 16 --samples 8 --max-new-tokens 128 --device cuda
@@ -6,7 +7,9 @@
 
 Every runner gets the same prompts (each repeated --samples times), batch size, sampling settings
 and token budget. Tokens counted are real completion tokens (up to and including EOS), never
-padding. Engines in replay.engines.ENGINES can be listed with --engines (e.g. a vLLM engine).
+padding. `stage:<engine>` is stages.generate.run with that same engine object (prompts registered,
+rows validated and written to a fresh store each time); its requests carry the stage's own seeds,
+so it and the engine call sample identical tokens. For vLLM see bench/vllm_bench.py.
 """
 
 from __future__ import annotations
@@ -14,8 +17,11 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -23,18 +29,22 @@ import torch  # noqa: E402
 
 from replay.engines import ENGINES, SamplingSettings, make_engine  # noqa: E402
 from replay.models import load_model, load_tokenizer, resolve_model  # noqa: E402
-from replay.prompting import chat_prompt_ids  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stage_runner import stage_requests, stage_runner  # noqa: E402
 
 BASELINE = "hf-generate"
 
 
-def arithmetic_problems(n: int, seed: int) -> list[str]:
+def arithmetic_problems(n: int, seed: int) -> list[tuple[str, str]]:
     rng = random.Random(seed)
-    return [f"What is {rng.randint(10, 999)} {rng.choice('+-*')} {rng.randint(10, 99)}?" for _ in range(n)]
+    problems = []
+    for _ in range(n):
+        a, op, b = rng.randint(10, 999), rng.choice("+-*"), rng.randint(10, 99)
+        problems.append((f"What is {a} {op} {b}?", str(a + b if op == "+" else a - b if op == "-" else a * b)))
+    return problems
 
 
-def engine_runner(name, ref, args, prompts, seeds, settings):
-    engine = make_engine(name, ref, dtype=args.dtype, device=args.device, batch_size=args.batch_size)
+def engine_runner(engine, prompts, seeds, settings):
     engine.generate(prompts[:2], seeds[:2], SamplingSettings(max_new_tokens=4))  # warm-up
 
     def run() -> int:
@@ -118,17 +128,21 @@ def main() -> None:
 
     ref = resolve_model(args.model)
     tokenizer = load_tokenizer(ref)
-    problems = arithmetic_problems(args.prompts, seed=0)
-    prompts = [chat_prompt_ids(tokenizer, p) for p in problems for _ in range(args.samples)]
-    seeds = list(range(len(prompts)))
+    workdir = Path(tempfile.mkdtemp(prefix="generate-bench-"))
+    dataset, prompts, seeds = stage_requests(arithmetic_problems(args.prompts, seed=0), args.samples,
+                                             tokenizer, workdir)
     settings = SamplingSettings(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                 max_new_tokens=args.max_new_tokens)
     print(f"model {ref.name} on {args.device} ({args.dtype}, {torch.get_num_threads()} threads): "
           f"{args.prompts} prompts x {args.samples} samples, batch {args.batch_size}, "
           f"max {args.max_new_tokens} new tokens, T={args.temperature} top_p={args.top_p}")
-    names = [e for e in args.engines.split(",") if e] + [BASELINE]
-    runners = {name: hf_generate_runner(ref, args, prompts, seeds, settings) if name == BASELINE
-               else engine_runner(name, ref, args, prompts, seeds, settings) for name in names}
+    engines = [e for e in args.engines.split(",") if e]
+    runners = {}
+    for name in engines:  # the stage and the engine call share one engine: same weights, same tokens
+        engine = make_engine(name, ref, dtype=args.dtype, device=args.device, batch_size=args.batch_size)
+        runners[name] = engine_runner(engine, prompts, seeds, settings)
+        runners[f"stage:{name}"] = stage_runner(engine, args.model, dataset, args.samples, settings, workdir)
+    runners[BASELINE] = hf_generate_runner(ref, args, prompts, seeds, settings)
     # Interleaved rounds, so drifting machine load hits every runner alike; CPU seconds of this
     # process are shown too, as they are less sensitive to other jobs on a shared machine.
     best: dict[str, tuple[int, float, float]] = {}
@@ -143,8 +157,13 @@ def main() -> None:
           f"   (best of {args.repeats})")
     for name, (tokens, wall, cpu) in best.items():
         print(f"{name:<14}{tokens:>8}{wall:>9.2f}{tokens / wall:>10.1f}{cpu:>9.2f}{tokens / cpu:>14.1f}")
+    shutil.rmtree(workdir, ignore_errors=True)
     base_tokens, base_wall, base_cpu = best[BASELINE]
-    for name in names[:-1]:
+    for name in engines:
+        stage = best[f"stage:{name}"]
+        print(f"ratio stage:{name} / {name}: {(stage[0] / stage[1]) / (best[name][0] / best[name][1]):.2f}x "
+              f"tokens/s (the stage: prompts registered, rows validated and written)")
+    for name in [*engines, *(f"stage:{e}" for e in engines)]:
         tokens, wall, cpu = best[name]
         print(f"ratio {name} / {BASELINE}: {(tokens / wall) / (base_tokens / base_wall):.2f}x tokens/s, "
               f"{(tokens / cpu) / (base_tokens / base_cpu):.2f}x tokens per CPU second")

@@ -1,5 +1,6 @@
-"""Throughput of VLLMEngine.generate (request building + conversion to Completion) against a bare
-vllm LLM.generate call with the same prompts and SamplingParams, on one engine in one run.
+"""Throughput of the `replay generate` stage and of VLLMEngine.generate (request building +
+conversion to Completion) against a bare vllm LLM.generate call with the same prompts and
+SamplingParams, on one engine in one run (the stage writes its rows to a fresh store each time).
 
     python bench/vllm_bench.py                      # SmolLM2-135M, 4 prompts x 8 samples x 48 tokens
     python bench/vllm_bench.py --lora path/to/adapter
@@ -13,10 +14,18 @@ which machine load does not blur.
 from __future__ import annotations
 
 import argparse
+import shutil
+import sys
+import tempfile
 import time
+from pathlib import Path
 
-PROBLEMS = ["What is 17 + 25?", "Compute 9 * 8 - 6.", "Is 91 a prime number?", "What is 2 to the power 7?",
-            "What is 144 / 12?", "Find x if 3x + 4 = 19.", "What is 15% of 80?", "Sum the digits of 2026."]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stage_runner import stage_requests, stage_runner  # noqa: E402
+
+PROBLEMS = [("What is 17 + 25?", "42"), ("Compute 9 * 8 - 6.", "66"), ("Is 91 a prime number?", "no"),
+            ("What is 2 to the power 7?", "128"), ("What is 144 / 12?", "12"), ("Find x if 3x + 4 = 19.", "5"),
+            ("What is 15% of 80?", "12"), ("Sum the digits of 2026.", "10")]
 
 
 def main() -> None:
@@ -36,13 +45,13 @@ def main() -> None:
     from replay.engines.base import SamplingSettings
     from replay.engines.vllm_engine import VLLMEngine, completion_from_output
     from replay.models import load_tokenizer, resolve_model
-    from replay.prompting import chat_prompt_ids
 
     ref = resolve_model(args.model)
     tokenizer = load_tokenizer(ref)
-    prompts = [chat_prompt_ids(tokenizer, PROBLEMS[i % len(PROBLEMS)]) for i in range(args.prompts)]
-    prompt_ids = [p for p in prompts for _ in range(args.samples)]
-    seeds = [1000 + i for i in range(len(prompt_ids))]
+    problems = [(f"{p} (variant {i})" if i >= len(PROBLEMS) else p, a)
+                for i, (p, a) in ((i, PROBLEMS[i % len(PROBLEMS)]) for i in range(args.prompts))]
+    workdir = Path(tempfile.mkdtemp(prefix="vllm-bench-"))
+    dataset, prompt_ids, seeds = stage_requests(problems, args.samples, tokenizer, workdir)
     settings = SamplingSettings(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
 
     started = time.perf_counter()
@@ -63,11 +72,12 @@ def main() -> None:
         return (sum(len(o.outputs[0].token_ids) for o in outputs),
                 [list(o.outputs[0].token_ids) for o in outputs])
 
+    stage = stage_runner(engine, args.model, dataset, args.samples, settings, workdir)
     bare()  # warm-up at full batch size (first passes at a new batch shape are slower)
-    best = {"ours": 0.0, "bare": 0.0}
+    best = {"ours": 0.0, "bare": 0.0, "stage": 0.0}
     tokens = {}
     for rep in range(args.reps):
-        order = (("bare", bare), ("ours", ours))
+        order = (("bare", bare), ("ours", ours), ("stage", lambda: (stage(), None)))
         for label, run in order if rep % 2 == 0 else order[::-1]:  # alternate: drift hits both
             t0 = time.perf_counter()
             count, tokens[label] = run()
@@ -80,6 +90,7 @@ def main() -> None:
     own_ms = (time.perf_counter() - t0) * 1e3
     call_ms = sum(len(t) for t in tokens["bare"]) / best["bare"] * 1e3
     engine.close()
+    shutil.rmtree(workdir, ignore_errors=True)
 
     print(f"engine: {engine.version}, logprobs_mode={engine.logprobs_mode}, lora={args.lora}, "
           f"eager={engine.enforce_eager}")
@@ -88,7 +99,9 @@ def main() -> None:
     print(f"start-up: {startup:.1f} s")
     print(f"bare LLM.generate:    {best['bare']:8.1f} tok/s")
     print(f"VLLMEngine.generate:  {best['ours']:8.1f} tok/s")
+    print(f"replay generate stage:{best['stage']:8.1f} tok/s (rows validated and written to a store)")
     print(f"ratio ours / bare:    {best['ours'] / best['bare']:8.3f}  (goal >= 0.9)")
+    print(f"ratio stage / bare:   {best['stage'] / best['bare']:8.3f}  (goal >= 0.9)")
     print(f"request building + conversion: {own_ms:.1f} ms per call "
           f"({100 * own_ms / call_ms:.2f}% of a {call_ms / 1e3:.1f} s bare call)")
     print(f"same tokens: {tokens['ours'] == tokens['bare']}")

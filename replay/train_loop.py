@@ -20,12 +20,20 @@ def _padded(values: list[list[float]], width: int) -> torch.Tensor:
     return out
 
 
-def _micro_batches(indices: list[int], size: int, seed: int, epochs: int):
+def plan_steps(indices: list[int], lengths: list[int], micro: int, accum: int, seed: int,
+               epochs: int) -> list[tuple[int, list[list[int]]]]:
+    """[(epoch, micro-batches of one optimizer step)]: each epoch shuffles the samples and cuts
+    them into steps of micro * accum; inside a step the samples are sorted by length before they
+    are cut into micro-batches. A step's gradient depends only on its set of samples, so the
+    sort changes nothing but the padding (real completions vary from a few tokens to the cap)."""
+    steps = []
     for epoch in range(epochs):
         order = list(indices)
         random.Random(seed * 1000 + epoch).shuffle(order)
-        for start in range(0, len(order), size):
-            yield epoch, order[start:start + size]
+        for start in range(0, len(order), micro * accum):
+            step = sorted(order[start:start + micro * accum], key=lambda i: lengths[i])
+            steps.append((epoch, [step[j:j + micro] for j in range(0, len(step), micro)]))
+    return steps
 
 
 def _mean(rows: list[dict], key: str) -> float:
@@ -44,34 +52,37 @@ def train(cfg, model_ref, init_adapter, samples, result, adv_metrics) -> tuple[l
               if float(result.advantage[i]) != 0.0 and float(result.weight[i]) != 0.0 and samples[i].completion_ids]
     steps_per_epoch = -(-len(active) // (cfg.micro_batch_size * cfg.grad_accum)) if active else 0
     rows: list[dict] = []
-    pending: list[dict] = []
     started = time.perf_counter()
-    micro_in_step = 0
-    batches = list(_micro_batches(active, cfg.micro_batch_size, cfg.seed, cfg.epochs))
+    lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in samples]
+    steps = plan_steps(active, lengths, cfg.micro_batch_size, cfg.grad_accum, cfg.seed, cfg.epochs)
     with progress_bar(f"learn round {cfg.round} ({cfg.objective})", total=steps_per_epoch * cfg.epochs) as bar:
-        for n, (epoch, idx) in enumerate(batches):
-            chunk = [samples[i] for i in idx]
-            batch = make_batch([s.prompt_ids for s in chunk], [s.completion_ids for s in chunk],
-                               [s.temperature for s in chunk])
-            logprobs = token_logprobs(model, batch)
-            old = _padded([s.old_logprobs for s in chunk], batch.targets.shape[1])
-            loss, metrics = policy_loss(
-                logprobs, old, result.advantage[idx].to(torch.float32), batch.target_mask,
-                weights=result.weight[idx].to(torch.float32), clip_eps=cfg.clip_eps,
-                clip_eps_high=cfg.clip_eps_high, dual_clip=cfg.dual_clip, tis_cap=cfg.tis_cap,
-                aggregation=cfg.aggregation)
-            (loss / cfg.grad_accum).backward()
-            pending.append({k: float(v) for k, v in metrics.items()} | {"loss": float(loss.detach())})
-            micro_in_step += 1
-            last = n + 1 == len(batches) or batches[n + 1][0] != epoch
-            if micro_in_step == cfg.grad_accum or last:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                rows.append(_metrics_row(cfg, len(rows), epoch, pending, float(grad_norm), adv_metrics, started))
-                bar.advance(1, f"loss {rows[-1]['loss']:+.4f} clip {rows[-1]['clip_frac']:.2f} "
-                               f"|g| {rows[-1]['grad_norm']:.3f}")
-                pending, micro_in_step = [], 0
+        for epoch, micro_batches in steps:
+            pending = []
+            step_samples = sum(len(idx) for idx in micro_batches)
+            step_tokens = sum(len(samples[i].completion_ids) for idx in micro_batches for i in idx)
+            for idx in micro_batches:
+                chunk = [samples[i] for i in idx]
+                batch = make_batch([s.prompt_ids for s in chunk], [s.completion_ids for s in chunk],
+                                   [s.temperature for s in chunk])
+                logprobs = token_logprobs(model, batch)
+                old = _padded([s.old_logprobs for s in chunk], batch.targets.shape[1])
+                loss, metrics = policy_loss(
+                    logprobs, old, result.advantage[idx].to(torch.float32), batch.target_mask,
+                    weights=result.weight[idx].to(torch.float32), clip_eps=cfg.clip_eps,
+                    clip_eps_high=cfg.clip_eps_high, dual_clip=cfg.dual_clip, tis_cap=cfg.tis_cap,
+                    aggregation=cfg.aggregation)
+                # each micro-batch's mean counts by its share of the step (sequences, or tokens for
+                # token-mean): the step's loss is the mean over all its samples, however it is cut
+                share = (float(batch.target_mask.sum()) / step_tokens if cfg.aggregation == "token-mean"
+                         else len(idx) / step_samples)
+                (loss * share).backward()
+                pending.append({k: float(v) for k, v in metrics.items()} | {"loss": float(loss.detach())})
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            rows.append(_metrics_row(cfg, len(rows), epoch, pending, float(grad_norm), adv_metrics, started))
+            bar.advance(1, f"loss {rows[-1]['loss']:+.4f} clip {rows[-1]['clip_frac']:.2f} "
+                           f"|g| {rows[-1]['grad_norm']:.3f}")
     model.eval()
     summary = {"trained_samples": len(active), "optimizer_steps": len(rows),
                "final_loss": rows[-1]["loss"] if rows else None,

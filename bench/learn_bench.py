@@ -13,7 +13,10 @@ gradient accumulation is batch / M, so every variant makes one optimizer step ov
   trl    trl.GRPOTrainer.train() (same LoRA via peft_config, loss_type="grpo", beta=0, same micro-batch
          and accumulation); its generation is replaced by a function returning the fixed batch, so a
          step is TRL's own training_step x accumulation + clip + optimizer step (timed by a callback)
-Data: random token ids, rewards half 1 / half 0 in each group of 8 (so no sample has zero
+Data: random token ids; completion lengths `--lengths varied` (default: 40 % at the cap, the rest
+anywhere from 8 tokens, as sampled rollouts end; `ours` sorts a step's rows by length before cutting
+micro-batches, as replay/train_loop.py does, and so does naive; TRL takes them as they come) or `fixed`
+(all at the cap); rewards half 1 / half 0 in each group of 8 (so no sample has zero
 advantage), old logprobs = the model's own plus N(0, 0.1^2) noise, computed once here. With
 --uniform-groups K the first K groups get all-equal rewards: ours and naive then skip their rows
 (zero advantage, as replay/train_loop.py does), TRL trains on them as GRPOTrainer does.
@@ -64,16 +67,30 @@ def build_data(args, path: Path) -> None:
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt_len), generator=g)
     completions = torch.randint(0, model.config.vocab_size, (args.batch, args.completion_len), generator=g)
+    lengths = completion_lengths(args, g)
     rewards = torch.cat([torch.full((GROUP,), float(k % 2)) if k < args.uniform_groups
                          else torch.randperm(GROUP, generator=g).lt(GROUP // 2).float()
                          for k in range(args.batch // GROUP)])
     adv = compute_advantages("grpo", rewards, torch.arange(args.batch) // GROUP)[0].advantage
+    old = torch.zeros((args.batch, args.completion_len))
     with torch.no_grad():
-        old = torch.cat([token_logprobs(model, make_batch(prompts[i:i + 4].tolist(), completions[i:i + 4].tolist(),
-                                                          [1.0] * len(prompts[i:i + 4])))
-                         for i in range(0, args.batch, 4)])
+        for i in range(args.batch):
+            n = int(lengths[i])
+            batch = make_batch([prompts[i].tolist()], [completions[i, :n].tolist()], [1.0])
+            old[i, :n] = token_logprobs(model, batch)[0]
     old = old + 0.1 * torch.randn(old.shape, generator=g)
-    torch.save({"prompts": prompts, "completions": completions, "advantages": adv, "old": old}, path)
+    torch.save({"prompts": prompts, "completions": completions, "lengths": lengths, "advantages": adv,
+                "old": old}, path)
+
+
+def completion_lengths(args, g: torch.Generator) -> torch.Tensor:
+    """fixed: every completion --completion-len tokens. varied: as sampled rollouts are, 40 % cut
+    at the cap, the rest ending anywhere from 8 tokens up (what SmolLM2's arithmetic rollouts show)."""
+    cap = args.completion_len
+    if args.lengths == "fixed":
+        return torch.full((args.batch,), cap)
+    ended = torch.randint(8, cap, (args.batch,), generator=g)
+    return torch.where(torch.rand(args.batch, generator=g) < 0.4, torch.tensor(cap), ended)
 
 
 def settle(model) -> int:
@@ -106,27 +123,32 @@ def replay_child(args, data, micro: int, logprob_fn) -> dict:
     from replay.core.loss import policy_loss
     from replay.learner import LoraSettings, load_policy, make_batch
     from replay.models import resolve_model
+    from replay.train_loop import plan_steps
 
     model = load_policy(resolve_model(args.model).path, None, LoraSettings(), args.gradient_checkpointing)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR)
     accum = args.batch // micro
-    # as replay/train_loop.py: rows with zero advantage give no gradient and are not computed
-    active = torch.nonzero(data["advantages"] != 0).squeeze(1)
+    # as replay/train_loop.py: rows with zero advantage give no gradient and are not computed, and
+    # the step's rows are sorted by length before they are cut into micro-batches
+    active = torch.nonzero(data["advantages"] != 0).squeeze(1).tolist()
+    lengths = data["lengths"].tolist()
+    [(_, plan)] = plan_steps(active, lengths, micro, accum, seed=0, epochs=1)
     micro_batches = []
-    for i in range(0, len(active), micro):
-        rows = active[i:i + micro]
-        batch = make_batch(data["prompts"][rows].tolist(), data["completions"][rows].tolist(), [1.0] * len(rows))
-        micro_batches.append((batch, data["old"][rows], data["advantages"][rows]))
+    for rows in plan:
+        batch = make_batch(data["prompts"][rows].tolist(),
+                           [data["completions"][r, :lengths[r]].tolist() for r in rows], [1.0] * len(rows))
+        width = batch.targets.shape[1]
+        micro_batches.append((batch, data["old"][rows, :width], data["advantages"][rows], len(rows) / len(active)))
 
     def step() -> float:
         total = 0.0
-        for batch, old, adv in micro_batches:
+        for batch, old, adv, share in micro_batches:
             loss, _ = policy_loss(logprob_fn(model, batch), old, adv, batch.target_mask, clip_eps=CLIP_EPS,
                                   dual_clip=None, aggregation="seq-mean-token-mean")
-            (loss / accum).backward()
-            total += float(loss.detach()) / accum
+            (loss * share).backward()
+            total += float(loss.detach()) * share
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -170,10 +192,11 @@ def trl_child(args, data, micro: int) -> dict:
                           reward_funcs=lambda completions, **_: [0.0] * len(completions), args=config,
                           processing_class=AutoTokenizer.from_pretrained(path), peft_config=peft_config,
                           train_dataset=Dataset.from_dict({"prompt": [f"p{i}" for i in range(args.batch // GROUP)]}))
+    completion_mask = (torch.arange(args.completion_len) < data["lengths"][:, None]).long()
     fixed = {"prompt_ids": data["prompts"], "prompt_mask": torch.ones_like(data["prompts"]),
-             "completion_ids": data["completions"], "completion_mask": torch.ones_like(data["completions"]),
+             "completion_ids": data["completions"], "completion_mask": completion_mask,
              "advantages": data["advantages"], "old_per_token_logps": data["old"],
-             "num_items_in_batch": torch.tensor(data["completions"].numel())}
+             "num_items_in_batch": completion_mask.sum()}
     # generation replaced by the fixed batch: TRL shuffles and splits it into micro-batches itself
     trainer._generate_and_score_completions = lambda _inputs: dict(fixed)
     compute_loss, losses = trainer._compute_loss, []
@@ -229,7 +252,7 @@ def child_main(args) -> None:
 def run_variant(args, variant: str, data: Path, log: Path) -> dict:
     argv = [sys.executable, __file__, "--child", variant, "--data", str(data), "--threads", str(args.threads),
             "--profile", *args.profile]
-    for flag in ("model", "batch", "prompt_len", "completion_len", "micro", "reps", "uniform_groups"):
+    for flag in ("model", "batch", "prompt_len", "completion_len", "micro", "reps", "uniform_groups", "lengths"):
         argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     argv += ["--gradient-checkpointing"] * args.gradient_checkpointing
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
@@ -255,7 +278,7 @@ def report(args, results: list[dict]) -> None:
     """Markdown table; CPU time is the steadier measure on a shared machine (equal to wall when idle
     and single-threaded), wall time is what a user waits."""
     base = next((r for r in results if r["variant"].startswith("trl")), None)
-    tokens = args.batch * (args.prompt_len + args.completion_len)
+    tokens = real_tokens(args)
     print(f"\n| variant | micro x accum | wall s/step | CPU s/step | tokens/s (wall) | tokens/CPU-s | RSS after setup "
           f"| peak RSS | step delta | speed vs TRL (wall / CPU) | peak vs TRL | delta vs TRL | warm-up loss |"
           f"\n|{'---|' * 13}")
@@ -273,6 +296,12 @@ def report(args, results: list[dict]) -> None:
             print(f"\n--- {r['variant']}: top ops by self CPU time, one step\n{r['profile']}")
 
 
+def real_tokens(args) -> int:
+    """Prompt + completion tokens of the batch, padding not counted (the same for every variant)."""
+    lengths = torch.load(args.data)["lengths"]
+    return int(args.batch * args.prompt_len + lengths.sum())
+
+
 def parent_main(args) -> None:
     if args.threads == 0:
         args.threads = 2 if os.getloadavg()[0] < 0.5 else 1
@@ -286,6 +315,8 @@ def parent_main(args) -> None:
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="learn_bench_"))
     build_data(args, work / "data.pt")
+    args.data = str(work / "data.pt")
+    print(f"completion lengths {args.lengths}: {real_tokens(args)} real tokens per step", flush=True)
     results = [run_variant(args, v, work / "data.pt", work / f"{v.replace(':', '_')}.log") for v in args.variants]
     report(args, results)
     print(f"\nloadavg at end {os.getloadavg()}; logs in {work}")
@@ -302,6 +333,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=2, help="timed steps per variant after one warm-up")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: 2 if the machine is idle, else 1")
     parser.add_argument("--uniform-groups", type=int, default=0, help="groups with all-equal rewards")
+    parser.add_argument("--lengths", choices=["fixed", "varied"], default="varied",
+                        help="completion lengths: all --completion-len, or varied as real rollouts are")
     parser.add_argument("--mmap-threshold", type=int, default=0,
                         help="MALLOC_MMAP_THRESHOLD_ for the variants (bytes): peak RSS without heap fragmentation")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="for every variant (TRL's default)")

@@ -60,11 +60,12 @@ def score(
     workers: Optional[int] = typer.Option(None, help="Verifier worker processes (default: measured best here)."),
     timeout: float = typer.Option(10.0, help="Hard wall-clock limit per answer, seconds (then status=timeout)."),
     rescore: bool = typer.Option(False, help="Re-verify rollouts lacking a verdict of the current verifier version."),
+    shard: str = typer.Option("0/1", help="i/n: this worker's share of the rollouts (by prompt_id, as generate)."),
 ):
     """Verify the round's unscored rollouts with math-verify (worker processes, hard timeouts)."""
     from stages.score import ScoreConfig, run
 
-    record = run(store, ScoreConfig(round=round, workers=workers, timeout=timeout, rescore=rescore))
+    record = run(store, ScoreConfig(round=round, workers=workers, timeout=timeout, rescore=rescore, shard=shard))
     c = record["counts"]
     statuses = ", ".join(f"{k}={v}" for k, v in sorted(c["statuses"].items())) or "nothing new"
     typer.echo(f"round {round}: scored {c['scored']} ({c['correct']} correct; {statuses}), "

@@ -8,9 +8,11 @@ ever glob `part-*.parquet`, so a half-written `.tmp-*` file is invisible to them
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -26,6 +28,9 @@ from .errors import ReplayError
 from .sqlguard import check_read_only
 
 STORE_FILE = "store.json"
+# temp files name their writer's host: shard workers on several machines share a store directory,
+# and a pid is only meaningful on the machine that issued it
+HOST_TAG = "h" + hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 class StoreError(ReplayError):
@@ -101,9 +106,18 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def temp_name(name: str) -> str:
+    """`.tmp-<pid>-<host tag>-<name>`: hidden from readers, reaped only once its writer is gone."""
+    return f".tmp-{os.getpid()}-{HOST_TAG}-{name}"
+
+
+def _is_host_tag(text: str) -> bool:
+    return len(text) == 9 and text[0] == "h" and all(c in "0123456789abcdef" for c in text[1:])
+
+
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex}-{path.name}")
+    tmp = path.with_name(temp_name(f"{uuid.uuid4().hex}-{path.name}"))
     try:
         with open(tmp, "wb") as fh:
             fh.write(payload)
@@ -116,12 +130,17 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
 
 
 def clean_temp_files(directory: Path) -> int:
-    """Remove `.tmp-<pid>-*` leftovers whose writing process is gone (crashed writers)."""
+    """Remove `.tmp-<pid>-*` leftovers whose writing process is gone (crashed writers).
+
+    A temp file tagged with another host is left alone: its pid says nothing about this machine."""
     removed = 0
     for tmp in directory.glob(".tmp-*"):
+        parts = tmp.name.split("-")
         try:
-            pid = int(tmp.name.split("-")[1])
+            pid = int(parts[1])
         except (IndexError, ValueError):
+            continue
+        if len(parts) > 2 and _is_host_tag(parts[2]) and parts[2] != HOST_TAG:
             continue
         if not _pid_alive(pid):
             if tmp.is_dir():
@@ -224,7 +243,7 @@ class Store:
             arrow = arrow.drop_columns(["round"])  # lives in the directory name
         directory = self.table_dir(table, round)
         final = directory / f"part-{name or uuid.uuid4().hex}.parquet"
-        tmp = directory / f".tmp-{os.getpid()}-{final.name}"
+        tmp = directory / temp_name(final.name)
         try:
             directory.mkdir(parents=True, exist_ok=True)
             clean_temp_files(directory)

@@ -44,16 +44,6 @@ class GenerateConfig:
     extra: dict = field(default_factory=dict)
 
 
-def parse_shard(shard: str) -> tuple[int, int]:
-    try:
-        index, count = (int(x) for x in shard.split("/"))
-    except ValueError:
-        raise ReplayError(f"--shard must look like i/n (e.g. 0/4), got {shard!r}") from None
-    if count < 1 or not 0 <= index < count:
-        raise ReplayError(f"--shard {shard}: need 0 <= i < n")
-    return index, count
-
-
 def pick_engine(name: str) -> str:
     if name == "auto":
         return "vllm" if importlib.util.find_spec("vllm") else "transformers"
@@ -128,10 +118,10 @@ def run(store_path: str, cfg: GenerateConfig, engine=None) -> dict:
         raise ReplayError(f"--num-samples must be at least 1, got {cfg.num_samples}")
     if cfg.max_new_tokens < 1:
         raise ReplayError(f"--max-new-tokens must be at least 1, got {cfg.max_new_tokens}")
-    shard_index, shard_count = parse_shard(cfg.shard)
+    shard_index, shard_count = keys.parse_shard(cfg.shard)
     prompts = load_prompts(cfg.dataset, cfg.num_prompts, cfg.split, cfg.seed, cfg.problem_key,
                            cfg.answer_key, tuple(cfg.levels))  # whole input validated before any write
-    prompts = [p for p in prompts if keys.shard_of(p.prompt_id, shard_count) == shard_index]
+    prompts = [p for p in prompts if keys.in_shard(p.prompt_id, shard_index, shard_count)]
 
     from replay.engines import SamplingSettings
     from replay.models import resolve_model
@@ -147,7 +137,7 @@ def run(store_path: str, cfg: GenerateConfig, engine=None) -> dict:
         raise ReplayError(f"store {store.root} was made with base model {store.meta['base_model']!r}, "
                           f"not {model_ref.name!r}: adapters only fit their own base model")
     policy_round, adapter_path = policy_adapter(store, cfg.round, cfg.adapter)
-    stage = cfg.stage if shard_count == 1 else f"{cfg.stage}.shard-{shard_index}-of-{shard_count}"
+    stage = keys.shard_stage(cfg.stage, shard_index, shard_count)
     record = start_manifest(stage, cfg.round, asdict(cfg) | {"engine": pick_engine(cfg.engine)})
     register_prompts(store, prompts)
     done = stored_groups(store, cfg.round, cfg.num_samples)

@@ -3,7 +3,9 @@
 Verdicts are appended in chunks, so an interrupted run loses at most the chunk in flight and a
 rerun scores only what has no verdict yet. `--rescore` re-verifies every rollout that has no
 verdict from the *current* verifier version (e.g. after upgrading math-verify); the views then
-take the newest verdict per rollout. Never imports torch.
+take the newest verdict per rollout. `--shard i/n` scores only the rollouts whose prompt_id falls
+in shard i (the split of `replay generate --shard`), so n workers together score a round exactly
+once. Never imports torch.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
+from replay import keys
 from replay.errors import ReplayError
 from replay.manifests import finish_manifest, start_manifest
 from replay.progress import progress_bar
@@ -29,17 +32,25 @@ class ScoreConfig:
     chunk_size: int = 2000  # verdicts per written part file
     stage: str = "score"
     table: str = "rollouts"
+    shard: str = "0/1"  # i/n: only the rollouts of prompts in shard i (keys.shard_of)
 
 
-def pending_rollouts(store: Store, round: int, version: str, rescore: bool):
-    """Rollouts of the round still to verify, with their gold answers (no token columns)."""
+def pending_rollouts(store: Store, round: int, version: str, rescore: bool, shard: tuple[int, int] = (0, 1)):
+    """Rollouts of the round (and shard) still to verify, with their gold answers (no token columns)."""
     already = ("SELECT 1 FROM verdicts v WHERE v.round = r.round AND v.prompt_id = r.prompt_id "
                "AND v.sample_idx = r.sample_idx" + (" AND v.verifier_version = ?" if rescore else ""))
     sql = (f"SELECT r.round, r.prompt_id, r.sample_idx, r.rollout_id, r.completion_text, p.answer "
            f"FROM rollouts r LEFT JOIN (SELECT DISTINCT ON (prompt_id) prompt_id, answer FROM prompts) p "
            f"USING (prompt_id) WHERE r.round = ? AND NOT EXISTS ({already}) ORDER BY r.prompt_id, r.sample_idx")
     params = [round, version] if rescore else [round]
-    return store.query(sql, params).to_pylist()
+    rows = store.query(sql, params).to_pylist()
+    return [row for row in rows if keys.in_shard(row["prompt_id"], *shard)]
+
+
+def rollout_counts(store: Store, round: int) -> dict[str, int]:
+    """prompt_id -> number of rollouts of the round."""
+    rows = store.query("SELECT prompt_id, count(*) AS n FROM rollouts WHERE round = ? GROUP BY prompt_id", [round])
+    return dict(zip(rows.column("prompt_id").to_pylist(), rows.column("n").to_pylist()))
 
 
 def verdict_row(rollout: dict, verdict, version: str) -> dict:
@@ -55,15 +66,18 @@ def run(store_path: str, cfg: ScoreConfig) -> dict:
         raise ReplayError(f"--timeout must be positive, got {cfg.timeout}")
     if cfg.workers is not None and cfg.workers < 1:
         raise ReplayError(f"--workers must be at least 1, got {cfg.workers}")
+    shard = keys.parse_shard(cfg.shard)
+    stage = keys.shard_stage(cfg.stage, *shard)
     store = Store.open(store_path)
     version = verifier_version()
     workers = cfg.workers or DEFAULT_WORKERS
-    record = start_manifest(cfg.stage, cfg.round, asdict(cfg) | {"workers": workers})
-    todo = pending_rollouts(store, cfg.round, version, cfg.rescore)
-    total = store.query("SELECT count(*) AS n FROM rollouts WHERE round = ?", [cfg.round]).column("n")[0].as_py()
-    if total == 0:
+    record = start_manifest(stage, cfg.round, asdict(cfg) | {"workers": workers})
+    counts_by_prompt = rollout_counts(store, cfg.round)
+    if not counts_by_prompt:  # the whole round, not the shard: few prompts can leave a shard empty
         raise ReplayError(f"round {cfg.round} has no rollouts in {store.root}: run `replay generate` "
                           f"or `replay import` first")
+    total = sum(n for pid, n in counts_by_prompt.items() if keys.in_shard(pid, *shard))
+    todo = pending_rollouts(store, cfg.round, version, cfg.rescore, shard)
     statuses: dict[str, int] = {}
     correct = 0
     started = time.perf_counter()
@@ -85,5 +99,5 @@ def run(store_path: str, cfg: ScoreConfig) -> dict:
     counts = {"rollouts": total, "scored": len(todo), "correct": correct, "statuses": statuses,
               "already_scored": total - len(todo)}
     record = finish_manifest(record, counts, {"verifier": VERIFIER_NAME, "verifier_version": version})
-    store.write_manifest(cfg.round, cfg.stage, record)
+    store.write_manifest(cfg.round, stage, record)
     return record

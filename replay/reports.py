@@ -42,6 +42,19 @@ def inspect_report(store: Store, what: str, ident: str | None = None, round: int
     raise ReplayError(f"unknown report {what!r}; choose from {', '.join(INSPECT_REPORTS)}")
 
 
+def stage_status(store: Store, round: int, stage: str) -> str:
+    """A stage's manifest status; for a stage run as --shard i/n workers, how many shards completed."""
+    manifest = store.read_manifest(round, stage)
+    if manifest:
+        return manifest["status"]
+    shards = sorted(store.manifest_path(round, stage).parent.glob(f"{stage}.shard-*-of-*.json"))
+    if not shards:
+        return "-"
+    count = int(shards[0].stem.rsplit("-of-", 1)[1])
+    done = sum(1 for path in shards if (store.read_manifest(round, path.stem) or {}).get("status") == "complete")
+    return f"complete ({count} shards)" if done == count else f"{done}/{count} shards complete"
+
+
 def status_table(store: Store) -> pa.Table:
     """Per round: which stages have a completion manifest, and the row counts."""
     counts = {}
@@ -52,8 +65,7 @@ def status_table(store: Store) -> pa.Table:
     for round in store.rounds():
         row = {"round": round}
         for stage in STAGES:
-            manifest = store.read_manifest(round, stage)
-            row[stage] = manifest["status"] if manifest else "-"
+            row[stage] = stage_status(store, round, stage)
         row["rollouts"] = counts["rollouts"].get(round, 0)
         row["verdicts"] = counts["verdicts"].get(round, 0)
         row["learn_rows"] = counts["learn_audit"].get(round, 0)

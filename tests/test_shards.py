@@ -17,6 +17,7 @@ from replay import keys
 from replay.cli import app
 from replay.doctor import diagnose
 from replay.errors import ReplayError
+from replay.reports import stage_status
 from replay.store import HOST_TAG, Store, clean_temp_files
 from tests._tiny_model import save_tiny_model
 
@@ -143,6 +144,10 @@ def test_concurrent_generate_shards_equal_one_run(stores):
     records = manifests(sharded, 0, "generate")
     assert all(r["status"] == "complete" and r["counts"]["prompts"] > 0 for r in records)  # no idle shard
     assert sum(r["counts"]["prompts"] for r in records) == 9 and overlap(records)
+    assert stage_status(sharded, 0, "generate") == f"complete ({N} shards)"
+    (sharded.root / "manifests" / "round=0" / f"generate.shard-1-of-{N}.json").rename(sharded.root / "aside.json")
+    assert stage_status(sharded, 0, "generate") == f"{N - 1}/{N} shards complete"
+    (sharded.root / "aside.json").rename(sharded.root / "manifests" / "round=0" / f"generate.shard-1-of-{N}.json")
     prompts = sharded.query("SELECT prompt_id, count(*) AS n FROM prompts GROUP BY 1").to_pylist()
     assert len(prompts) == 9 + len(IMPORTED) and all(p["n"] == 1 for p in prompts)  # each worker: its own
     rerun = invoke(*GENERATE, "--model", records[1]["config"]["model"], "--store", sharded.root, "--shard", f"1/{N}")

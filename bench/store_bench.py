@@ -20,7 +20,6 @@ import contextlib
 import json
 import multiprocessing
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -34,7 +33,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import schemas  # noqa: E402
 from replay import keys  # noqa: E402
 from replay.store import Store  # noqa: E402
 
@@ -46,67 +44,6 @@ QUERIES = {
     "top20": (f"SELECT prompt_id, n, mean_confidence FROM negative_groups WHERE round = {ROUNDS - 1} "
               "ORDER BY mean_confidence DESC LIMIT 20"),
 }
-
-# Proposed rewrite of samples.sql's latest_verdicts: a hash aggregate keyed on scored_at instead of
-# a window sort. arg_max_null, not arg_max: a NULL in the newest verdict must not fall back to an
-# older verdict's value. Ties on scored_at (two verdicts of one rollout in the same microsecond)
-# pick one arbitrarily; the shipped view breaks them by verifier_version (a struct key costs ~40%).
-LATEST_VERDICTS_BY_AGGREGATE = """WITH latest_verdicts AS (
-    SELECT round, prompt_id, sample_idx,
-           arg_max_null(correct, scored_at) AS correct,
-           arg_max_null(reward, scored_at) AS reward,
-           arg_max_null(status, scored_at) AS status,
-           arg_max_null(extracted_answer, scored_at) AS extracted_answer,
-           arg_max_null(verifier_version, scored_at) AS verifier_version,
-           max(scored_at) AS scored_at
-    FROM verdicts
-    GROUP BY round, prompt_id, sample_idx
-),
-unique_prompts AS ("""
-
-# Proposed rounds.sql: groups computed once (MATERIALIZED) and reused by s, g and the rescues.
-ROUNDS_MATERIALIZED = """CREATE OR REPLACE VIEW rounds AS
-WITH r AS (
-    SELECT round, count(*) AS rollouts, count(DISTINCT prompt_id) AS prompts,
-           avg(num_completion_tokens) AS mean_tokens, max(policy_round) AS policy_round
-    FROM rollouts GROUP BY round
-),
-grp AS MATERIALIZED (
-    SELECT round, prompt_id, kind, n, n_correct, mean_wrong_confidence FROM groups
-),
-s AS (
-    SELECT round, sum(n) AS scored, sum(n_correct) / sum(n) AS accuracy,
-           sum(mean_wrong_confidence * (n - n_correct)) / nullif(sum(n - n_correct), 0) AS mean_wrong_confidence
-    FROM grp GROUP BY round
-),
-g AS (
-    SELECT round,
-           count(*) FILTER (WHERE kind = 'negative') AS negative_groups,
-           count(*) FILTER (WHERE kind = 'mixed') AS mixed_groups,
-           count(*) FILTER (WHERE kind = 'positive') AS positive_groups,
-           avg(CASE WHEN kind = 'negative' THEN 1.0 ELSE 0.0 END) AS negative_share
-    FROM grp GROUP BY round
-),
-x AS (
-    SELECT rescued_round AS round, count(DISTINCT prompt_id) AS rescued FROM (
-        SELECT a.prompt_id, min(b.round) AS rescued_round
-        FROM grp a JOIN grp b ON b.prompt_id = a.prompt_id AND b.round > a.round
-        WHERE a.kind = 'negative' AND b.kind <> 'negative'
-        GROUP BY a.prompt_id, a.round)
-    GROUP BY 1
-)
-SELECT r.round, r.policy_round, r.prompts, r.rollouts, s.scored, s.accuracy,
-       coalesce(g.negative_groups, 0) AS negative_groups,
-       coalesce(g.mixed_groups, 0) AS mixed_groups,
-       coalesce(g.positive_groups, 0) AS positive_groups,
-       g.negative_share, coalesce(x.rescued, 0) AS rescued,
-       r.mean_tokens, s.mean_wrong_confidence
-FROM r
-LEFT JOIN s ON s.round = r.round
-LEFT JOIN g ON g.round = r.round
-LEFT JOIN x ON x.round = r.round
-ORDER BY r.round;"""
-
 
 class Clock:
     """Accumulates wall and CPU seconds (all threads of this process) over timed blocks."""
@@ -368,38 +305,23 @@ def profile(con: duckdb.DuckDBPyConnection, sql: str, top: int = 5) -> None:
               f"{json.dumps(info)[:100]}")
 
 
-def compare_views(store: Store, repeats: int, show_profile: bool) -> None:
-    """Shipped views vs the proposed rewrites, on trusted connections; same answers checked."""
-    samples = schemas.view_sql("samples")
-    proposed = re.sub(r"WITH latest_verdicts AS \(.*?\n\),\nunique_prompts AS \(",
-                      lambda _: LATEST_VERDICTS_BY_AGGREGATE, samples, flags=re.S)
-    if proposed == samples:
-        print("  (samples.sql no longer has the latest_verdicts CTE this rewrite replaces: skipped)")
-        return
-    variants = {"shipped views": [], "samples rewrite": [proposed], "samples + rounds rewrite": [proposed, ROUNDS_MATERIALIZED]}
+def time_views(store: Store, repeats: int, show_profile: bool) -> None:
+    """The queries, `rounds` and all of `samples` on a trusted connection (no CLI start-up)."""
     questions = {**QUERIES, "rounds": "SELECT * FROM rounds", "newest": "SELECT verifier_version, "
                  "count(*), sum(reward), sum(CAST(extracted_answer AS BIGINT)) FROM samples GROUP BY ALL ORDER BY 1"}
-    answers = {}
-    print("\nview rewrite (trusted connection)   query   wall min s  CPU min s  same answer")
-    for name, statements in variants.items():
-        con = store.connect()
-        for statement in statements:
-            con.execute(statement)
-        for q, sql in questions.items():
-            if q != "rounds" and name == "samples + rounds rewrite":
-                continue
-            runs = []
-            for _ in range(repeats):
-                clock = Clock()
-                with clock():
-                    rows = con.sql(sql).fetchall()
-                runs.append((clock.wall, clock.cpu))
-            rows = [tuple(round(v, 9) if isinstance(v, float) else v for v in row) for row in rows]
-            print(f"  {name:<33} {q:<7} {min(r[0] for r in runs):10.3f} {min(r[1] for r in runs):10.3f}  "
-                  f"{answers.setdefault(q, rows) == rows}")
-            if show_profile and q in QUERIES:
-                profile(con, sql)
-        con.close()
+    con = store.connect()
+    print("\nviews on a trusted connection   query   wall min s  CPU min s")
+    for q, sql in questions.items():
+        runs = []
+        for _ in range(repeats):
+            clock = Clock()
+            with clock():
+                con.sql(sql).fetchall()
+            runs.append((clock.wall, clock.cpu))
+        print(f"  {'':<29} {q:<7} {min(r[0] for r in runs):10.3f} {min(r[1] for r in runs):10.3f}")
+        if show_profile and q in QUERIES:
+            profile(con, sql)
+    con.close()
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -469,7 +391,7 @@ def main() -> None:
         for name, sql in QUERIES.items():
             print(row(f"in-process {name}", result[sql][0], f"{len(result[sql][1])}, {rss:.0f} "
                                                              f"({base_rss:.0f} after imports)"))
-        compare_views(store, args.repeats, args.profile)
+        time_views(store, args.repeats, args.profile)
         if args.skip_pandas:
             return
         median = {k: sorted(r[0] for r in v)[len(v) // 2] for k, v in cli.items()}

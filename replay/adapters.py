@@ -8,7 +8,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from .store import Store, clean_temp_files
+from .store import Store, clean_temp_files, temp_name
 
 
 def exists(path: Path) -> bool:
@@ -30,12 +30,12 @@ def save(model, out_dir: Path, manifest: dict) -> Path:
     """peft save_pretrained into a temp dir beside out_dir, then rename: never a half adapter."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     clean_temp_files(out_dir.parent)
-    tmp = out_dir.parent / f".tmp-{os.getpid()}-{uuid.uuid4().hex}"
+    tmp = out_dir.parent / temp_name(uuid.uuid4().hex)
     model.save_pretrained(str(tmp), safe_serialization=True)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
     old = None
     if out_dir.exists():  # --force: swap the old one out, then delete it
-        old = out_dir.parent / f".tmp-{os.getpid()}-old-{uuid.uuid4().hex}"
+        old = out_dir.parent / temp_name(f"old-{uuid.uuid4().hex}")
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
     if old is not None:

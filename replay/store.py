@@ -308,6 +308,18 @@ class Store:
         cols = ", ".join(f'CAST(NULL AS {_duckdb_type(f.type)}) AS "{f.name}"' for f in schema)
         return f"SELECT {cols} WHERE false"
 
+    def _stage_runs_source(self) -> str:
+        """The manifests as rows: which stage ran on which round, its status, time and counts."""
+        columns = ("stage VARCHAR", "round INTEGER", "status VARCHAR", "started_at TIMESTAMPTZ",
+                   "finished_at TIMESTAMPTZ", "seconds DOUBLE", "counts JSON")
+        if not any(p for p in self.root.glob("manifests/round=*/*.json") if not p.name.startswith(".")):
+            empty = [f"CAST(NULL AS {c.split()[1]}) AS {c.split()[0]}" for c in (*columns, "path VARCHAR")]
+            return f"SELECT {', '.join(empty)} WHERE false"
+        typed = ", ".join(f"{c.split()[0]}: '{c.split()[1]}'" for c in columns)
+        path = str(self.root / "manifests" / "round=*" / "[!.]*.json").replace("'", "''")  # not .tmp-*
+        return (f"SELECT {', '.join(c.split()[0] for c in columns)}, filename AS path FROM read_json('{path}', "
+                f"columns = {{{typed}}}, hive_partitioning = false, filename = true)")
+
     def connect(self, threads: int | None = None) -> duckdb.DuckDBPyConnection:
         """An in-memory DuckDB connection with every table and view of the store registered.
 
@@ -318,6 +330,7 @@ class Store:
                 con.execute(f"SET threads = {int(threads)}")
             for table in schemas.TABLES:
                 con.execute(f"CREATE VIEW {table} AS {self._source(table)}")
+            con.execute(f"CREATE VIEW stage_runs AS {self._stage_runs_source()}")
             for view in schemas.VIEW_FILES:
                 con.execute(schemas.view_sql(view))
         except duckdb.Error as exc:

@@ -91,8 +91,22 @@ def test_manifest_round_trip_and_required_keys(tmp_path):
 
 def test_empty_store_views_all_bind(tmp_path):
     store = Store.create(tmp_path)
-    for view in (*schemas.TABLES, *schemas.VIEW_FILES):
+    for view in (*schemas.TABLES, *schemas.VIEW_FILES, "stage_runs"):
         assert store.query(f"SELECT * FROM {view}").num_rows == 0
+
+
+def test_stage_runs_view_lists_the_manifests_but_not_temp_files(tmp_path):
+    from replay.manifests import finish_manifest, start_manifest
+
+    store = Store.create(tmp_path)
+    for round, stage, counts in ((0, "generate", {"rollouts_written": 8}), (1, "score", {"scored": 8})):
+        store.write_manifest(round, stage, finish_manifest(start_manifest(stage, round, {}), counts))
+    leftover = store.manifest_path(0, "score").with_name(".tmp-1-h00000000-x-score.json")
+    leftover.write_text(store.manifest_path(0, "generate").read_text())  # a crashed writer's
+    rows = store.read_only_query("SELECT stage, round, status, seconds >= 0 AS timed, "
+                                 "counts->>'rollouts_written' AS written FROM stage_runs ORDER BY round").to_pylist()
+    assert rows == [{"stage": "generate", "round": 0, "status": "complete", "timed": True, "written": "8"},
+                    {"stage": "score", "round": 1, "status": "complete", "timed": True, "written": None}]
 
 
 def test_prompts_table_is_flat(tmp_path):

@@ -71,8 +71,10 @@ def arith_pool(problem: str) -> str:
 
 def arith_prompts(num_prompts: int, split: str = "train", seed: int = 0,
                   levels: tuple[int, ...] = (1, 2, 3, 4, 5)) -> list[Prompt]:
-    """Problems cycle through `levels`; `split` selects an independent stream, drawn from the test
-    pool for split "test" and from the train pool for any other split."""
+    """Draws cycle through `levels`; `split` selects an independent stream, drawn from the test
+    pool for split "test" and from the train pool for any other split. A draw that repeats an
+    earlier problem or falls in the other pool is skipped and the cycle moves on, so the mix
+    follows `levels` only roughly where a level is small (level 1: 162 problems in all)."""
     bad = [lv for lv in levels if lv not in ARITH_LEVELS]
     if bad or not levels:
         raise DatasetError(f"arith: levels must be among 1-5, got {list(levels)}")

@@ -19,7 +19,7 @@ evaluate() {  # store round adapter; a rerun finds the samples stored and only r
 }
 
 # --- 1. same-data A/B on round 0 --------------------------------------------------------------
-step replay round --store "$OUT/lens" --config "$CFG"                          # generate, score, learn lens
+step replay round --store "$OUT/lens" --config "$CFG" --until 0               # generate, score, learn lens
 for objective in grpo nsr w_reinforce; do                                      # same rollouts, other objectives
   step replay learn --store "$OUT/lens" --round 0 --objective "$objective" --adapter-name "$objective" \
     --lr 1e-4 --epochs 1 --micro-batch-size 4 --grad-accum 8 --seed 0
@@ -28,8 +28,8 @@ evaluate lens -1 base
 for adapter in main grpo nsr w_reinforce; do evaluate lens 0 "$adapter"; done
 
 # --- 2. multi-round: lens and grpo, 3 rounds each -----------------------------------------------
-step replay round --store "$OUT/lens" --config "$CFG" --rounds 2               # rounds 1 and 2
-step replay round --store "$OUT/grpo" --config "$CFG" --set learn.objective=grpo --rounds 3
+step replay round --store "$OUT/lens" --config "$CFG" --until 2               # rounds 1 and 2
+step replay round --store "$OUT/grpo" --config "$CFG" --set learn.objective=grpo --until 2
 for r in 1 2; do evaluate lens "$r" main; done
 for r in 0 1 2; do evaluate grpo "$r" main; done
 
@@ -37,3 +37,6 @@ for r in 0 1 2; do evaluate grpo "$r" main; done
 step replay report --store "$OUT/lens" --compare "$OUT/grpo" --out "$OUT/report"
 replay sql --store "$OUT/lens" "select adapter_name, round, k, round(pass_at_k, 4) as pass_at_k from eval_passk
   where group_by = 'all' order by adapter_name, round, k"
+# paired bootstrap intervals: A/B objectives against the base model, then lens vs grpo per round
+python examples/paired_ci.py "$OUT/lens" base main-r0 grpo-r0 nsr-r0 w_reinforce-r0
+for r in 0 1 2; do python examples/paired_ci.py "$OUT/lens" "$OUT/grpo/evals/main-r$r" "main-r$r"; done

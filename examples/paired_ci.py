@@ -1,6 +1,7 @@
 """Paired bootstrap confidence intervals for pass@k differences between evaluated policies.
 
     python examples/paired_ci.py STORE base main-r0 grpo-r0 [--ks 1 8] [--resamples 4000]
+    python examples/paired_ci.py STORE main-r2 OTHER_STORE/evals/main-r2      # across two stores
 
 `replay eval` keeps each policy's samples in STORE/evals/<adapter>-r<R>/ (base/ for the base
 model), all on the same prompts with the same per-sample seeds. This resamples prompts (with
@@ -29,12 +30,14 @@ def per_prompt(store_dir: Path) -> dict[str, tuple[int, int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("store")
-    parser.add_argument("policies", nargs="+", help="eval store names under STORE/evals/; the first is the reference")
+    parser.add_argument("policies", nargs="+", help="eval store names under STORE/evals/, or paths to eval stores "
+                        "(anything with a /); the first is the reference")
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--resamples", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    groups = {name: per_prompt(Path(args.store) / "evals" / name) for name in args.policies}
+    groups = {name: per_prompt(Path(name) if "/" in name else Path(args.store) / "evals" / name)
+              for name in args.policies}
     prompts = sorted(set.intersection(*(set(g) for g in groups.values())))
     draws = np.random.default_rng(args.seed).integers(0, len(prompts), (args.resamples, len(prompts)))
     reference = args.policies[0]

@@ -150,6 +150,8 @@ def round_(
     config: Optional[str] = typer.Option(None, "--config", "-c", help="TOML with [generate] [score] [learn] tables."),
     set_: list[str] = typer.Option([], "--set", help="Override a setting: section.key=value (repeatable)."),
     rounds: int = typer.Option(1, help="Run this many rounds in a row."),
+    until: Optional[int] = typer.Option(None, "--until", help="Instead of a count: run rounds until this "
+                                        "round has learned (a rerun only finishes what is missing)."),
     wait: bool = typer.Option(False, help="Wait for a running tick instead of exiting."),
 ):
     """One cron tick: run the next unfinished round's missing stages (generate -> score -> learn).
@@ -160,11 +162,12 @@ def round_(
 
     settings = load_settings(config, set_)
     try:
-        results = run(store, settings, rounds=rounds, wait=wait, echo=typer.echo)
+        results = run(store, settings, rounds=rounds, wait=wait, echo=typer.echo, until=until)
     except RoundLocked as exc:
         typer.echo(str(exc))
         raise typer.Exit(EXIT_LOCKED) from None
-    typer.echo(f"finished round(s) {', '.join(str(r.round) for r in results)}")
+    done = ", ".join(str(r.round) for r in results)
+    typer.echo(f"finished round(s) {done}" if results else f"nothing to do: round {until} has learned")
 
 
 @command("eval")

@@ -95,11 +95,21 @@ def run_one(store_path: str, settings: dict[str, dict], echo=print) -> RoundResu
 
 
 def run(store_path: str, settings: dict[str, dict], rounds: int = 1, wait: bool = False,
-        echo=print) -> list[RoundResult]:
-    """Run `rounds` rounds in a row under the store lock; raises RoundLocked if another tick runs."""
+        echo=print, until: int | None = None) -> list[RoundResult]:
+    """Run `rounds` rounds in a row under the store lock; raises RoundLocked if another tick runs.
+
+    With `until`, run rounds until round `until` has learned instead (none if it already has), so
+    a rerun script asks for a target rather than a count that would overshoot after a restart."""
     root = Path(store_path).absolute()
+    adapter_name = settings.get("learn", {}).get("adapter_name", "main")
     results = []
     with store_lock(root, wait=wait):
-        for _ in range(rounds):
+        while _wants_another(root, adapter_name, len(results), rounds, until):
             results.append(run_one(str(root), settings, echo))
     return results
+
+
+def _wants_another(root: Path, adapter_name: str, done: int, rounds: int, until: int | None) -> bool:
+    if until is None:
+        return done < rounds
+    return not (root / "store.json").exists() or next_round(Store.open(root), adapter_name) <= until

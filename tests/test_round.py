@@ -125,8 +125,11 @@ def test_killed_tick_is_finished_by_the_next(tmp_path, config, reference, kill):
 
 def test_next_round_samples_with_the_previous_adapter(tmp_path, config):
     store = tmp_path / "store"
-    result = tick(store, config, "--rounds", "2")
+    result = tick(store, config, "--until", "1")  # a target round, not a count
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "finished round(s) 0, 1" in result.stdout
+    again = tick(store, config, "--until", "1")
+    assert again.returncode == 0 and "nothing to do: round 1 has learned" in again.stdout, again.stdout
     s = Store.open(store)
     rows = s.query("SELECT round, any_value(policy_round) AS p, count(*) AS n, "
                    "any_value(policy_adapter) AS a FROM rollouts GROUP BY round ORDER BY round").to_pylist()

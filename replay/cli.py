@@ -58,7 +58,7 @@ from . import cli_stages  # noqa: E402,F401  (registers generate, score, import,
 def sql(
     query: str = typer.Argument(..., help="A read-only SQL query over the store's views."),
     store: str = StoreOpt,
-    format: str = typer.Option("table", "--format", "-f", help="table | csv | json | parquet"),
+    format: str = typer.Option("table", "--format", "-f", help="table | csv | json | markdown | parquet"),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the result to this file."),
     allow_read: list[str] = typer.Option([], "--allow-read", help="Also allow reading files under PATH."),
 ):

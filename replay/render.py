@@ -1,4 +1,4 @@
-"""Turning Arrow tables into terminal tables, CSV, JSON or Parquet (the CLI's output edge)."""
+"""Turning Arrow tables into terminal tables, CSV, JSON, Markdown or Parquet (the CLI's output edge)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from .errors import ReplayError
 
-FORMATS = ("table", "csv", "json", "parquet")
+FORMATS = ("table", "csv", "json", "markdown", "parquet")
 
 
 def _cell(value, width: int) -> str:
@@ -61,12 +61,26 @@ def write_result(table: pa.Table, fmt: str, output: str | None) -> None:
         buffer = io.BytesIO()
         pacsv.write_csv(_flatten_lists(table), buffer)
         payload = buffer.getvalue().decode("utf-8")
+    elif fmt == "markdown":
+        payload = markdown_table(table)
     else:
         payload = "".join(json.dumps(row, default=str, ensure_ascii=False) + "\n" for row in table.to_pylist())
     if output:
         _atomic(output, lambda tmp: Path(tmp).write_text(payload, encoding="utf-8"))
     else:
         sys.stdout.write(payload)
+
+
+def markdown_table(table: pa.Table) -> str:
+    """A GitHub-flavoured Markdown table (numbers as in the terminal table, `|` escaped)."""
+    def cell(value) -> str:
+        if isinstance(value, (list, dict)):
+            value = json.dumps(value, default=str)
+        return _cell(value, 10**9).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(table.column_names) + " |", "|" + "---|" * table.num_columns]
+    lines += ["| " + " | ".join(cell(v) for v in row.values()) + " |" for row in table.to_pylist()]
+    return "\n".join(lines) + "\n"
 
 
 def _atomic(output: str, write) -> None:

@@ -73,6 +73,10 @@ def test_group_kinds_query_and_formats(store, tmp_path):
     assert result.output.splitlines() == ['"kind","n"', '"negative",1']
     result = invoke("sql", "--store", store.root, "select sample_idx from rollouts order by 1", "-f", "json")
     assert [json.loads(line) for line in result.output.splitlines()] == [{"sample_idx": 0}, {"sample_idx": 1}]
+    result = invoke("sql", "--store", store.root, "select kind, count(*) as n, 0.25 as share, 'a|b' as s "
+                    "from groups group by kind", "-f", "markdown")
+    assert result.output.splitlines() == ["| kind | n | share | s |", "|---|---|---|---|",
+                                          "| negative | 1 | 0.25 | a\\|b |"]
     out = tmp_path / "r.parquet"
     result = invoke("sql", "--store", store.root, "select * from samples", "-f", "parquet", "-o", out)
     assert result.exit_code == 0 and out.exists()

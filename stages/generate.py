@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from replay import keys
 from replay.datasets import Prompt, load_prompts
 from replay.errors import ReplayError
-from replay.manifests import finish_manifest, start_manifest
+from replay.manifests import finish_manifest, record_run, start_manifest
 from replay.progress import progress_bar
 from replay.store import Store, utc_now
 
@@ -172,8 +172,7 @@ def run(store_path: str, cfg: GenerateConfig, engine=None) -> dict:
               "tokens_written": new_tokens, "groups_already_stored": len(prompts) - len(todo)}
     record = finish_manifest(record, counts, versions, policy_round=policy_round, adapter=adapter_path,
                              base_model=model_ref.name)
-    store.write_manifest(cfg.round, stage, record)
-    return record
+    return record_run(store, cfg.round, stage, record, did_work=bool(todo))
 
 
 def _build_engine(cfg: GenerateConfig, model_ref, adapter_path):

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 from replay import keys
 from replay.errors import ReplayError
-from replay.manifests import finish_manifest, start_manifest
+from replay.manifests import finish_manifest, record_run, start_manifest
 from replay.progress import progress_bar
 from replay.store import Store, utc_now
 from replay.verify import VERIFIER_NAME, VerifierPool, verifier_version
@@ -99,5 +99,4 @@ def run(store_path: str, cfg: ScoreConfig) -> dict:
     counts = {"rollouts": total, "scored": len(todo), "correct": correct, "statuses": statuses,
               "already_scored": total - len(todo)}
     record = finish_manifest(record, counts, {"verifier": VERIFIER_NAME, "verifier_version": version})
-    store.write_manifest(cfg.round, stage, record)
-    return record
+    return record_run(store, cfg.round, stage, record, did_work=bool(todo))

@@ -43,6 +43,9 @@ def store(tmp_path_factory, model_dir):
     assert "scored 16" in out and "already scored" in out
     assert "scored 0" in invoke("score", "--store", root, "--round", 0, "--workers", 1)
     store = Store.open(root)
+    # the no-op reruns left the manifests of the runs that did the work
+    assert store.read_manifest(0, "generate")["counts"]["groups_written"] == 4
+    assert store.read_manifest(0, "score")["counts"]["scored"] == 16
     pids = sorted(store.query("SELECT DISTINCT prompt_id FROM rollouts").column(0).to_pylist())
     later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=1)
     store.write("verdicts", [verdict_row(0, pid, i, bool(OUTCOMES[j][i]), scored_at=later, version="hand")

@@ -3,7 +3,7 @@ naive full-logits step vs TRL's GRPOTrainer, on the same fixed batch, in one run
 
     python bench/learn_bench.py [--variants ours ours:16 naive trl] [--batch 16] [--prompt-len 64]
         [--completion-len 192] [--micro 4] [--reps 2] [--threads 0] [--uniform-groups 0]
-        [--gradient-checkpointing] [--profile ours trl]
+        [--gradient-checkpointing] [--chunk 1024] [--profile ours trl]
 
 A variant is `ours` | `naive` | `trl`, optionally `:M` for micro-batches of M (default --micro; the
 gradient accumulation is batch / M, so every variant makes one optimizer step over the whole batch).
@@ -30,6 +30,7 @@ their difference, the step's own memory. The warm-up step's loss must agree acro
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -243,7 +244,8 @@ def child_main(args) -> None:
         out = trl_child(args, data, micro)
     else:
         from replay.learner import token_logprobs
-        out = replay_child(args, data, micro, token_logprobs if kind == "ours" else naive_token_logprobs)
+        ours = functools.partial(token_logprobs, chunk_size=args.chunk)
+        out = replay_child(args, data, micro, ours if kind == "ours" else naive_token_logprobs)
     out["peak_kib"] = status_kib("VmHWM")
     report_to.write(json.dumps(out) + "\n")
     report_to.flush()
@@ -252,7 +254,8 @@ def child_main(args) -> None:
 def run_variant(args, variant: str, data: Path, log: Path) -> dict:
     argv = [sys.executable, __file__, "--child", variant, "--data", str(data), "--threads", str(args.threads),
             "--profile", *args.profile]
-    for flag in ("model", "batch", "prompt_len", "completion_len", "micro", "reps", "uniform_groups", "lengths"):
+    for flag in ("model", "batch", "prompt_len", "completion_len", "micro", "reps", "uniform_groups", "lengths",
+                 "chunk"):
         argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     argv += ["--gradient-checkpointing"] * args.gradient_checkpointing
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
@@ -335,6 +338,8 @@ def main() -> None:
     parser.add_argument("--uniform-groups", type=int, default=0, help="groups with all-equal rewards")
     parser.add_argument("--lengths", choices=["fixed", "varied"], default="varied",
                         help="completion lengths: all --completion-len, or varied as real rollouts are")
+    parser.add_argument("--chunk", type=int, default=1024,
+                        help="ours: completion positions per vocabulary-projection chunk (replay's default 1024)")
     parser.add_argument("--mmap-threshold", type=int, default=0,
                         help="MALLOC_MMAP_THRESHOLD_ for the variants (bytes): peak RSS without heap fragmentation")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="for every variant (TRL's default)")

@@ -10,14 +10,12 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from typer.testing import CliRunner
 
 import schemas
-from replay.cli import app
 from replay.store import Store
+from tests._cli import invoke
 from tests._tiny_model import save_tiny_model
 
-runner = CliRunner()
 GOOD = {"problem": "w1 w2 w3", "answer": "1"}
 
 
@@ -34,10 +32,6 @@ def store(tmp_path):
 def snapshot(root):
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()} if root.exists() else None
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def fails_cleanly(result, *details, progress_before=False):

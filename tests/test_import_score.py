@@ -8,19 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from replay.cli import app
 from replay.store import Store
+from tests._cli import invoke_ok as invoke
 
 FIXTURE = Path(__file__).parent / "fixtures" / "math500_sample.jsonl"
-runner = CliRunner()
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    return result.output
 
 
 @pytest.fixture(scope="module")

@@ -7,23 +7,17 @@ import math
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from replay.cli import app
 from replay.store import Store
+from tests._cli import invoke_ok as invoke
+from tests._cli import runner
 from tests._store_rows import verdict_row
 from tests._tiny_model import save_tiny_model
 
-runner = CliRunner()
 G = 4
 # per prompt (in prompt_id order): which samples the hand-made re-score calls correct
 OUTCOMES = [[0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    return result.output
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,10 @@ import hashlib
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from replay.cli import app
 from replay.store import Store
+from tests._cli import invoke
 from tests._store_rows import prompt_row, rollout_row, verdict_row
-
-runner = CliRunner()
 
 
 @pytest.fixture()
@@ -26,10 +23,6 @@ def store(tmp_path):
 def snapshot(root):
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 REFUSED = [

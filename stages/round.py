@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from replay.errors import ReplayError
 from replay.store import Store
 
 LOCK_FILE = ".round.lock"
@@ -100,6 +101,8 @@ def run(store_path: str, settings: dict[str, dict], rounds: int = 1, wait: bool 
 
     With `until`, run rounds until round `until` has learned instead (none if it already has), so
     a rerun script asks for a target rather than a count that would overshoot after a restart."""
+    if until is not None and until < 0:
+        raise ReplayError(f"--until must be a round number (0 or more), got {until}")
     root = Path(store_path).absolute()
     adapter_name = settings.get("learn", {}).get("adapter_name", "main")
     results = []

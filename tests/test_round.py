@@ -139,3 +139,9 @@ def test_next_round_samples_with_the_previous_adapter(tmp_path, config):
     assert manifest["init_adapter"].endswith("adapters/round=0")  # training continued round 0's adapter
     log = (store / "logs/rounds.log").read_text()
     assert "round 1: learn" in log
+
+
+def test_until_must_be_a_round(tmp_path, config):
+    result = tick(tmp_path / "store", config, "--until", "-1")
+    assert result.returncode == 1 and "--until must be a round number" in result.stderr + result.stdout
+    assert not (tmp_path / "store").exists()

@@ -8,7 +8,8 @@ naive full-logits step vs TRL's GRPOTrainer, on the same fixed batch, in one run
 A variant is `ours` | `naive` | `trl`, optionally `:M` for micro-batches of M (default --micro; the
 gradient accumulation is batch / M, so every variant makes one optimizer step over the whole batch).
   ours   replay.learner.token_logprobs (hidden states at completion positions only, chunked vocab
-         projection) + replay.core.loss.policy_loss + backward + clip + AdamW, as replay/train_loop.py
+         projection) + replay.core.loss.policy_loss + backward + clip + AdamW, as replay/train_loop.py,
+         in a process with replay.runtime.return_freed_memory applied, as stages/learn.py does
   naive  the same, but logprobs from model(input_ids).logits [B, L, V] -> log_softmax -> gather
   trl    trl.GRPOTrainer.train() (same LoRA via peft_config, loss_type="grpo", beta=0, same micro-batch
          and accumulation); its generation is replaced by a function returning the fixed batch, so a
@@ -243,6 +244,9 @@ def child_main(args) -> None:
     if kind == "trl":
         out = trl_child(args, data, micro)
     else:
+        from replay.runtime import return_freed_memory
+
+        return_freed_memory()  # as stages/learn.py does (a no-op under --mmap-threshold)
         from replay.learner import token_logprobs
         ours = functools.partial(token_logprobs, chunk_size=args.chunk)
         out = replay_child(args, data, micro, ours if kind == "ours" else naive_token_logprobs)

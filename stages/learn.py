@@ -100,9 +100,10 @@ def run(store_path: str, cfg: LearnConfig) -> dict:
 
     from replay import adapters
     from replay.models import resolve_model
-    from replay.runtime import configure_torch
+    from replay.runtime import configure_torch, return_freed_memory
 
     configure_torch()
+    return_freed_memory()
     torch.manual_seed(cfg.seed)
     model_ref = resolve_model(cfg.model or store.meta.get("base_model") or "smollm2-135m")
     record = start_manifest(stage, cfg.round, asdict(cfg))

@@ -1,0 +1,47 @@
+"""replay.runtime.return_freed_memory: freed training memory goes back to the OS (glibc)."""
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+# Free one 4 MiB block (glibc then lifts its mmap threshold above 4 MiB), allocate 60 more from the
+# heap, free all but the newest (so the heap top cannot be trimmed), and report the RSS still held.
+PROBE = """
+import ctypes, ctypes.util, sys
+from replay.runtime import return_freed_memory
+applied = return_freed_memory() if sys.argv[1] == "on" else False
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+size = 4 << 20
+def rss_kib():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS:")).split()[1])
+libc.free(libc.malloc(size))
+blocks = [libc.malloc(size) for _ in range(60)]
+for b in blocks:
+    ctypes.memset(b, 1, size)
+before = rss_kib()
+for b in blocks[:-1]:
+    libc.free(b)
+print(applied, (before - rss_kib()) // 1024)
+"""
+
+
+def released_mib(mode: str, **env) -> tuple[str, int]:
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True,
+                         env={k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"} | env)
+    applied, mib = out.stdout.split()
+    return applied, int(mib)
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_freed_blocks_return_to_the_os_only_when_applied():
+    applied, released = released_mib("on")
+    assert applied == "True" and released >= 200, released  # ~236 MiB freed, returned at once
+    applied, kept = released_mib("off")
+    assert applied == "False" and kept < 50, kept  # glibc's default keeps the freed heap
+    applied, _ = released_mib("on", REPLAY_MALLOC_TUNING="0")
+    assert applied == "False"

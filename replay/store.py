@@ -310,14 +310,14 @@ class Store:
 
     def _stage_runs_source(self) -> str:
         """The manifests as rows: which stage ran on which round, its status, time and counts."""
-        columns = ("stage VARCHAR", "round INTEGER", "status VARCHAR", "started_at TIMESTAMPTZ",
-                   "finished_at TIMESTAMPTZ", "seconds DOUBLE", "counts JSON")
+        columns = {"stage": "VARCHAR", "round": "INTEGER", "status": "VARCHAR", "started_at": "TIMESTAMPTZ",
+                   "finished_at": "TIMESTAMPTZ", "seconds": "DOUBLE", "counts": "JSON"}
         if not any(p for p in self.root.glob("manifests/round=*/*.json") if not p.name.startswith(".")):
-            empty = [f"CAST(NULL AS {c.split()[1]}) AS {c.split()[0]}" for c in (*columns, "path VARCHAR")]
+            empty = [f"CAST(NULL AS {kind}) AS {name}" for name, kind in (columns | {"path": "VARCHAR"}).items()]
             return f"SELECT {', '.join(empty)} WHERE false"
-        typed = ", ".join(f"{c.split()[0]}: '{c.split()[1]}'" for c in columns)
+        typed = ", ".join(f"{name}: '{kind}'" for name, kind in columns.items())
         path = str(self.root / "manifests" / "round=*" / "[!.]*.json").replace("'", "''")  # not .tmp-*
-        return (f"SELECT {', '.join(c.split()[0] for c in columns)}, filename AS path FROM read_json('{path}', "
+        return (f"SELECT {', '.join(columns)}, filename AS path FROM read_json('{path}', "
                 f"columns = {{{typed}}}, hive_partitioning = false, filename = true)")
 
     def connect(self, threads: int | None = None) -> duckdb.DuckDBPyConnection:

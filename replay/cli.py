@@ -66,7 +66,10 @@ def sql(
     confident_mistakes, rescues, rounds, learn_audit, learn_metrics, eval_passk, prompts)."""
     from .render import write_result
 
-    write_result(_open(store).read_only_query(query, allow_read), format, output)
+    opened = _open(store)
+    if output:
+        opened.refuse_inside(output, "--output")
+    write_result(opened.read_only_query(query, allow_read), format, output)
 
 
 @command()

@@ -31,13 +31,13 @@ def inspect_report(store: Store, what: str, ident: str | None = None, round: int
     if what == "prompt":
         if not ident:
             raise ReplayError("`replay inspect prompt` needs a prompt id (see `replay inspect negatives`)")
-        ident = ident.replace("'", "''")
-        sql = (f"SELECT round, sample_idx, correct, status, confidence, extracted_answer, gold_answer, "
-               f"completion_text FROM samples WHERE prompt_id = '{ident}' ORDER BY round, sample_idx")
-        rows = store.read_only_query(sql)
+        sql = ("SELECT round, sample_idx, correct, status, confidence, extracted_answer, gold_answer, "
+               "completion_text FROM samples WHERE prompt_id = ? ORDER BY round, sample_idx")
+        rows = store.read_only_query(sql, params=[ident])
         if rows.num_rows == 0:
             raise ReplayError(f"no rollouts for prompt {ident!r} in {store.root}")
-        problem = store.read_only_query(f"SELECT any_value(problem) AS p FROM samples WHERE prompt_id = '{ident}'")
+        problem = store.read_only_query("SELECT any_value(problem) AS p FROM samples WHERE prompt_id = ?",
+                                        params=[ident])
         return f"prompt {ident}: {problem.column('p')[0].as_py()}", rows
     raise ReplayError(f"unknown report {what!r}; choose from {', '.join(INSPECT_REPORTS)}")
 

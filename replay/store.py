@@ -13,7 +13,9 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import uuid
+import weakref
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -220,6 +222,13 @@ class Store:
             raise StoreError(f"adapter name {name!r}: use letters, digits, - and _ only")
         return self.root / "adapters" / f"name={name}" / f"round={int(round)}"
 
+    def refuse_inside(self, path: str | os.PathLike, what: str) -> None:
+        """Refuse a user-chosen output path inside the store: only stages write there."""
+        target = Path(path).absolute().resolve()
+        if target.is_relative_to(self.root.resolve()):
+            raise StoreError(f"refused: {what} {path} is inside the store {self.root}; "
+                             "only replay's stages write there")
+
     def manifest_path(self, round: int, stage: str) -> Path:
         return self.root / "manifests" / f"round={int(round)}" / f"{stage}.json"
 
@@ -358,10 +367,17 @@ class Store:
             con.close()
 
     def read_only_connection(self, allow_read: Iterable[str | os.PathLike] = ()) -> duckdb.DuckDBPyConnection:
-        """A connection for user SQL: file access limited to the store (+ allow_read), locked."""
+        """A connection for user SQL: reads confined to the store (+ allow_read), configuration locked.
+
+        DuckDB adds its temp directory to the allowed ones, so each connection gets a private, empty
+        one (removed with the connection) instead of `<cwd>/.tmp`."""
+        self._refuse_escaping_links()
         con = self.connect()
+        temp = tempfile.mkdtemp(prefix="replay-sql-")
+        weakref.finalize(con, shutil.rmtree, temp, ignore_errors=True)
         dirs = [str(self.root) + os.sep] + [str(Path(p).absolute()) for p in allow_read]
         quoted = ", ".join("'" + d.replace("'", "''") + "'" for d in dirs)
+        con.execute("SET temp_directory = ?", [temp])
         con.execute(f"SET allowed_directories = [{quoted}]")
         con.execute("SET enable_external_access = false")
         con.execute("SET autoinstall_known_extensions = false")
@@ -369,14 +385,27 @@ class Store:
         con.execute("SET lock_configuration = true")
         return con
 
-    def read_only_query(self, sql: str, allow_read: Iterable[str | os.PathLike] = ()) -> pa.Table:
-        """Run user SQL that may only read: refused statements raise ReplayError."""
+    def _refuse_escaping_links(self) -> None:
+        """DuckDB confines paths by their text: a symlink in the store could lead a query elsewhere."""
+        root = self.root.resolve()
+        for directory, dirnames, filenames in os.walk(self.root):
+            for name in dirnames + filenames:
+                path = Path(directory) / name
+                if path.is_symlink() and not path.resolve().is_relative_to(root):
+                    raise StoreError(f"refused: {path} is a symbolic link out of the store "
+                                     f"(to {path.resolve()}); remove it to query this store")
+
+    def read_only_query(self, sql: str, allow_read: Iterable[str | os.PathLike] = (),
+                        params: list | None = None) -> pa.Table:
+        """Run one user query that may only read (sqlguard); `params` bind `?` placeholders."""
         con = self.read_only_connection(allow_read)
         try:
-            statements = check_read_only(con, sql)
-            for statement in statements[:-1]:
-                con.execute(statement.query)
-            return con.sql(statements[-1].query).to_arrow_table()
+            checked = check_read_only(con, sql)
+            relation = con.sql(checked.sql, params=params or None)
+            if checked.explain:
+                plan = relation.explain(type=checked.explain)
+                return pa.table({"explain_key": ["physical_plan"], "explain_value": [plan]})
+            return relation.to_arrow_table()
         except duckdb.Error as exc:
             raise self.query_error(exc) from None
         finally:

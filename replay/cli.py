@@ -132,7 +132,7 @@ def doctor(
     store: str = StoreOpt,
     deep: bool = typer.Option(False, "--deep", help="Also decompress every data page (reads all the data)."),
 ):
-    """Check the store: every Parquet file opens and matches its schema, no duplicate rollout keys,
+    """Check the store: every Parquet file opens and matches its schema, no duplicate keys,
     every verdict has its rollout, groups are complete, manifests agree with the files, adapters load.
     Prints each problem with its file path; exit 1 on any error."""
     from .doctor import diagnose

@@ -196,18 +196,27 @@ def _register(con: duckdb.DuckDBPyConnection, table: str, files: list[Path]) -> 
 
 
 def _keys(result: Diagnosis, con, manifests) -> None:
-    # keys first, file names for the few duplicates only (a list() per key over all rows is 4x slower)
-    rows = con.execute("WITH dup AS (SELECT round, prompt_id, sample_idx, count(*) OVER () AS total FROM rollouts "
-                       "GROUP BY ALL HAVING count(*) > 1 ORDER BY ALL LIMIT ?) SELECT round, prompt_id, sample_idx, "
-                       "list(filename ORDER BY filename), any_value(total) FROM dup JOIN rollouts "
-                       "USING (round, prompt_id, sample_idx) GROUP BY ALL ORDER BY ALL", [EXAMPLES]).fetchall()
-    for round, pid, idx, files, total in rows:
-        others = ", ".join(sorted(set(files[1:]) - {files[0]})) or "the same file"
-        result.add(files[0], f"duplicate rollout key (round {round}, prompt_id {pid}, sample_idx {idx}): "
-                             f"{len(files)} rows, also in {others} ({total} duplicate keys in all)")
+    for table, key in schemas.KEYS.items():
+        _duplicate_keys(result, con, table, key)
     for what, sql in KEY_CHECKS:
         for filename, n, example in con.execute(sql).fetchall():
             result.add(filename, f"{n} {what}, e.g. {example}")
+
+
+def _duplicate_keys(result: Diagnosis, con, table: str, key: tuple[str, ...]) -> None:
+    # keys first, file names for the few duplicates only (a list() per key over all rows is 4x slower)
+    cols = ", ".join(key)
+    rows = con.execute(f"WITH dup AS (SELECT {cols}, count(*) OVER () AS total FROM {table} GROUP BY ALL "
+                       f"HAVING count(*) > 1 ORDER BY ALL LIMIT ?) SELECT {cols}, list(filename ORDER BY filename), "
+                       f"any_value(total) FROM dup JOIN {table} "
+                       f"USING ({cols}) GROUP BY ALL ORDER BY ALL", [EXAMPLES]).fetchall()
+    for *values, files, total in rows:
+        others = ", ".join(sorted(set(files[1:]) - {files[0]})) or "the same file"
+        named = ", ".join(f"{name} {value}" for name, value in zip(key, values))
+        # the views read one row per prompt_id; rows that disagree are an error of KEY_CHECKS
+        severity = "warning" if table == "prompts" else "error"
+        result.add(files[0], f"duplicate {table} key ({named}): {len(files)} rows, also in {others} "
+                             f"({total} duplicate keys in all)", severity)
 
 
 def _group_sizes(result: Diagnosis, con, manifests) -> None:

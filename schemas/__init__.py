@@ -133,6 +133,17 @@ TABLES: dict[str, pa.Schema] = {
 }
 
 # Tables stored under <table>/round=R/; the rest are flat <table>/part-*.parquet.
+# Each table's natural key: no two rows share one (`replay doctor` reports any that do). A re-score
+# adds verdicts of a new verifier version only; an eval run adds rows stamped with its own time.
+KEYS: dict[str, tuple[str, ...]] = {
+    "prompts": ("prompt_id",),
+    "rollouts": ("round", "prompt_id", "sample_idx"),
+    "verdicts": ("round", "prompt_id", "sample_idx", "verifier_version"),
+    "learn_audit": ("round", "adapter_name", "rollout_round", "prompt_id", "sample_idx"),
+    "learn_metrics": ("round", "adapter_name", "step"),
+    "eval": ("round", "adapter_name", "dataset", "group_by", "group_value", "k", "created_at"),
+}
+
 PARTITIONED = frozenset({"rollouts", "verdicts", "learn_audit", "learn_metrics", "eval"})
 
 # Keys every stage manifest (<store>/manifests/round=R/<stage>.json) must carry.

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from replay import keys
 from replay.datasets import Prompt, load_prompts
 from replay.errors import ReplayError
+from replay.locks import locked_stage
 from replay.manifests import finish_manifest, record_run, start_manifest
 from replay.progress import progress_bar
 from replay.store import Store, utc_now
@@ -112,6 +113,7 @@ def rollout_rows(cfg: GenerateConfig, engine, settings, prompt: Prompt, prompt_i
     return rows
 
 
+@locked_stage("rollouts", "generate", creates_store=True)
 def run(store_path: str, cfg: GenerateConfig, engine=None) -> dict:
     """Sample and store every missing group of the round; returns the manifest record."""
     if cfg.num_samples < 1:

@@ -14,6 +14,7 @@ from pathlib import Path
 from replay import keys
 from replay.datasets import DatasetError, Prompt, int32_field, read_rows, storable_text, text_field
 from replay.errors import ReplayError
+from replay.locks import locked_stage
 from replay.manifests import finish_manifest, start_manifest
 from replay.store import Store, utc_now
 from stages.generate import register_prompts
@@ -121,6 +122,7 @@ def rollout_row(cfg: ImportConfig, r: dict, now) -> dict:
                 top_k=None, max_tokens=None, seed=None, created_at=now)
 
 
+@locked_stage("rollouts", "import", creates_store=True)
 def run(store_path: str, cfg: ImportConfig) -> dict:
     path = Path(cfg.file)
     prompts, rows = parse_rows(path, cfg)  # all validated before the first write

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from replay.errors import ReplayError
 from replay.learn_data import LearnSample, load_samples
+from replay.locks import locked_stage
 from replay.manifests import finish_manifest, start_manifest
 from replay.store import Store
 
@@ -84,6 +85,7 @@ def audit_rows(cfg: LearnConfig, samples, result, kinds) -> list[dict]:
             for i, s in enumerate(samples)]
 
 
+@locked_stage(lambda cfg: f"learn.{cfg.adapter_name}", "learn")
 def run(store_path: str, cfg: LearnConfig) -> dict:
     if cfg.objective not in OBJECTIVES:
         raise ReplayError(f"unknown --objective {cfg.objective!r}; choose from {', '.join(OBJECTIVES)}")

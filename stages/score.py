@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 from replay import keys
 from replay.errors import ReplayError
+from replay.locks import locked_stage
 from replay.manifests import finish_manifest, record_run, start_manifest
 from replay.progress import progress_bar
 from replay.store import Store, utc_now
@@ -61,6 +62,7 @@ def verdict_row(rollout: dict, verdict, version: str) -> dict:
                 scored_at=utc_now())
 
 
+@locked_stage("verdicts", "score")
 def run(store_path: str, cfg: ScoreConfig) -> dict:
     if cfg.timeout <= 0:
         raise ReplayError(f"--timeout must be positive, got {cfg.timeout}")

@@ -1,5 +1,6 @@
 """`replay doctor` on a hand-built healthy store, then on copies with one fault injected each."""
 
+import datetime as dt
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from replay.store import Store
 from tests._store_rows import prompt_row, rollout_row, verdict_row
 
 G = 4
+NOW_LATER = dt.datetime(2026, 11, 2, tzinfo=dt.timezone.utc)
 
 
 def manifest(stage, round, counts, config=None):
@@ -159,6 +161,34 @@ def test_duplicate_rollout_key_names_both_files(store):
     assert {problem.path, *map(Path, re.findall(r"also in (\S+) ", problem.message))} == {dup, holder}
     assert f"prompt_id {store.prompts[0]['prompt_id']}, sample_idx 1" in problem.message
     assert "1 duplicate keys in all" in problem.message
+
+
+def test_every_table_with_a_duplicate_key_is_an_error(store):
+    pid = store.prompts[0]["prompt_id"]
+    # what two concurrent `replay score` runs of one verifier left behind before stages took locks
+    store.write("verdicts", [verdict_row(1, pid, i, False, scored_at=NOW_LATER) for i in range(G)], round=1)
+    audit, metrics = learn_rows(0, store.prompts)
+    store.write("learn_audit", audit[:1], round=0, name="other-run")
+    store.write("learn_metrics", metrics[:1], round=0, name="other-run")
+    messages = " | ".join(p.message for p in errors(store))
+    assert messages.count("duplicate verdicts key") == G and messages.count("duplicate learn_") == 2
+    assert f"duplicate verdicts key (round 1, prompt_id {pid}, sample_idx 0, verifier_version 1): 2 rows" in messages
+    assert f"{G} duplicate keys in all" in messages
+    assert "duplicate learn_audit key (round 0, adapter_name main" in messages
+    assert "duplicate learn_metrics key (round 0, adapter_name main, step 0)" in messages
+
+
+def test_a_rescore_by_a_new_verifier_version_is_no_duplicate(store):
+    pid = store.prompts[0]["prompt_id"]
+    store.write("verdicts", [verdict_row(1, pid, i, True, scored_at=NOW_LATER, version="2") for i in range(G)],
+                round=1)
+    assert errors(store) == []
+
+
+def test_an_identical_copy_of_a_prompt_row_is_a_warning(store):
+    store.write("prompts", [store.prompts[1]])
+    found = check_store(store.root)
+    assert [p.severity for p in found] == ["warning"] and "duplicate prompts key" in found[0].message
 
 
 def test_orphan_verdict_is_named(store):

@@ -1,0 +1,97 @@
+"""Per-round stage locks: one writer of a round's table at a time.
+
+Two copies of `replay generate` (or score, import, learn) on one round would each find the same
+work missing and both write it: duplicate keys. Each stage run holds an exclusive `flock` on
+`<store>/.locks/round=R/<table>.lock` for the table it fills (generate and import share
+`rollouts`); a shard worker (`--shard i/n`) holds its own shard's lock exclusively and the table's
+lock shared, so shards run side by side but never beside an unsharded run or a second copy of
+themselves. The kernel releases a lock when its holder dies (kill -9 included), so a crashed
+holder never leaves a stale lock behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import os
+import shutil
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from .errors import ReplayError
+from .keys import parse_shard
+
+LOCK_DIR = ".locks"
+
+
+class StageBusy(ReplayError):
+    """Another process holds the lock of this stage on this round."""
+
+
+def lock_path(root: Path, round: int, name: str) -> Path:
+    return Path(root) / LOCK_DIR / f"round={int(round)}" / f"{name}.lock"
+
+
+def locked_stage(table: str | Callable[[object], str], stage: str, creates_store: bool = False):
+    """Decorate a stage's `run(store_path, cfg, ...)`: it runs holding `table`'s lock on cfg.round.
+
+    Under torchrun only rank 0 takes it (it alone writes); a missing store is left to the stage's own
+    error unless the stage creates stores."""
+    def decorate(run):
+        @functools.wraps(run)
+        def wrapper(store_path, cfg, *args, **kwargs):
+            root = Path(store_path).absolute()
+            if int(os.environ.get("RANK", "0")) != 0 or not (creates_store or (root / "store.json").exists()):
+                return run(store_path, cfg, *args, **kwargs)
+            name = table(cfg) if callable(table) else table
+            fresh = not root.exists()
+            try:
+                with stage_lock(root, cfg.round, name, stage, parse_shard(getattr(cfg, "shard", "0/1"))):
+                    return run(store_path, cfg, *args, **kwargs)
+            finally:
+                if not (root / "store.json").exists():  # refused before creating the store: leave no trace
+                    shutil.rmtree(root / LOCK_DIR, ignore_errors=True)
+                    if fresh and root.is_dir() and not any(root.iterdir()):
+                        root.rmdir()
+        return wrapper
+    return decorate
+
+
+@contextlib.contextmanager
+def stage_lock(root: Path, round: int, table: str, stage: str, shard: tuple[int, int] = (0, 1),
+               wait: bool = False) -> Iterator[None]:
+    """Hold `table`'s lock on `round` (and the shard's, for a shard worker), or raise StageBusy."""
+    index, count = shard
+    with contextlib.ExitStack() as stack:
+        if count == 1:
+            stack.enter_context(_flock(lock_path(root, round, table), fcntl.LOCK_EX, wait, stage, round))
+        else:
+            stage = f"{stage} --shard {index}/{count}"
+            stack.enter_context(_flock(lock_path(root, round, table), fcntl.LOCK_SH, wait, stage, round))
+            stack.enter_context(_flock(lock_path(root, round, f"{table}.shard-{index}-of-{count}"),
+                                       fcntl.LOCK_EX, wait, stage, round))
+        yield
+
+
+@contextlib.contextmanager
+def _flock(path: Path, mode: int, wait: bool, stage: str, round: int) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, mode | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "shard workers"
+            raise StageBusy(f"cannot run {stage} on round {round}: another process is writing that round "
+                            f"({holder}); let it finish, then rerun to pick up anything left") from None
+        if mode == fcntl.LOCK_EX:
+            os.pwrite(fd, f"{stage}, pid {os.getpid()} on {socket.gethostname()}".ljust(300).encode(), 0)
+        try:
+            yield
+        finally:
+            if mode == fcntl.LOCK_EX:
+                os.ftruncate(fd, 0)  # shared holders write nothing: no stale name for the next message
+    finally:
+        os.close(fd)  # closing releases the lock

@@ -75,6 +75,11 @@ def stage_lock(root: Path, round: int, table: str, stage: str, shard: tuple[int,
         yield
 
 
+def table_lock(root: Path, table: str) -> contextlib.AbstractContextManager:
+    """A short store-wide lock for a table that is not per round (prompts); waits for its turn."""
+    return _flock(Path(root) / LOCK_DIR / f"{table}.lock", fcntl.LOCK_EX, True, f"writing {table}", -1)
+
+
 @contextlib.contextmanager
 def _flock(path: Path, mode: int, wait: bool, stage: str, round: int) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from replay import keys
 from replay.datasets import Prompt, load_prompts
 from replay.errors import ReplayError
-from replay.locks import locked_stage
+from replay.locks import locked_stage, table_lock
 from replay.manifests import finish_manifest, record_run, start_manifest
 from replay.progress import progress_bar
 from replay.store import Store, utc_now
@@ -88,9 +88,10 @@ def stored_groups(store: Store, round: int, num_samples: int) -> set[str]:
 
 
 def register_prompts(store: Store, prompts: list[Prompt]) -> int:
-    known = set(store.query("SELECT DISTINCT prompt_id FROM prompts").column("prompt_id").to_pylist())
-    new = [dict(asdict(p), created_at=utc_now()) for p in prompts if p.prompt_id not in known]
-    store.write("prompts", new)
+    with table_lock(store.root, "prompts"):  # prompts are not per round: writers of any round meet here
+        known = set(store.query("SELECT DISTINCT prompt_id FROM prompts").column("prompt_id").to_pylist())
+        new = [dict(asdict(p), created_at=utc_now()) for p in prompts if p.prompt_id not in known]
+        store.write("prompts", new)
     return len(new)
 
 

@@ -42,10 +42,13 @@ def finish_manifest(record: dict, counts: dict, versions: dict | None = None, **
 def record_run(store, round: int, stage: str, record: dict, did_work: bool) -> dict:
     """Write the stage's manifest, unless this run found everything done and a complete manifest
     already describes the run that did it: a resumed tick must not erase when and how long the
-    work took (stage_runs reports it). Returns `record`, this run's own account, either way."""
+    work took (stage_runs reports it). A run killed between writing its manifest and renaming it
+    into place left that manifest in a temp file: a rerun with nothing to do publishes it.
+    Returns `record`, this run's own account, either way."""
     previous = store.read_manifest(round, stage)
     if did_work or not previous or previous.get("status") != "complete":
-        store.write_manifest(round, stage, record)
+        orphan = None if did_work else store.orphaned_manifest(round, stage)
+        store.write_manifest(round, stage, orphan or record)
     return record
 
 

@@ -131,20 +131,24 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def clean_temp_files(directory: Path) -> int:
-    """Remove `.tmp-<pid>-*` leftovers whose writing process is gone (crashed writers).
+def _left_by_dead_writer(name: str) -> bool:
+    """A `.tmp-<pid>-<host>-…` name whose writer is gone. A temp file tagged with another host is
+    never judged: its pid says nothing about this machine."""
+    parts = name.split("-")
+    try:
+        pid = int(parts[1])
+    except (IndexError, ValueError):
+        return False
+    if len(parts) > 2 and _is_host_tag(parts[2]) and parts[2] != HOST_TAG:
+        return False
+    return not _pid_alive(pid)
 
-    A temp file tagged with another host is left alone: its pid says nothing about this machine."""
+
+def clean_temp_files(directory: Path) -> int:
+    """Remove `.tmp-<pid>-*` leftovers whose writing process is gone (crashed writers)."""
     removed = 0
     for tmp in directory.glob(".tmp-*"):
-        parts = tmp.name.split("-")
-        try:
-            pid = int(parts[1])
-        except (IndexError, ValueError):
-            continue
-        if len(parts) > 2 and _is_host_tag(parts[2]) and parts[2] != HOST_TAG:
-            continue
-        if not _pid_alive(pid):
+        if _left_by_dead_writer(tmp.name):
             if tmp.is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
@@ -276,7 +280,23 @@ class Store:
             atomic_write_bytes(path, json.dumps(record, indent=2, default=str).encode())
         except OSError as exc:  # disk full, permission denied: the old manifest (if any) stays intact
             raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from None
+        clean_temp_files(path.parent)
         return path
+
+    def orphaned_manifest(self, round: int, stage: str) -> dict | None:
+        """The newest complete manifest of `stage` that a killed writer left in its temp file: the
+        work it describes is stored, only the rename into place never happened."""
+        found = []
+        for tmp in self.manifest_path(round, stage).parent.glob(".tmp-*.json"):
+            parts = tmp.name.split("-", 4)  # .tmp, pid, host, uuid, <stage>.json
+            if len(parts) == 5 and parts[4] == f"{stage}.json" and _left_by_dead_writer(tmp.name):
+                try:
+                    record = json.loads(tmp.read_text())
+                except (OSError, ValueError):
+                    continue  # killed mid-write: half a file
+                if isinstance(record, dict) and record.get("status") == "complete" and record.get("stage") == stage:
+                    found.append(record)
+        return max(found, key=lambda r: str(r.get("finished_at")), default=None)
 
     def read_manifest(self, round: int, stage: str) -> dict | None:
         path = self.manifest_path(round, stage)

@@ -15,7 +15,7 @@ from replay import keys
 from replay.datasets import DatasetError, Prompt, int32_field, read_rows, storable_text, text_field
 from replay.errors import ReplayError
 from replay.locks import locked_stage
-from replay.manifests import finish_manifest, start_manifest
+from replay.manifests import finish_manifest, record_run, start_manifest
 from replay.store import Store, utc_now
 from stages.generate import register_prompts
 
@@ -142,8 +142,7 @@ def run(store_path: str, cfg: ImportConfig) -> dict:
             batch = []
     counts = {"rows_in_file": len(rows), "rollouts_written": len(new), "prompts": len(prompts),
               "groups_already_stored": len({r["prompt_id"] for r in rows} & stored)}
-    record = finish_manifest(record, counts)
-    store.write_manifest(cfg.round, "import", record)
+    record = record_run(store, cfg.round, "import", finish_manifest(record, counts), did_work=bool(new))
     if len(new) and any(r["completion_logprobs"] is None for r in rows):
         record["note"] = "rows without token ids/logprobs: learn needs --recompute-old-logprobs for them"
     return record

@@ -145,3 +145,52 @@ def test_two_generates_at_once_store_each_group_once(tmp_path):
     assert key_counts(store) == {"rollouts": 24, "rollout_keys": 24, "verdicts": 0, "prompts": 6}
     assert "0 groups written" in invoke_ok(*GENERATE, "--model", model, "--store", root)  # not stuck
     assert diagnose(root).errors == []
+
+
+KILL_AT_MANIFEST = textwrap.dedent("""
+    import os, signal, sys
+    import replay.store
+    real_replace = os.replace
+    def replace(src, dst):
+        if str(dst).endswith(sys.argv[1]):
+            os.kill(os.getpid(), signal.SIGKILL)  # the manifest is written, not yet renamed into place
+        real_replace(src, dst)
+    replay.store.os.replace = replace
+    from replay.cli import app
+    app(sys.argv[2:])
+""")
+
+
+@pytest.mark.parametrize("stage,command", [("score", ["score", "--round", 0, "--workers", 1]),
+                                           ("import", ["import", "{file}", "--round", 0])])
+def test_a_kill_during_the_manifest_write_is_finished_by_the_rerun(tmp_path, stage, command):
+    rows = write_import_file(tmp_path / "rows.jsonl", prompts=5)
+    root = tmp_path / "store"
+    if stage == "score":
+        invoke_ok("import", rows, "--store", root, "--round", 0)
+    args = [str(a).format(file=rows) for a in command] + ["--store", str(root)]
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_MANIFEST, f"{stage}.json", *args], env=ENV,
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    manifests = root / "manifests" / "round=0"
+    assert not (manifests / f"{stage}.json").exists() and list(manifests.glob(f".tmp-*-{stage}.json"))
+    invoke_ok(*args)  # nothing left to do
+    record = Store.open(root).read_manifest(0, stage)
+    worked = record["counts"]["scored" if stage == "score" else "rollouts_written"]
+    assert record["status"] == "complete" and worked == 20  # the account of the run that did the work
+    assert not list(manifests.glob(".tmp-*"))
+    assert diagnose(root).problems == []
+
+
+def test_a_half_written_temp_manifest_is_removed_by_the_rerun(imported):
+    store, _ = imported
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    from replay.store import HOST_TAG
+    half = store.manifest_path(0, "import").parent / f".tmp-{dead.stdout.strip()}-{HOST_TAG}-abc-import.json"
+    half.write_text('{"stage": "import", "status": "compl')
+    before = store.read_manifest(0, "import")
+    store.manifest_path(0, "import").unlink()
+    invoke_ok("import", before["config"]["file"], "--store", store.root,
+              "--round", 0)
+    assert not half.exists()
+    assert store.read_manifest(0, "import")["counts"]["groups_already_stored"] == 40

@@ -82,12 +82,15 @@ def import_(
     answer_key: str = typer.Option("answer"),
     completion_key: str = typer.Option("completion"),
     model: str = typer.Option("imported", help="Name of the model that wrote the completions."),
+    tokenizer: Optional[str] = typer.Option(None, help="Model whose vocabulary the token ids use (default: the "
+                                            "store's base model): ids are checked against it, missing prompt "
+                                            "ids are derived with its chat template."),
 ):
     """Import completions made elsewhere as rollouts of a round (groups formed by problem)."""
     from stages.import_rollouts import ImportConfig, run
 
     cfg = ImportConfig(round=round, file=file, source=source, problem_key=problem_key, answer_key=answer_key,
-                       completion_key=completion_key, model=model)
+                       completion_key=completion_key, model=model, tokenizer=tokenizer)
     record = run(store, cfg)
     c = record["counts"]
     typer.echo(f"round {round}: imported {c['rollouts_written']} rollouts of {c['prompts']} problems "

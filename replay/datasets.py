@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -143,11 +144,16 @@ def storable_text(where: str, key: str, value: str) -> str:
 
 
 def text_field(where: str, row: dict, key: str) -> str:
-    if key not in row or row[key] is None:
+    if key not in row:
         raise DatasetError(f"{where}: missing field {key!r} (fields: {', '.join(sorted(row)) or 'none'})")
     value = row[key]
+    if value is None:
+        raise DatasetError(f"{where}: field {key!r} is null")
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise DatasetError(f"{where}: field {key!r} must be text, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        # JSON NaN/Infinity or a Parquet float NaN would be stored as "nan"/"inf", and \boxed{nan} verifies
+        raise DatasetError(f"{where}: field {key!r} is {value}, not a finite number")
     value = storable_text(where, key, str(value).strip())
     if not value:
         raise DatasetError(f"{where}: field {key!r} is empty")
@@ -201,7 +207,7 @@ def file_prompts(path: str | Path, num_prompts: int | None = None, split: str = 
     problem_key = problem_key or ("question" if gsm8k else "problem")
     answer_key = answer_key or "answer"
     source = path.stem
-    prompts, seen_ids, seen_problems = [], {}, set()
+    prompts, seen_ids, seen_problems = [], {}, {}
     for where, row in rows:
         problem = text_field(where, row, problem_key)
         answer = _gold(where, row, answer_key, gsm8k)
@@ -213,8 +219,12 @@ def file_prompts(path: str | Path, num_prompts: int | None = None, split: str = 
         level = _level(where, row)
         subject = optional_text(where, row, "subject")
         if problem in seen_problems:  # the same problem twice would be one prompt_id twice
+            first, first_answer = seen_problems[problem]
+            if first_answer != answer:
+                raise DatasetError(f"{where}: the problem of {first} again, with gold {answer!r} here but "
+                                   f"{first_answer!r} there: which one is right?")
             continue
-        seen_problems.add(problem)
+        seen_problems[problem] = (where, answer)
         prompts.append(Prompt(keys.prompt_id(source, problem), source, split, problem, answer, level,
                               subject, unique_id))
     return prompts[:num_prompts] if num_prompts else prompts

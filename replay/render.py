@@ -28,12 +28,14 @@ def _cell(value, width: int) -> str:
 def print_table(table: pa.Table, title: str | None = None, max_width: int = 80) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    view = Table(title=title, show_lines=False, header_style="bold")
+    # every string goes in as rich Text, never as markup: data such as "[/INST]" prints as it is
+    view = Table(title=None if title is None else Text(title), show_lines=False, header_style="bold")
     for name in table.column_names:
-        view.add_column(name, overflow="fold")
+        view.add_column(Text(name), overflow="fold")
     for row in table.to_pylist():
-        view.add_row(*(_cell(v, max_width) for v in row.values()))
+        view.add_row(*(Text(_cell(v, max_width)) for v in row.values()))
     Console(width=max(160, 12 * len(table.column_names))).print(view)
     if table.num_rows == 0:
         print("(no rows)")

@@ -8,8 +8,10 @@ a rerun skips the prompts whose groups are stored and samples the rest with the 
 from __future__ import annotations
 
 import importlib.util
+import json
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from replay import keys
 from replay.datasets import Prompt, load_prompts
@@ -61,16 +63,12 @@ def policy_adapter(store: Store, round: int, adapter: str) -> tuple[int | None, 
             raise ReplayError(f"round {round} samples with the adapter of round {round - 1}, but {path} "
                               f"has none: run `replay learn --round {round - 1}` first, or pass --adapter none")
         return round - 1, str(path)
-    from pathlib import Path
-
     path = Path(adapter)
     if not (path / "adapter_config.json").exists():
         raise ReplayError(f"--adapter {adapter}: not a peft adapter directory (no adapter_config.json)")
     manifest = path / "manifest.json"
     policy_round = None
     if manifest.exists():
-        import json
-
         policy_round = json.loads(manifest.read_text()).get("round")
     return policy_round, str(path.absolute())
 
@@ -135,6 +133,8 @@ def run(store_path: str, cfg: GenerateConfig, engine=None) -> dict:
     except ValueError as exc:
         raise ReplayError(str(exc)) from None
     model_ref = resolve_model(cfg.model)
+    tokenizer = _tokenizer(model_ref)
+    prompt_ids = prompt_token_ids(tokenizer, prompts, cfg, context_length(model_ref.path))  # before any write
     store = Store.create(store_path, base_model=model_ref.name)
     if store.meta.get("base_model") not in (None, model_ref.name):
         raise ReplayError(f"store {store.root} was made with base model {store.meta['base_model']!r}, "
@@ -149,20 +149,19 @@ def run(store_path: str, cfg: GenerateConfig, engine=None) -> dict:
     new_rows = new_tokens = 0
     if todo:
         engine = engine or _build_engine(cfg, model_ref, adapter_path)
-        tokenizer = _tokenizer(model_ref)
         started = time.perf_counter()
         with progress_bar(f"generate round {cfg.round}", total=len(prompts), done=len(prompts) - len(todo)) as bar:
             for start in range(0, len(todo), cfg.batch_size):
                 batch = todo[start:start + cfg.batch_size]
-                prompt_ids = [_prompt_ids(tokenizer, p, cfg) for p in batch]
-                requests = [ids for ids in prompt_ids for _ in range(cfg.num_samples)]
+                batch_ids = [prompt_ids[p.prompt_id] for p in batch]
+                requests = [ids for ids in batch_ids for _ in range(cfg.num_samples)]
                 seeds = [keys.sample_seed(cfg.seed, cfg.round, p.prompt_id, i)
                          for p in batch for i in range(cfg.num_samples)]
                 completions = engine.generate(requests, seeds, settings)
                 rows = []
                 for j, prompt in enumerate(batch):
                     group = completions[j * cfg.num_samples:(j + 1) * cfg.num_samples]
-                    rows += rollout_rows(cfg, engine, settings, prompt, prompt_ids[j], group,
+                    rows += rollout_rows(cfg, engine, settings, prompt, batch_ids[j], group,
                                          policy_round, adapter_path, model_ref.name)
                 store.write("rollouts", rows, round=cfg.round)  # whole groups: atomic per batch
                 new_rows += len(rows)
@@ -190,6 +189,37 @@ def _tokenizer(model_ref):
     from replay.models import load_tokenizer
 
     return load_tokenizer(model_ref)
+
+
+def context_length(model_dir: Path) -> int | None:
+    """The model's context window in tokens, from its config.json (None when it does not say)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    config = config.get("text_config", config)  # multimodal configs nest the language model's
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def prompt_token_ids(tokenizer, prompts: list[Prompt], cfg: GenerateConfig, context: int | None) -> dict[str, list[int]]:
+    """Each prompt's token ids; a prompt that leaves no room for --max-new-tokens in the model's
+    context is refused before anything is written (a 50 MB problem is caught by its length in
+    characters, before the tokenizer spends minutes and gigabytes on it)."""
+    longest_token = max(map(len, tokenizer.get_vocab()), default=1)
+    ids = {}
+    for number, prompt in enumerate(prompts, start=1):
+        too_long = context is not None and len(prompt.problem) > longest_token * context
+        ids[prompt.prompt_id] = [] if too_long else _prompt_ids(tokenizer, prompt, cfg)
+        if context is not None and (too_long or len(ids[prompt.prompt_id]) + cfg.max_new_tokens > context):
+            size = (f"{len(prompt.problem):,} characters" if too_long
+                    else f"{len(ids[prompt.prompt_id]):,} tokens")
+            raise ReplayError(f"prompt {number} of {cfg.dataset} (prompt_id {prompt.prompt_id}, "
+                              f"{prompt.problem[:40]!r}…) is {size}: with --max-new-tokens {cfg.max_new_tokens} "
+                              f"it does not fit the model's context of {context:,} tokens")
+    return ids
 
 
 def _prompt_ids(tokenizer, prompt: Prompt, cfg: GenerateConfig) -> list[int]:

@@ -7,6 +7,7 @@ The whole file is validated before anything is written; re-importing skips group
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,19 +32,20 @@ class ImportConfig:
     answer_key: str = "answer"
     completion_key: str = "completion"
     model: str = "imported"  # recorded as base_model of the rows
+    tokenizer: str | None = None  # model whose vocabulary token ids use; default: the store's base model
 
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _token_ids(where: str, row: dict) -> list[int] | None:
-    value = row.get("completion_token_ids")
+def _token_ids(where: str, row: dict, key: str) -> list[int] | None:
+    value = row.get(key)
     if value is None:
         return None
     # a float id would be truncated silently, an id beyond int32 fails only at the write
     if not isinstance(value, list) or not all(_is_int(v) and 0 <= v <= 2**31 - 1 for v in value):
-        raise DatasetError(f"{where}: field 'completion_token_ids' must be a list of integers 0 to 2^31-1")
+        raise DatasetError(f"{where}: field {key!r} must be a list of integers 0 to 2^31-1")
     return value
 
 
@@ -93,16 +95,20 @@ def parse_rows(path: Path, cfg: ImportConfig) -> tuple[list[Prompt], list[dict]]
         if pid in prompts and prompts[pid].answer != answer:
             raise DatasetError(f"{where}: problem has gold {answer!r} here but {prompts[pid].answer!r} earlier")
         prompts.setdefault(pid, Prompt(pid, source, "train", problem, answer))
-        token_ids = _token_ids(where, row)
+        token_ids = _token_ids(where, row, "completion_token_ids")
+        prompt_ids = _token_ids(where, row, "prompt_token_ids")
         logprobs = _logprobs(where, row)
         if logprobs is not None and (token_ids is None or len(token_ids) != len(logprobs)):
             raise DatasetError(f"{where}: completion_logprobs needs completion_token_ids of the same length")
+        if prompt_ids is not None and token_ids is None:
+            raise DatasetError(f"{where}: prompt_token_ids without completion_token_ids")
         idx = _sample_idx(where, row, len(by_prompt[pid]))
         if (pid, idx) in seen_keys:
             raise DatasetError(f"{where}: duplicate sample {idx} of one problem (first at {seen_keys[(pid, idx)]})")
         seen_keys[(pid, idx)] = where
-        by_prompt[pid].append(dict(prompt_id=pid, sample_idx=idx, completion_text=completion,
-                                   completion_token_ids=token_ids, completion_logprobs=logprobs))
+        by_prompt[pid].append(dict(where=where, prompt_id=pid, sample_idx=idx, completion_text=completion,
+                                   prompt_token_ids=prompt_ids, completion_token_ids=token_ids,
+                                   completion_logprobs=logprobs))
     if not by_prompt:
         raise DatasetError(f"{path}: no rows")
     return list(prompts.values()), [r for rows in by_prompt.values() for r in rows]
@@ -112,7 +118,8 @@ def rollout_row(cfg: ImportConfig, r: dict, now) -> dict:
     logprobs = r["completion_logprobs"]
     token_ids = r["completion_token_ids"]
     return dict(round=cfg.round, prompt_id=r["prompt_id"], sample_idx=r["sample_idx"],
-                rollout_id=keys.rollout_id(cfg.round, r["prompt_id"], r["sample_idx"]), prompt_token_ids=None,
+                rollout_id=keys.rollout_id(cfg.round, r["prompt_id"], r["sample_idx"]),
+                prompt_token_ids=r["prompt_token_ids"],
                 completion_token_ids=token_ids, completion_logprobs=logprobs,
                 sum_logprob=None if logprobs is None else float(sum(logprobs)),
                 num_completion_tokens=None if token_ids is None else len(token_ids),
@@ -123,10 +130,43 @@ def rollout_row(cfg: ImportConfig, r: dict, now) -> dict:
 
 
 @locked_stage("rollouts", "import", creates_store=True)
+def complete_token_ids(store_path: str, cfg: ImportConfig, prompts: list[Prompt], rows: list[dict]) -> tuple[str, int]:
+    """Check every token id against the vocabulary of the model the ids belong to, and derive the
+    prompt ids of rows that carry completion ids only (the chat template `generate` uses), so that
+    `learn` trains on imported rows exactly as on generated ones. Returns (model name, rows derived)."""
+    from replay.models import DEFAULT_MODEL, load_tokenizer, resolve_model
+    from replay.prompting import chat_prompt_ids
+
+    meta = Path(store_path) / "store.json"
+    stored_model = json.loads(meta.read_text()).get("base_model") if meta.exists() else None
+    model_ref = resolve_model(cfg.tokenizer or stored_model or DEFAULT_MODEL)
+    tokenizer = load_tokenizer(model_ref)
+    vocab = len(tokenizer)
+    problems = {p.prompt_id: p.problem for p in prompts}
+    derived = 0
+    for row in rows:
+        for key in ("prompt_token_ids", "completion_token_ids"):
+            bad = next((i for i, t in enumerate(row[key] or ()) if t >= vocab), None)
+            if bad is not None:
+                raise DatasetError(f"{row['where']}: {key}[{bad}] is {row[key][bad]}, outside the vocabulary of "
+                                   f"{model_ref.name} ({vocab} tokens; --tokenizer names the model of the ids)")
+        if row["completion_token_ids"] is not None and row["prompt_token_ids"] is None:
+            row["prompt_token_ids"] = chat_prompt_ids(tokenizer, problems[row["prompt_id"]])
+            derived += 1
+    return model_ref.name, derived
+
+
 def run(store_path: str, cfg: ImportConfig) -> dict:
     path = Path(cfg.file)
     prompts, rows = parse_rows(path, cfg)  # all validated before the first write
-    store = Store.create(store_path)
+    tokenizer_model = None
+    derived = 0
+    if any(r["completion_token_ids"] is not None for r in rows):
+        tokenizer_model, derived = complete_token_ids(store_path, cfg, prompts, rows)
+    store = Store.create(store_path, base_model=tokenizer_model)
+    if tokenizer_model and store.meta.get("base_model") not in (None, tokenizer_model):
+        raise ReplayError(f"store {store.root} was made with base model {store.meta['base_model']!r}; these "
+                          f"token ids are {tokenizer_model!r}'s (--tokenizer): they cannot share a store")
     record = start_manifest("import", cfg.round, asdict(cfg))
     stored = set(store.query("SELECT DISTINCT prompt_id FROM rollouts WHERE round = ?", [cfg.round])
                  .column("prompt_id").to_pylist())
@@ -141,6 +181,7 @@ def run(store_path: str, cfg: ImportConfig) -> dict:
             store.write("rollouts", batch, round=cfg.round)
             batch = []
     counts = {"rows_in_file": len(rows), "rollouts_written": len(new), "prompts": len(prompts),
+              "prompt_token_ids_derived": derived,
               "groups_already_stored": len({r["prompt_id"] for r in rows} & stored)}
     record = record_run(store, cfg.round, "import", finish_manifest(record, counts), did_work=bool(new))
     if len(new) and any(r["completion_logprobs"] is None for r in rows):

@@ -30,8 +30,9 @@ def store(tmp_path):
 
 
 def snapshot(root):
+    """Every data file's hash; `.locks/` holds only the (empty) lock files of stages that ran."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()} if root.exists() else None
+            for p in sorted(root.rglob("*")) if p.is_file() and ".locks" not in p.parts} if root.exists() else None
 
 
 def fails_cleanly(result, *details, progress_before=False):
@@ -74,6 +75,12 @@ JSONL_CASES = {
     "surrogate in a field name": ([b'{"\\ud800": "w1", "answer": "1"}'], ["line 1", "missing field", "\\ud800"]),
     "bad level": ([GOOD | {"level": "hard"}], ["line 1", "field 'level' must be an integer"]),
     "gsm8k without marker": ([{"question": "w1?", "answer": "about 3"}], ["line 1", "no final '#### N'"]),
+    "null problem": ([GOOD, {"problem": None, "answer": "2"}], ["line 2", "field 'problem' is null"]),
+    "NaN gold": ([GOOD, b'{"problem": "w2", "answer": NaN}'], ["line 2", "field 'answer' is nan"]),
+    "Infinity gold": ([b'{"problem": "w2", "answer": Infinity}'], ["line 1", "field 'answer' is inf"]),
+    "-Infinity gold": ([b'{"problem": "w2", "answer": -Infinity}'], ["line 1", "field 'answer' is -inf"]),
+    "same problem, other gold": ([GOOD, {"problem": "w4", "answer": "2"}, GOOD | {"answer": "7"}],
+                                 ["line 3", "the problem of", "line 1 again", "'7' here but '1' there"]),
 }
 
 
@@ -87,6 +94,30 @@ def test_bad_jsonl_names_file_and_line_and_writes_nothing(store, model_dir, tmp_
     assert store.query("SELECT count(*) AS n FROM rollouts").to_pylist() == [{"n": 0}]
 
 
+def test_the_same_problem_with_the_same_gold_twice_is_one_prompt(store, model_dir, tmp_path):
+    path = write_lines(tmp_path / "data.jsonl", [GOOD, {"problem": "w4", "answer": "2"}, GOOD])
+    result = generate(store.root, model_dir, "--dataset", path)
+    assert result.exit_code == 0, result.output
+    assert store.query("SELECT count(*) AS n FROM prompts").to_pylist() == [{"n": 2}]
+
+
+@pytest.mark.parametrize("words", [250, 50_000_000 // 3])
+def test_a_prompt_longer_than_the_context_is_refused_before_any_write(model_dir, tmp_path, words):
+    # the tiny model's context is 256 tokens; the second case is the issue's 50 MB single-line problem
+    path = write_lines(tmp_path / "data.jsonl", [GOOD, {"problem": "w1 " * words, "answer": "1"}])
+    result = generate(tmp_path / "fresh", model_dir, "--dataset", path, "--max-new-tokens", 8)
+    fails_cleanly(result, f"prompt 2 of {path}", "does not fit the model's context of 256 tokens",
+                  f"{words + 21:,} tokens" if words < 1000 else f"{3 * words - 1:,} characters")  # 21: chat template
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_a_prompt_that_fits_only_without_the_completion_budget_is_refused(model_dir, tmp_path):
+    path = write_lines(tmp_path / "data.jsonl", [{"problem": "w1 " * 200, "answer": "1"}])  # 221 tokens
+    fails_cleanly(generate(tmp_path / "fresh", model_dir, "--dataset", path, "--max-new-tokens", 64),
+                  "with --max-new-tokens 64 it does not fit")
+    assert generate(tmp_path / "fresh", model_dir, "--dataset", path, "--max-new-tokens", 2).exit_code == 0
+
+
 def test_bad_dataset_does_not_create_a_new_store(model_dir, tmp_path):
     path = write_lines(tmp_path / "data.jsonl", [GOOD, GOOD, b"{"])
     fails_cleanly(generate(tmp_path / "fresh", model_dir, "--dataset", path), "line 3")
@@ -98,7 +129,9 @@ PARQUET_CASES = {
     "answer is a struct": (pa.table({"problem": ["w1"], "answer": [{"a": 1}]}), ["row 1", "'answer' must be text"]),
     "no answer column": (pa.table({"problem": ["w1"]}), ["row 1", "missing field 'answer'"]),
     "null problem": (pa.table({"problem": pa.array([None], pa.string()), "answer": ["1"]}),
-                     ["row 1", "missing field 'problem'"]),
+                     ["row 1", "field 'problem' is null"]),
+    "float NaN gold": (pa.table({"problem": ["w1", "w2"], "answer": [1.0, float("nan")]}),
+                       ["row 2", "field 'answer' is nan, not a finite number"]),
     "level is text": (pa.table({"problem": ["w1"], "answer": ["1"], "level": ["x"]}), ["row 1", "'level'"]),
 }
 

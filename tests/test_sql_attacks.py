@@ -262,3 +262,26 @@ def test_learn_where_cannot_run_sql(arena, where):
     assert result.exit_code != 0
     assert_nothing_leaked(result.output, outside)
     assert snapshot(top) == before
+
+
+MARKUP = ["[/INST]", "[bold]shout[/bold]", "[/x]", "[link=file:///etc/passwd]x[/link]", "[red", "\\[escaped]"]
+
+
+def test_square_brackets_print_as_data_everywhere(tmp_path):
+    store = Store.create(tmp_path / "store")
+    problem = "[/INST] what is [bold]2+2[/bold]?"
+    p = prompt_row(problem, "4")
+    store.write("prompts", [p])
+    store.write("rollouts", [rollout_row(0, p["prompt_id"], i, text=text) for i, text in enumerate(MARKUP)], round=0)
+    store.write("verdicts", [verdict_row(0, p["prompt_id"], i, False) for i in range(len(MARKUP))], round=0)
+    outputs = [invoke("sql", "--store", store.root, "select '[/x]' as \"[bold]h[/bold]\", completion_text "
+                                                    "from rollouts order by sample_idx"),
+               invoke("inspect", "mistakes", "--store", store.root),
+               invoke("inspect", "prompt", p["prompt_id"], "--store", store.root),
+               invoke("inspect", "negatives", "--store", store.root)]
+    for result in outputs:
+        assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    text = " ".join(" ".join(r.output.split()) for r in outputs[:3])
+    for literal in MARKUP + ["[bold]h[/bold]", "[/INST] what is [bold]2+2[/bold]?"]:
+        assert literal in text, literal
+    assert "[/INST] what is [bold]2+2[/bold]?" in " ".join(outputs[3].output.split())

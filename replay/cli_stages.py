@@ -38,6 +38,9 @@ def generate(
     seed: int = typer.Option(0, help="Base seed; each sample's seed derives from (seed, round, prompt, idx)."),
     batch_size: int = typer.Option(16, help="Prompts per batch (and per written part file)."),
     shard: str = typer.Option("0/1", help="i/n: this worker's share of the prompts (by prompt_id)."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="A read-only SQL query choosing prompt ids of "
+                                          "this store instead of --dataset; a prompt that already has a group in "
+                                          "the round gets -G more samples (rescue sampling)."),
 ):
     """Sample G completions per prompt and store them with token ids and per-token logprobs."""
     from stages.generate import GenerateConfig, run
@@ -46,7 +49,7 @@ def generate(
                          problem_key=problem_key, answer_key=answer_key, levels=_levels(levels), model=model,
                          engine=engine, adapter=adapter, num_samples=num_samples, temperature=temperature,
                          top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed,
-                         batch_size=batch_size, shard=shard)
+                         batch_size=batch_size, shard=shard, prompts=prompts)
     record = run(store, cfg)
     c = record["counts"]
     typer.echo(f"round {round}: {c['groups_written']} groups written ({c['rollouts_written']} rollouts, "
@@ -186,6 +189,9 @@ def eval_(
     temperature: float = typer.Option(1.0), top_p: float = typer.Option(1.0),
     engine: str = typer.Option("auto"), seed: int = typer.Option(1234), batch_size: int = typer.Option(16),
     workers: Optional[int] = typer.Option(None), timeout: float = typer.Option(10.0),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="A read-only SQL query choosing prompt ids of "
+                                          "this store instead of --dataset, e.g. \"select prompt_id from "
+                                          "negative_groups where round = 0\" (view rescue_eval)."),
 ):
     """pass@k (k = 1, 2, 4, ..., n) of a round's policy on held-out prompts, overall and per level/subject."""
     from replay.render import print_table
@@ -195,7 +201,7 @@ def eval_(
     gen = GenerateConfig(dataset=dataset, split=split, num_prompts=num_prompts or None, levels=_levels(levels),
                          problem_key=problem_key, answer_key=answer_key, num_samples=num_samples,
                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, engine=engine,
-                         seed=seed, batch_size=batch_size)
+                         seed=seed, batch_size=batch_size, prompts=prompts)
     rows = run(store, EvalConfig(round=-1 if base else round, adapter_name=adapter, generate=gen,
                                  workers=workers, timeout=timeout))
     import pyarrow as pa

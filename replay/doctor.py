@@ -220,26 +220,59 @@ def _duplicate_keys(result: Diagnosis, con, table: str, key: tuple[str, ...]) ->
 
 
 def _group_sizes(result: Diagnosis, con, manifests) -> None:
-    """Every group of a round has the generate manifest's num_samples, else the round's usual size."""
+    """Every group of a round has the generate manifest's num_samples, else the round's usual size;
+    a prompt that a prompt-set run (`generate --prompts`) planned has exactly the size its plan says."""
+    planned = _planned_sizes(manifests)
+    con.register("planned", pa.Table.from_pylist(planned, schema=_PLANNED))
     by_round: dict[int, Counter] = {}
     for round, n, groups in con.execute("SELECT round, n, count(*) FROM (SELECT round, prompt_id, count(DISTINCT "
-                                        "sample_idx) AS n FROM rollouts GROUP BY ALL) GROUP BY ALL").fetchall():
+                                        "sample_idx) AS n FROM rollouts ANTI JOIN planned USING (round, prompt_id) "
+                                        "GROUP BY ALL) GROUP BY ALL").fetchall():
         by_round.setdefault(round, Counter())[n] = groups
     for round, sizes in sorted(by_round.items()):
         stated = [(stage, r["config"]["num_samples"]) for (r_, stage), r in sorted(manifests.items())
                   if r_ == round and _kind(stage) == "generate" and isinstance(r["config"], dict)
-                  and isinstance(r["config"].get("num_samples"), int)]
+                  and isinstance(r["config"].get("num_samples"), int) and "plan" not in r]
         # without a generate manifest: the commonest size, the larger on a tie (losses shrink groups)
         stage, expected = stated[0] if stated else (None, max(sizes, key=lambda n: (sizes[n], n)))
         source = f"manifests/round={round}/{stage}.json" if stage else "most groups of the round"
         severity = "warning" if not stated and (round, "import") in manifests else "error"  # imports vary
         for n, groups in sorted(sizes.items()):
             if n != expected:
-                sql = ("SELECT prompt_id, min(filename) FROM rollouts WHERE round = ? GROUP BY 1 "
-                       "HAVING count(DISTINCT sample_idx) = ? ORDER BY 1 LIMIT 1")
+                sql = ("SELECT prompt_id, min(filename) FROM rollouts ANTI JOIN planned USING (round, prompt_id) "
+                       "WHERE round = ? GROUP BY 1 HAVING count(DISTINCT sample_idx) = ? ORDER BY 1 LIMIT 1")
                 pid, file = con.execute(sql, [round, n]).fetchone()
                 result.add(file, f"round {round}: {groups} group(s) of {n} samples, {source} says {expected} "
                                  f"(e.g. prompt_id {pid})", severity)
+    off_plan = con.execute("SELECT p.round, p.prompt_id, p.size, p.stage, p.complete, count(DISTINCT r.sample_idx), "
+                           "min(r.filename) FROM planned p LEFT JOIN rollouts r USING (round, prompt_id) GROUP BY ALL "
+                           "HAVING count(DISTINCT r.sample_idx) <> p.size ORDER BY ALL LIMIT ?", [EXAMPLES]).fetchall()
+    for round, pid, size, stage, complete, n, file in off_plan:
+        where = file or result.root / "manifests" / f"round={round}" / f"{stage}.json"
+        if complete:
+            result.add(where, f"round {round}: prompt_id {pid} has {n} samples, its plan in {stage}.json says {size}")
+        else:
+            result.add(where, f"round {round}: prompt_id {pid} has {n} of the {size} samples {stage} planned: "
+                              "that run did not finish; rerun the same command", "warning")
+
+
+_PLANNED = pa.schema([("round", pa.int32()), ("prompt_id", pa.string()), ("size", pa.int64()),
+                      ("stage", pa.string()), ("complete", pa.bool_())])
+
+
+def _planned_sizes(manifests) -> list[dict]:
+    """(round, prompt_id) -> the group size prompt-set runs planned: the largest start + K of its plans."""
+    sizes: dict[tuple[int, str], dict] = {}
+    for (round, stage), record in sorted(manifests.items()):
+        plan, config = record.get("plan"), record.get("config")
+        if _kind(stage) != "generate" or not isinstance(plan, dict) or not isinstance(config, dict):
+            continue
+        for pid, start in plan.items():
+            size = int(start) + int(config.get("num_samples", 0))
+            if size >= sizes.get((round, pid), {}).get("size", -1):
+                sizes[(round, pid)] = dict(round=round, prompt_id=pid, size=size, stage=stage,
+                                           complete=record.get("status") == "complete")
+    return list(sizes.values())
 
 
 def _kind(stage: str) -> str:

@@ -123,6 +123,14 @@ EVAL = _schema(
     ("created_at", _ts, False),
 )
 
+PROMPT_SETS = _schema(  # prompt sets chosen by SQL (`--prompts`), named by a hash of their ids
+    ("prompt_set_id", pa.string(), False),
+    ("sql", pa.string(), False),
+    ("n_prompts", pa.int32(), False),
+    ("prompt_ids", pa.list_(pa.string()), False),
+    ("created_at", _ts, False),
+)
+
 TABLES: dict[str, pa.Schema] = {
     "prompts": PROMPTS,
     "rollouts": ROLLOUTS,
@@ -130,6 +138,7 @@ TABLES: dict[str, pa.Schema] = {
     "learn_audit": LEARN_AUDIT,
     "learn_metrics": LEARN_METRICS,
     "eval": EVAL,
+    "prompt_sets": PROMPT_SETS,
 }
 
 # Tables stored under <table>/round=R/; the rest are flat <table>/part-*.parquet.
@@ -142,6 +151,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "learn_audit": ("round", "adapter_name", "rollout_round", "prompt_id", "sample_idx"),
     "learn_metrics": ("round", "adapter_name", "step"),
     "eval": ("round", "adapter_name", "dataset", "group_by", "group_value", "k", "created_at"),
+    "prompt_sets": ("prompt_set_id",),
 }
 
 PARTITIONED = frozenset({"rollouts", "verdicts", "learn_audit", "learn_metrics", "eval"})
@@ -158,6 +168,7 @@ VIEW_FILES = (
     "rescues",
     "rounds",
     "eval_passk",
+    "rescue_eval",
 )
 
 

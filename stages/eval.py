@@ -16,6 +16,7 @@ import numpy as np
 
 from replay.core.passk import default_ks, mean_pass_at_k
 from replay.errors import ReplayError
+from replay.prompt_sets import record_prompt_set, select_prompt_set
 from replay.store import Store, utc_now
 from stages import generate, score
 
@@ -31,9 +32,10 @@ class EvalConfig:
     timeout: float = 10.0
 
 
-def eval_store_path(store: Store, round: int, adapter_name: str) -> Path:
+def eval_store_path(store: Store, round: int, adapter_name: str, prompt_set_id: str | None = None) -> Path:
     # no "round=" directory here: DuckDB's Hive parsing would read it as the rows' round
-    return store.root / "evals" / ("base" if round == BASE_ROUND else f"{adapter_name}-r{round}")
+    name = "base" if round == BASE_ROUND else f"{adapter_name}-r{round}"
+    return store.root / "evals" / (f"{name}-{prompt_set_id}" if prompt_set_id else name)
 
 
 def passk_rows(groups: list[dict], round: int, adapter_name: str, dataset: str, n_samples: int) -> list[dict]:
@@ -67,14 +69,19 @@ def run(store_path: str, cfg: EvalConfig) -> list[dict]:
                               f"run `replay learn --round {cfg.round}` first (or --base for the base model)")
         adapter = str(path)
     base_model = store.meta.get("base_model") or cfg.generate.model
-    sub = eval_store_path(store, cfg.round, cfg.adapter_name)
+    prompt_set = select_prompt_set(store, cfg.generate.prompts) if cfg.generate.prompts else None
+    if prompt_set:
+        record_prompt_set(store, prompt_set)
+    sub = eval_store_path(store, cfg.round, cfg.adapter_name, prompt_set and prompt_set.prompt_set_id)
     # round 0 inside the eval store for every policy: the same seeds for every adapter
-    gen_cfg = replace(cfg.generate, round=0, adapter=adapter, model=base_model, stage="eval-generate")
+    gen_cfg = replace(cfg.generate, round=0, adapter=adapter, model=base_model, stage="eval-generate",
+                      prompts_from=str(store.root) if prompt_set else None)
     generate.run(str(sub), gen_cfg)
     score.run(str(sub), score.ScoreConfig(round=0, workers=cfg.workers, timeout=cfg.timeout, stage="eval-score"))
     groups = Store.open(sub).query("SELECT prompt_id, n, n_correct, level, subject FROM groups").to_pylist()
-    rows = passk_rows(groups, cfg.round, cfg.adapter_name if cfg.round != BASE_ROUND else "base",
-                      _dataset_label(cfg.generate), cfg.generate.num_samples)
+    label = f"prompts:{prompt_set.prompt_set_id}" if prompt_set else _dataset_label(cfg.generate)
+    rows = passk_rows(groups, cfg.round, cfg.adapter_name if cfg.round != BASE_ROUND else "base", label,
+                      cfg.generate.num_samples)
     store.write("eval", rows, round=cfg.round)
     return rows
 

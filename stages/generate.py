@@ -19,6 +19,7 @@ from replay.errors import ReplayError
 from replay.locks import locked_stage, table_lock
 from replay.manifests import finish_manifest, record_run, start_manifest
 from replay.progress import progress_bar
+from replay.prompt_sets import PromptSet, record_prompt_set, select_prompt_set
 from replay.store import Store, utc_now
 
 
@@ -44,6 +45,8 @@ class GenerateConfig:
     shard: str = "0/1"
     instruction: str | None = None  # None: the default \boxed{} instruction
     stage: str = "generate"  # manifest name; eval writes its own
+    prompts: str | None = None  # SQL choosing prompt ids (instead of dataset); adds K samples to stored groups
+    prompts_from: str | None = None  # store the --prompts query runs on (default: this store; eval: the main one)
     extra: dict = field(default_factory=dict)
 
 
@@ -94,10 +97,11 @@ def register_prompts(store: Store, prompts: list[Prompt]) -> int:
 
 
 def rollout_rows(cfg: GenerateConfig, engine, settings, prompt: Prompt, prompt_ids: list[int],
-                 completions, policy_round, adapter_path, base_model: str) -> list[dict]:
+                 completions, policy_round, adapter_path, base_model: str,
+                 indices: list[int] | None = None) -> list[dict]:
     now = utc_now()
     rows = []
-    for idx, completion in enumerate(completions):
+    for idx, completion in zip(indices if indices is not None else range(len(completions)), completions):
         rows.append(dict(
             round=cfg.round, prompt_id=prompt.prompt_id, sample_idx=idx,
             rollout_id=keys.rollout_id(cfg.round, prompt.prompt_id, idx),
@@ -120,8 +124,10 @@ def run(store_path: str, cfg: GenerateConfig, engine=None) -> dict:
     if cfg.max_new_tokens < 1:
         raise ReplayError(f"--max-new-tokens must be at least 1, got {cfg.max_new_tokens}")
     shard_index, shard_count = keys.parse_shard(cfg.shard)
-    prompts = load_prompts(cfg.dataset, cfg.num_prompts, cfg.split, cfg.seed, cfg.problem_key,
-                           cfg.answer_key, tuple(cfg.levels))  # whole input validated before any write
+    prompt_set = select_prompt_set(Store.open(cfg.prompts_from or store_path), cfg.prompts) if cfg.prompts else None
+    prompts = list(prompt_set.prompts) if prompt_set else load_prompts(
+        cfg.dataset, cfg.num_prompts, cfg.split, cfg.seed, cfg.problem_key, cfg.answer_key,
+        tuple(cfg.levels))  # whole input validated before any write
     prompts = [p for p in prompts if keys.in_shard(p.prompt_id, shard_index, shard_count)]
 
     from replay.engines import SamplingSettings
@@ -140,11 +146,17 @@ def run(store_path: str, cfg: GenerateConfig, engine=None) -> dict:
         raise ReplayError(f"store {store.root} was made with base model {store.meta['base_model']!r}, "
                           f"not {model_ref.name!r}: adapters only fit their own base model")
     policy_round, adapter_path = policy_adapter(store, cfg.round, cfg.adapter)
-    stage = keys.shard_stage(cfg.stage, shard_index, shard_count)
+    stage = keys.shard_stage(prompt_set_stage(cfg, prompt_set), shard_index, shard_count)
     record = start_manifest(stage, cfg.round, asdict(cfg) | {"engine": pick_engine(cfg.engine)})
     register_prompts(store, prompts)
-    done = stored_groups(store, cfg.round, cfg.num_samples)
-    todo = [p for p in prompts if p.prompt_id not in done]
+    if prompt_set:
+        record_prompt_set(store, prompt_set)
+        record["plan"] = sample_plan(store, cfg.round, stage, [p.prompt_id for p in prompts])
+        store.write_manifest(cfg.round, stage, record)  # the plan first: a rerun resumes it exactly
+        todo = missing_samples(store, cfg.round, prompts, record["plan"], cfg.num_samples)
+    else:
+        done = stored_groups(store, cfg.round, cfg.num_samples)
+        todo = [(p, list(range(cfg.num_samples))) for p in prompts if p.prompt_id not in done]
 
     new_rows = new_tokens = 0
     if todo:
@@ -153,16 +165,14 @@ def run(store_path: str, cfg: GenerateConfig, engine=None) -> dict:
         with progress_bar(f"generate round {cfg.round}", total=len(prompts), done=len(prompts) - len(todo)) as bar:
             for start in range(0, len(todo), cfg.batch_size):
                 batch = todo[start:start + cfg.batch_size]
-                batch_ids = [prompt_ids[p.prompt_id] for p in batch]
-                requests = [ids for ids in batch_ids for _ in range(cfg.num_samples)]
-                seeds = [keys.sample_seed(cfg.seed, cfg.round, p.prompt_id, i)
-                         for p in batch for i in range(cfg.num_samples)]
-                completions = engine.generate(requests, seeds, settings)
+                requests = [prompt_ids[p.prompt_id] for p, indices in batch for _ in indices]
+                seeds = [keys.sample_seed(cfg.seed, cfg.round, p.prompt_id, i) for p, indices in batch for i in indices]
+                completions = iter(engine.generate(requests, seeds, settings))
                 rows = []
-                for j, prompt in enumerate(batch):
-                    group = completions[j * cfg.num_samples:(j + 1) * cfg.num_samples]
-                    rows += rollout_rows(cfg, engine, settings, prompt, batch_ids[j], group,
-                                         policy_round, adapter_path, model_ref.name)
+                for prompt, indices in batch:
+                    group = [next(completions) for _ in indices]
+                    rows += rollout_rows(cfg, engine, settings, prompt, prompt_ids[prompt.prompt_id], group,
+                                         policy_round, adapter_path, model_ref.name, indices)
                 store.write("rollouts", rows, round=cfg.round)  # whole groups: atomic per batch
                 new_rows += len(rows)
                 new_tokens += sum(r["num_completion_tokens"] for r in rows)
@@ -173,8 +183,41 @@ def run(store_path: str, cfg: GenerateConfig, engine=None) -> dict:
     counts = {"prompts": len(prompts), "groups_written": len(todo), "rollouts_written": new_rows,
               "tokens_written": new_tokens, "groups_already_stored": len(prompts) - len(todo)}
     record = finish_manifest(record, counts, versions, policy_round=policy_round, adapter=adapter_path,
-                             base_model=model_ref.name)
+                             base_model=model_ref.name, prompt_set=prompt_set and prompt_set.prompt_set_id)
     return record_run(store, cfg.round, stage, record, did_work=bool(todo))
+
+
+def prompt_set_stage(cfg: GenerateConfig, prompt_set: PromptSet | None) -> str:
+    """A prompt-set run has a manifest of its own per (set, K): it never overwrites the round's."""
+    return f"{cfg.stage}.{prompt_set.prompt_set_id}-k{cfg.num_samples}" if prompt_set else cfg.stage
+
+
+def sample_plan(store: Store, round: int, stage: str, prompt_ids: list[str]) -> dict[str, int]:
+    """prompt_id -> first sample_idx this run adds: where the prompt's group ended when the run was
+    first planned (0 for a prompt new to the round). A rerun finds the plan in its manifest, so it
+    adds the missing samples of the same range and nothing more."""
+    previous = store.read_manifest(round, stage)
+    if previous and isinstance(previous.get("plan"), dict):
+        return previous["plan"]
+    rows = store.query("SELECT prompt_id, max(sample_idx) + 1 AS next FROM rollouts WHERE round = ? AND "
+                       "prompt_id IN (SELECT unnest(?)) GROUP BY prompt_id", [round, prompt_ids]).to_pylist()
+    ends = {r["prompt_id"]: r["next"] for r in rows}
+    return {pid: int(ends.get(pid, 0)) for pid in prompt_ids}
+
+
+def missing_samples(store: Store, round: int, prompts: list[Prompt], plan: dict[str, int],
+                    k: int) -> list[tuple[Prompt, list[int]]]:
+    """(prompt, sample indices still to draw) for each prompt whose planned range is not all stored."""
+    rows = store.query("SELECT prompt_id, list(sample_idx) AS idx FROM rollouts WHERE round = ? AND "
+                       "prompt_id IN (SELECT unnest(?)) GROUP BY prompt_id", [round, list(plan)]).to_pylist()
+    stored = {r["prompt_id"]: set(r["idx"]) for r in rows}
+    todo = []
+    for prompt in prompts:
+        start = plan[prompt.prompt_id]
+        indices = [i for i in range(start, start + k) if i not in stored.get(prompt.prompt_id, ())]
+        if indices:
+            todo.append((prompt, indices))
+    return todo
 
 
 def _build_engine(cfg: GenerateConfig, model_ref, adapter_path):

@@ -230,3 +230,30 @@ def test_properties_hold_on_random_batches(groups):
             assert (lens.advantage[rows] == 0).all() and (grpo.advantage[rows] == 0).all()
         # the shaped reward never leaves [-1/G, 1]
         assert (lens.shaped_reward[rows] >= -1.0 / rows.sum() - 1e-12).all()
+
+
+def test_grpo_on_groups_of_unequal_size_uses_each_groups_own_n():
+    # rescue sampling leaves groups of different sizes in one round; worked by hand:
+    # [1, 0]: mean 1/2, unbiased std sqrt(1/2) -> ±0.7071; [1, 0, 0, 0]: mean 1/4, std 1/2 -> 1.5, -0.5
+    adv = grpo_advantages(t([1, 0, 1, 0, 0, 0]), torch.tensor([0, 0, 1, 1, 1, 1]))
+    assert adv.tolist() == pytest.approx([0.70711, -0.70711, 1.5, -0.5, -0.5, -0.5], abs=1e-4)
+
+
+def test_lens_on_groups_of_unequal_size_uses_each_groups_own_n():
+    # negative group of 2, c = [.2, .4]: D = .8, r~ = -(1/2)[.2/.6, .4/.4] = [-1/6, -1/2], A = r~ + 1/3
+    # negative group of 3, c = [.1, .2, .4]: D = .8, r~ = -(1/3)[1/7, 1/3, 1], A = r~ - mean(r~)
+    # mixed group of 3, r = [1, 0, 0], c = [.5, .4, .2]: D = max(3 / (1/.5), 2 * .5) = 1.5,
+    #   r~ = [1, -(1/3)(.4/1.1), -(1/3)(.2/1.3)], A = (r~ - mean) / unbiased std
+    rewards, groups = t([0, 0, 0, 0, 0, 1, 0, 0]), torch.tensor([0, 0, 1, 1, 1, 2, 2, 2])
+    confidence = t([0.2, 0.4, 0.1, 0.2, 0.4, 0.5, 0.4, 0.2])
+    result, _ = lens_advantages(rewards, groups, confidence)
+    neg3 = [-1 / 21, -1 / 9, -1 / 3]
+    mix = [1.0, -0.4 / 3.3, -0.2 / 3.9]
+    mean, n = sum(mix) / 3, 3
+    std = math.sqrt(sum((x - mean) ** 2 for x in mix) / (n - 1))
+    expected = [1 / 6, -1 / 6] + [x - sum(neg3) / 3 for x in neg3] + [(x - mean) / (std + 1e-6) for x in mix]
+    assert result.shaped_reward.tolist() == pytest.approx([-1 / 6, -1 / 2] + neg3 + mix, abs=1e-9)
+    assert result.advantage.tolist() == pytest.approx(expected, abs=1e-9)
+    assert result.advantage.tolist() == pytest.approx([0.1667, -0.1667, 0.1164, 0.0529, -0.1693, 1.1529, -0.6321,
+                                                       -0.5208], abs=1e-4)
+    assert result.weight.tolist() == [0.25] * 5 + [1.0] * 3

@@ -32,6 +32,8 @@ QUERIES = {
                "FROM rescues ORDER BY rescued_round, negative_round, prompt_id",
     "learn": "SELECT round, adapter_name, objective, step, loss, clip_frac, nonzero_adv_share, grad_norm "
              "FROM learn_metrics ORDER BY round, adapter_name, step",
+    "rescue_eval": "SELECT round, adapter_name, prompt_set_id, prompt_set_sql, n_prompts, n_samples, k, pass_at_k, "
+                   "solved_share FROM rescue_eval ORDER BY prompt_set_id, round, adapter_name, k",
 }
 MAX_TABLE_ROWS = 50
 
@@ -147,6 +149,28 @@ def rescues_section(rounds: list[dict], rescues: list[dict]) -> Section:
 def _short(text: str | None, width: int = 90) -> str:
     text = " ".join((text or "").split())
     return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def rescue_eval_section(rows: list[dict]) -> Section:
+    """Per prompt set chosen by SQL: how much of it each evaluated policy now solves."""
+    s = Section("rescue_eval", "Rescue rate on SQL-chosen prompt sets")
+    if not rows:
+        s.note = ("No prompt set evaluated yet: `replay eval --prompts \"select prompt_id from negative_groups "
+                  "where round = 0\"` measures how many once-negative prompts each policy now solves.")
+        return s
+    many_sets = len({r["prompt_set_id"] for r in rows}) > 1
+    entries = [(f"{'base' if r['round'] == plots.BASE_ROUND else r['adapter_name'] + ' r' + str(r['round'])}"
+                + (f" · {r['prompt_set_id']}" if many_sets else ""), r["k"], r["pass_at_k"]) for r in rows]
+    s.figures = [(s.slug, plots.to_png(plots.grouped_bars(entries, "pass@k on the prompt set", "policy")))]
+    s.note = ("solved: the share of the set's prompts solved at least once in n samples (pass@n); pass@k is the "
+              "unbiased estimate. Sets: " + "; ".join(sorted({f"{r['prompt_set_id']} = {r['prompt_set_sql']}"
+                                                           for r in rows})))
+    s.columns = ["prompt set", "round", "adapter", "prompts", "samples/prompt", "solved", "pass@1"]
+    for r in rows:
+        if r["k"] == 1:
+            s.rows.append([r["prompt_set_id"], plots.round_label(r["round"]), r["adapter_name"], str(r["n_prompts"]),
+                           str(r["n_samples"]), _pct(r["solved_share"]), _num(r["pass_at_k"])])
+    return s
 
 
 def confidence_section(wrong: list[dict]) -> Section:
@@ -283,6 +307,7 @@ def write_report(store_path: str | os.PathLike, out_dir: str | os.PathLike,
     label, data = stores[0]
     sections = [passk_section(data["eval"]), adapters_section(data["eval"], data["learn"]),
                 shares_section(data["rounds"]), rescues_section(data["rounds"], data["rescues"]),
+                rescue_eval_section(data["rescue_eval"]),
                 confidence_section(data["wrong"]), learn_section(data["learn"])]
     sections += compare_sections(stores) if len(stores) > 1 else []
     facts = [("store", str(opened[0].root)), ("base model", str(opened[0].meta.get("base_model"))),

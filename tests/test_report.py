@@ -200,3 +200,17 @@ def test_passk_table_pivots_k_into_columns():
 def test_store_labels_use_the_parent_when_names_clash(tmp_path):
     paths = [tmp_path / "a" / "store", tmp_path / "b" / "store", tmp_path / "lens"]
     assert store_labels(paths) == ["a/store", "b/store", "lens"]
+
+
+def test_rescue_eval_section_from_rows():
+    from replay.report import rescue_eval_section
+
+    assert "replay eval --prompts" in rescue_eval_section([]).note
+    rows = [dict(round=r, adapter_name=a, prompt_set_id="ps-1", prompt_set_sql="select 1", n_prompts=4,
+                 n_samples=2, k=k, pass_at_k=p, solved_share=s)
+            for r, a, s in ((-1, "base", 0.25), (0, "main", 0.5)) for k, p in ((1, s / 2), (2, s))]
+    section = rescue_eval_section(rows)
+    assert len(section.figures) == 1 and section.figures[0][1].startswith(b"\x89PNG")
+    assert section.rows == [["ps-1", "base", "base", "4", "2", "25.0%", "0.125"],
+                            ["ps-1", "0", "main", "4", "2", "50.0%", "0.250"]]
+    assert "ps-1 = select 1" in section.note

@@ -1,7 +1,8 @@
 """The store: a directory of Hive-partitioned Parquet files plus JSON manifests.
 
 This is the only module that touches Parquet files or DuckDB. Writes are append-only and atomic
-(temp file in the same directory, fsync, rename); rows are never updated in place. Readers only
+(replay/storage: locally a temp file in the same directory, fsync, rename; on S3 one PUT of the
+whole object); rows are never updated in place. Readers only
 ever glob `part-*.parquet`, so a half-written `.tmp-*` file is invisible to them.
 """
 

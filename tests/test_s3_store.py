@@ -397,7 +397,13 @@ def test_two_ticks_on_an_s3_store_run_rounds_once_with_the_rows_of_a_local_store
     assert rows.to_pylist()[1] == {"round": 1, "policy_round": 0, "policy_adapter": f"{uri}/adapters/round=0"}
     assert len(list((env_cache / "adapters").iterdir())) == 1  # the round-0 adapter, fetched once, by content
     assert not diagnose(uri).problems
-    assert not [k for k in keys_under(uri[5:].split("/")[0]) if ".round.lock" in k or ".tmp" in k]
+    bucket = uri[5:].split("/")[0]
+    assert not [k for k in keys_under(bucket) if ".round.lock" in k or ".tmp" in k]
+    status = invoke("status", "--store", uri)
+    assert status.exit_code == 0 and "complete" in status.output, status.output
+    weights = resolve(f"{uri}/adapters/round=1/adapter_model.safetensors")  # doctor reads adapters remotely
+    client().put_object(Bucket=bucket, Key=weights.key, Body=weights.read_bytes()[:100])
+    assert [(str(p.path), "truncated" in p.message) for p in diagnose(uri).errors] == [(str(weights), True)]
 
 
 GENERATE = ["generate", "--round", 0, "--num-prompts", 6, "-G", 2, "--max-new-tokens", 4, "--engine",

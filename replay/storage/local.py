@@ -6,6 +6,7 @@ only by a writer on the same host once the process that wrote them is gone.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -75,9 +76,14 @@ def create_exclusive(path: Path, payload: bytes) -> bool:
     tmp = None
     try:
         tmp = _write_temp(path, payload)
-        os.link(tmp, path)
-    except FileExistsError:
-        return False
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError as exc:  # a file system without hard links (some FUSE, SMB): check, then rename
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV) or path.exists():
+                raise
+            os.replace(tmp, path)
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)

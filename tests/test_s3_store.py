@@ -422,3 +422,47 @@ def test_two_generate_shards_at_once_on_s3_equal_one_local_run(tmp_path):
     assert Store.open(uri).query(sql).to_pylist() == Store.open(local).query(sql).to_pylist()
     stages = {Path(k).name for k in keys_under(uri[5:].split("/")[0], "sharded/manifests/")}
     assert stages == {"generate.shard-0-of-2.json", "generate.shard-1-of-2.json"}
+
+
+UPLOAD_KILLED = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    from replay.storage import resolve
+    from replay.storage.s3 import S3Storage
+    put, calls = S3Storage.put, [0]
+    def put_then_die(self, path, payload):
+        put(self, path, payload)
+        calls[0] += 1
+        if calls[0] == int(sys.argv[3]):
+            os.kill(os.getpid(), signal.SIGKILL)
+    S3Storage.put = put_then_die
+    root = resolve(sys.argv[1])
+    root.storage.upload_dir(Path(sys.argv[2]), root, "adapter_config.json")
+""")
+
+
+def test_an_adapter_is_published_by_its_marker_last(tmp_path, monkeypatch):
+    from replay import adapters
+
+    monkeypatch.setenv("REPLAY_CACHE", str(tmp_path / "cache"))
+    local = tmp_path / "adapter"
+    local.mkdir()
+    for name, payload in (("adapter_config.json", b"{}"), ("adapter_model.safetensors", b"w" * 100),
+                          ("manifest.json", b"{}")):
+        (local / name).write_bytes(payload)
+    uri = f"s3://{new_bucket()}/run/adapters/round=0"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    for nth in (1, 2):  # killed after the weights, after the manifest: never the marker before them
+        killed = subprocess.run([sys.executable, "-c", UPLOAD_KILLED, uri, local, str(nth)], env=env)
+        assert killed.returncode == -signal.SIGKILL
+        assert not adapters.exists(resolve(uri))
+    done = subprocess.run([sys.executable, "-c", UPLOAD_KILLED, uri, local, "0"], env=env)
+    assert done.returncode == 0 and adapters.exists(resolve(uri))
+    copy = Path(adapters.local_copy(uri))
+    assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in local.iterdir())
+    assert adapters.local_copy(uri) == str(copy)  # once per process
+    (local / "adapter_model.safetensors").write_bytes(b"v" * 100)  # new content: a new copy
+    subprocess.run([sys.executable, "-c", UPLOAD_KILLED, uri, local, "0"], env=env, check=True)
+    adapters._LOCAL_COPIES.clear()  # as a new process would
+    assert Path(adapters.local_copy(uri)) != copy
+    assert (Path(adapters.local_copy(uri)) / "adapter_model.safetensors").read_bytes() == b"v" * 100

@@ -337,8 +337,13 @@ def _safetensors_problem(path: Path) -> str | None:
 
 def _temp_files(result: Diagnosis) -> None:
     """`.tmp-<pid>-*` left by a writer that died: invisible to readers, safe to delete.
-    An s3:// store has none: its objects are single PUTs, which leave nothing behind when they fail."""
+    An s3:// store has none (its objects are single PUTs, which leave nothing when they fail), but
+    another tool's multipart upload that died leaves invisible parts that are billed until aborted."""
     if is_remote(result.root):
+        for upload in result.root.storage.incomplete_uploads():
+            result.add(f"s3://{result.root.storage.bucket}/{upload['Key']}",
+                       f"incomplete multipart upload {upload['UploadId'][:16]}… started {upload['Initiated']}: "
+                       "invisible to readers; abort it (or set a lifecycle rule that does)", "warning")
         return
     for directory, subdirs, names in os.walk(result.root):
         for name in [n for n in (*subdirs, *names) if n.startswith(".tmp-")]:

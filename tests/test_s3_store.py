@@ -288,6 +288,14 @@ def test_doctor_on_a_remote_store_names_a_truncated_object():
     assert bad.exit_code == 1, bad.output
     assert f"error: {victim}: unreadable Parquet file (truncated or corrupt)" in bad.output
     assert [str(p.path) for p in diagnose(store.root).errors] == [str(victim)]
+    # a multipart upload another tool left unfinished: invisible to readers, reported as a warning
+    key = "run/rollouts/round=0/part-from-elsewhere.parquet"
+    upload = client().create_multipart_upload(Bucket=bucket, Key=key)
+    client().upload_part(Bucket=bucket, Key=key, UploadId=upload["UploadId"], PartNumber=1, Body=b"x" * 100)
+    warnings = [p for p in diagnose(store.root).problems if p.severity == "warning"]
+    assert [str(p.path) for p in warnings] == [f"s3://{bucket}/{key}"]
+    assert "incomplete multipart upload" in warnings[0].message
+    assert len(store.files("rollouts")) == 3  # the parts uploaded so far are not objects
 
 
 # -- the round lease -----------------------------------------------------------------------------------

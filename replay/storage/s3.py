@@ -253,6 +253,17 @@ class S3Storage:
             kwargs["ContinuationToken"] = page["NextContinuationToken"]
         return found if detail else sorted(found)
 
+    def incomplete_uploads(self) -> list[dict]:
+        """Multipart uploads under the store's prefix that were never completed nor aborted."""
+        prefix = self.prefix + "/" if self.prefix else ""
+        found, kwargs = [], {"Bucket": self.bucket, "Prefix": prefix}
+        while True:
+            page = _call(f"cannot list uploads of {self.root}", client().list_multipart_uploads, **kwargs)
+            found += page.get("Uploads", [])
+            if not page.get("IsTruncated"):
+                return found
+            kwargs.update(KeyMarker=page["NextKeyMarker"], UploadIdMarker=page["NextUploadIdMarker"])
+
     def delete(self, path: S3Path) -> None:
         _call(f"cannot delete {path}", client().delete_object, Bucket=self.bucket, Key=self._key(path))
 

@@ -51,6 +51,9 @@ def store_lock(root: Path, wait: bool = False) -> Iterator[None]:
             raise RoundLocked(exc.holder) from None
         with lease:
             yield
+        if lease.lost.is_set():  # our renewals failed past the ttl and another tick took the lease
+            raise ReplayError(f"the round lease {lease.path} was taken over while this tick ran (it could not "
+                              f"renew it for {LEASE_SECONDS:.0f} s): another tick may have run the same stages")
         return
     root.mkdir(parents=True, exist_ok=True)
     fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)

@@ -365,6 +365,19 @@ def test_a_released_lease_is_free_again():
     assert not (storage.root / ".round.lock").exists()
 
 
+def test_a_tick_whose_lease_was_taken_over_says_so(monkeypatch):
+    from stages import round as round_stage
+
+    monkeypatch.setattr(round_stage, "LEASE_SECONDS", 1.5)
+    root = Store.create(f"s3://{new_bucket()}/run").root
+    with pytest.raises(ReplayError, match="taken over while this tick ran"):
+        with round_stage.store_lock(root):
+            # another tick that judged the lease stale replaces it: our next renewal's If-Match fails
+            client().put_object(Bucket=root.storage.bucket, Key=f"{root.key}/.round.lock", Body=b'{"holder": "b"}')
+            time.sleep(1.5)
+    assert json.loads((root / ".round.lock").read_text()) == {"holder": "b"}  # theirs, not deleted by us
+
+
 def test_a_round_tick_that_finds_the_lease_held_does_nothing(tmp_path):
     uri = f"s3://{new_bucket()}/run"
     storage = resolve(uri).storage

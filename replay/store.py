@@ -96,9 +96,9 @@ def _store_root(path: str | os.PathLike) -> Path:
 
 class Store:
     def __init__(self, root: Path, meta: dict):
-        self.root = root
+        self.root = resolve(root)  # an S3Path below another store's root is re-rooted at itself
         self.meta = meta
-        self.storage = storage_of(root)  # local directory or S3: see replay/storage
+        self.storage = storage_of(self.root)  # local directory or S3: see replay/storage
 
     # -- lifecycle -------------------------------------------------------------------------
     @classmethod

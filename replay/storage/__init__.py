@@ -33,8 +33,10 @@ class StorageError(ReplayError):
 
 def resolve(uri: str | os.PathLike):
     """The root of the store at `uri`: Path for a local path (or file://), S3Path for s3://."""
-    if not isinstance(uri, (str, os.PathLike)):  # an S3Path already
-        return uri
+    if not isinstance(uri, (str, os.PathLike)):  # an S3Path: rooted at itself (an eval store in a store)
+        if uri.key == uri.storage.prefix:
+            return uri
+        return type(uri.storage)(uri.storage.bucket, uri.key).root
     text = os.fspath(uri)
     match = _SCHEME.match(text)
     scheme = match.group(1).lower() if match else ""

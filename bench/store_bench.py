@@ -2,6 +2,10 @@
 question through `replay sql` (CLI subprocess and in-process) vs pandas over JSONL rollout dumps.
 
     python bench/store_bench.py [--rollouts 1000000] [--out DIR] [--keep] [--skip-pandas] [--profile]
+    python bench/store_bench.py --s3 [--rollouts 100000]   # the same rows into a local and an s3:// store
+
+With --s3 the bench starts an S3 API server on loopback (moto, in its own process), writes every
+batch to a local store and to `s3://bench/store`, and times the negative-group queries on both.
 
 Synthetic data: 8 samples per prompt, 5 rounds over one prompt set, completion lengths ~ Gamma
 (mean 300, max 1024) with a float32 logprob per token, a per-prompt difficulty that eases each
@@ -348,6 +352,84 @@ def report_write(w: dict, store: Store) -> None:
           f"whole bench {w['bench_peak_mib']:.0f} MiB (incl. generation and the JSONL dump)")
 
 
+# -- local vs s3:// -----------------------------------------------------------------------------
+@contextlib.contextmanager
+def moto_server():
+    """An S3 API server in its own process (not a thread of this one: no GIL shared with the client)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_EC2_METADATA_DISABLED="true")
+    try:
+        for _ in range(100):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+            time.sleep(0.1)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def s3_compare(args) -> None:
+    from replay.storage.s3 import client
+
+    out = Path(tempfile.mkdtemp(prefix="store-bench-s3-", dir="/tmp"))
+    try:
+        with moto_server():
+            client().create_bucket(Bucket="bench")
+            stores = {"local": Store.create(out / "store", base_model="bench"),
+                      "s3": Store.create("s3://bench/store", base_model="bench")}
+            rng = np.random.default_rng(0)
+            pool = text_pool(rng)
+            n_prompts = args.rollouts // (G * ROUNDS)
+            prompts = make_prompts(n_prompts, rng, pool)
+            difficulty = rng.standard_normal(n_prompts)
+            clocks = {name: Clock() for name in stores}
+            per_part, n, parts = max(1, args.part_rows // G), 0, 0
+            for name, store in stores.items():
+                with clocks[name]():
+                    store.write("prompts", prompts)
+            for rnd in range(ROUNDS):
+                for lo in range(0, n_prompts, per_part):
+                    rows = np.arange(lo, min(lo + per_part, n_prompts))
+                    rollouts, verdicts, rescores, _ = make_batch(rnd, rows, prompts, difficulty, rng, pool)
+                    for name, store in stores.items():  # the same rows, one after the other
+                        with clocks[name]():
+                            for table, data in (("rollouts", rollouts), ("verdicts", verdicts), ("verdicts", rescores)):
+                                store.write(table, data)
+                    n, parts = n + rollouts.num_rows, parts + 3
+            size = du(out / "store") / 2 ** 20
+            print(f"{n:,} rollouts in {parts} rollout/verdict part files ({size:,.0f} MiB), the same rows to "
+                  f"each store; load average {os.getloadavg()[0]:.1f}")
+            print("store   write wall s  CPU s   rollouts/s   MiB/s")
+            for name, c in clocks.items():
+                print(f"{name:<7} {c.wall:12.2f} {c.cpu:6.2f} {n / c.wall:12,.0f} {size / c.wall:7.1f}")
+            print(f"s3/local write time: {clocks['s3'].wall / clocks['local'].wall:.2f}x")
+            print("\nquery (Store.read_only_query: connect + views + query)   median s  min s   (s3/local)")
+            answers = {}
+            for q, sql in QUERIES.items():
+                med = {}
+                for name, store in stores.items():
+                    runs = []
+                    for _ in range(args.repeats):
+                        clock = Clock()
+                        with clock():
+                            answers[(q, name)] = store.read_only_query(sql).to_pylist()
+                        runs.append(clock.wall)
+                    med[name] = sorted(runs)[len(runs) // 2]
+                    print(f"  {q:<7} {name:<6} {med[name]:46.3f} {min(runs):6.3f}")
+                print(f"  {q:<7} s3/local {med['s3'] / med['local']:44.1f}x;  same answer: "
+                      f"{answers[(q, 'local')] == answers[(q, 's3')]}")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rollouts", type=int, default=1_000_000)
@@ -357,9 +439,13 @@ def main() -> None:
     ap.add_argument("--skip-pandas", action="store_true")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--profile", action="store_true", help="print each query's slowest operators")
+    ap.add_argument("--s3", action="store_true", help="write the same rows to a local and an s3:// store (moto "
+                    "server on loopback) and compare write rate and query time")
     ap.add_argument("--reuse", action="store_true", help="skip the write: query the store and dumps that "
                     "an earlier --keep run left in --out (implies --keep)")
     args = ap.parse_args()
+    if args.s3:
+        return s3_compare(args)
     if args.reuse and not (args.out and (args.out / "store" / "store.json").exists()):
         ap.error("--reuse needs --out DIR holding a store from an earlier --keep run")
     args.keep = args.keep or args.reuse

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 import schemas
 
+from .storage import is_remote, resolve, storage_of
 from .store import STORE_FILE, _duckdb_type, _pid_alive
 
 EXAMPLES = 5  # duplicate keys listed one per line; the total is always given
@@ -63,7 +64,7 @@ class Diagnosis:
         return [p for p in self.problems if p.severity == "error"]
 
     def add(self, path: Path | str, message: str, severity: str = "error") -> None:
-        self.problems.append(Problem(Path(path), message, severity))
+        self.problems.append(Problem(resolve(path) if isinstance(path, str) else path, message, severity))
 
     def summary(self) -> str:
         tables = ", ".join(f"{t} {n}" for t, n in self.rows.items() if n) or "no rows"
@@ -79,13 +80,14 @@ def check_store(path: str | os.PathLike, deep: bool = False) -> list[Problem]:
 
 
 def diagnose(path: str | os.PathLike, deep: bool = False) -> Diagnosis:
-    result = Diagnosis(Path(path).absolute())
+    result = Diagnosis(resolve(path))  # a directory or an s3:// store
     if not _meta_ok(result):
         return result
     good = {table: _table_files(result, table, deep) for table in schemas.TABLES}
     manifests = _read_manifests(result)
     try:
         with duckdb.connect(":memory:") as con:
+            storage_of(result.root).attach(con)
             for table, files in good.items():
                 _register(con, table, files)
             for check in (_keys, _group_sizes, _manifest_counts):
@@ -150,7 +152,7 @@ def _table_files(result: Diagnosis, table: str, deep: bool) -> list[Path]:
 
 def _file_problem(path: Path, expected: pa.Schema, partitioned: bool) -> tuple[str | None, int]:
     try:
-        with pq.ParquetFile(path) as parquet:
+        with path.open("rb") as fh, pq.ParquetFile(fh) as parquet:  # a local file or an S3 object
             schema, meta = parquet.schema_arrow, parquet.metadata
     except (pa.ArrowException, OSError, ValueError) as exc:
         return f"unreadable Parquet file (truncated or corrupt): {exc}", 0
@@ -176,7 +178,7 @@ def _file_problem(path: Path, expected: pa.Schema, partitioned: bool) -> tuple[s
 
 def _read_pages(path: Path) -> str | None:
     try:
-        with pq.ParquetFile(path) as parquet:
+        with path.open("rb") as fh, pq.ParquetFile(fh) as parquet:
             for i in range(parquet.num_row_groups):
                 parquet.read_row_group(i)
     except (pa.ArrowException, OSError, ValueError) as exc:
@@ -357,6 +359,17 @@ def _safetensors_problem(path: Path) -> str | None:
     """Header and offsets only (safetensors checks they cover the file exactly); no torch."""
     from safetensors import SafetensorError, safe_open
 
+    if is_remote(path):  # safetensors opens local files: check a downloaded copy
+        import tempfile
+
+        try:
+            payload = path.read_bytes()
+        except FileNotFoundError:
+            return "missing: the adapter has no weights"
+        with tempfile.NamedTemporaryFile(suffix=".safetensors") as tmp:
+            tmp.write(payload)
+            tmp.flush()
+            return _safetensors_problem(Path(tmp.name))
     try:
         with safe_open(str(path), framework="numpy") as weights:
             return None if list(weights.keys()) else "no tensors in the file"
@@ -365,7 +378,15 @@ def _safetensors_problem(path: Path) -> str | None:
 
 
 def _temp_files(result: Diagnosis) -> None:
-    """`.tmp-<pid>-*` left by a writer that died: invisible to readers, safe to delete."""
+    """`.tmp-<pid>-*` left by a writer that died: invisible to readers, safe to delete.
+    An s3:// store has none (its objects are single PUTs, which leave nothing when they fail), but
+    another tool's multipart upload that died leaves invisible parts that are billed until aborted."""
+    if is_remote(result.root):
+        for upload in result.root.storage.incomplete_uploads():
+            result.add(f"s3://{result.root.storage.bucket}/{upload['Key']}",
+                       f"incomplete multipart upload {upload['UploadId'][:16]}… started {upload['Initiated']}: "
+                       "invisible to readers; abort it (or set a lifecycle rule that does)", "warning")
+        return
     for directory, subdirs, names in os.walk(result.root):
         for name in [n for n in (*subdirs, *names) if n.startswith(".tmp-")]:
             pid = name.split("-")[1]

@@ -6,7 +6,9 @@ work missing and both write it: duplicate keys. Each stage run holds an exclusiv
 `rollouts`); a shard worker (`--shard i/n`) holds its own shard's lock exclusively and the table's
 lock shared, so shards run side by side but never beside an unsharded run or a second copy of
 themselves. The kernel releases a lock when its holder dies (kill -9 included), so a crashed
-holder never leaves a stale lock behind.
+holder never leaves a stale lock behind. On an `s3://` store the lock is a lease object taken by
+conditional write (replay.storage.s3.S3Lease), stale once its holder stops renewing it; shards
+there lock only their own shard.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from pathlib import Path
 
 from .errors import ReplayError
 from .keys import parse_shard
+from .storage import is_remote, resolve
 
 LOCK_DIR = ".locks"
+LEASE_SECONDS = float(os.environ.get("REPLAY_LEASE_SECONDS", 300))
 
 
 class StageBusy(ReplayError):
@@ -34,6 +38,25 @@ def lock_path(root: Path, round: int, name: str) -> Path:
     return Path(root) / LOCK_DIR / f"round={int(round)}" / f"{name}.lock"
 
 
+def lock_name(round: int, table: str, shard: tuple[int, int]) -> str:
+    index, count = shard
+    return f"{LOCK_DIR}/round={int(round)}/{table}" + (f".shard-{index}-of-{count}" if count > 1 else "") + ".lock"
+
+
+@contextlib.contextmanager
+def _lease(root, name: str, stage: str, round: int) -> Iterator[None]:
+    from .storage.s3 import LeaseHeld
+
+    lease = root.storage.lease(name, LEASE_SECONDS, holder=f"{stage}, pid {os.getpid()} on {socket.gethostname()}")
+    try:
+        lease.acquire()
+    except LeaseHeld as exc:
+        raise StageBusy(f"cannot run {stage} on round {round}: another process is writing that round "
+                        f"({exc.holder}); let it finish, then rerun to pick up anything left") from None
+    with lease:
+        yield
+
+
 def locked_stage(table: str | Callable[[object], str], stage: str, creates_store: bool = False):
     """Decorate a stage's `run(store_path, cfg, ...)`: it runs holding `table`'s lock on cfg.round.
 
@@ -42,10 +65,14 @@ def locked_stage(table: str | Callable[[object], str], stage: str, creates_store
     def decorate(run):
         @functools.wraps(run)
         def wrapper(store_path, cfg, *args, **kwargs):
-            root = Path(store_path).absolute()
+            root = resolve(store_path)
             if int(os.environ.get("RANK", "0")) != 0 or not (creates_store or (root / "store.json").exists()):
                 return run(store_path, cfg, *args, **kwargs)
             name = table(cfg) if callable(table) else table
+            if is_remote(root):
+                with _lease(root, lock_name(cfg.round, name, parse_shard(getattr(cfg, "shard", "0/1"))), stage,
+                            cfg.round):
+                    return run(store_path, cfg, *args, **kwargs)
             fresh = not root.exists()
             try:
                 with stage_lock(root, cfg.round, name, stage, parse_shard(getattr(cfg, "shard", "0/1"))):
@@ -75,8 +102,10 @@ def stage_lock(root: Path, round: int, table: str, stage: str, shard: tuple[int,
         yield
 
 
-def table_lock(root: Path, table: str) -> contextlib.AbstractContextManager:
+def table_lock(root, table: str) -> contextlib.AbstractContextManager:
     """A short store-wide lock for a table that is not per round (prompts); waits for its turn."""
+    if is_remote(root):
+        return root.storage.lease(f"{LOCK_DIR}/{table}.lock", LEASE_SECONDS).acquire(wait=True, poll=0.5)
     return _flock(Path(root) / LOCK_DIR / f"{table}.lock", fcntl.LOCK_EX, True, f"writing {table}", -1)
 
 

@@ -19,6 +19,7 @@ import duckdb
 
 from . import plots
 from .errors import ReplayError
+from .storage import resolve
 from .store import Store, atomic_write_bytes, utc_now
 
 QUERIES = {
@@ -301,7 +302,7 @@ def _load(store: Store, label: str) -> dict[str, list[dict]]:
 def write_report(store_path: str | os.PathLike, out_dir: str | os.PathLike,
                  compare: tuple[str | os.PathLike, ...] | list = ()) -> list[Path]:
     """Write <out_dir>/*.png and <out_dir>/index.html; returns the written paths (PNGs first)."""
-    paths = [Path(store_path).absolute()] + [Path(p).absolute() for p in compare]
+    paths = [resolve(p) for p in (store_path, *compare)]  # directories or s3:// stores
     opened = [Store.open(p) for p in paths]
     stores = [(label, _load(store, label)) for label, store in zip(store_labels(paths), opened)]
     label, data = stores[0]

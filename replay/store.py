@@ -1,18 +1,17 @@
 """The store: a directory of Hive-partitioned Parquet files plus JSON manifests.
 
 This is the only module that touches Parquet files or DuckDB. Writes are append-only and atomic
-(temp file in the same directory, fsync, rename); rows are never updated in place. Readers only
+(replay/storage: locally a temp file in the same directory, fsync, rename; on S3 one PUT of the
+whole object); rows are never updated in place. Readers only
 ever glob `part-*.parquet`, so a half-written `.tmp-*` file is invisible to them.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import shutil
-import socket
 import tempfile
 import uuid
 import weakref
@@ -21,18 +20,17 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 import schemas
 
 from . import __version__
 from .errors import ReplayError
 from .sqlguard import check_read_only
+from .storage import resolve, storage_of
+from .storage.local import (  # noqa: F401  (the local write primitives, used by other modules too)
+    HOST_TAG, _pid_alive, atomic_write_bytes, clean_temp_files, left_by_dead_writer, temp_name)
 
 STORE_FILE = "store.json"
-# temp files name their writer's host: shard workers on several machines share a store directory,
-# and a pid is only meaningful on the machine that issued it
-HOST_TAG = "h" + hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 class StoreError(ReplayError):
@@ -90,75 +88,9 @@ def _relaxed(schema: pa.Schema) -> pa.Schema:
     return pa.schema([f.with_nullable(True) for f in schema])
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def temp_name(name: str) -> str:
-    """`.tmp-<pid>-<host tag>-<name>`: hidden from readers, reaped only once its writer is gone."""
-    return f".tmp-{os.getpid()}-{HOST_TAG}-{name}"
-
-
-def _is_host_tag(text: str) -> bool:
-    return len(text) == 9 and text[0] == "h" and all(c in "0123456789abcdef" for c in text[1:])
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(temp_name(f"{uuid.uuid4().hex}-{path.name}"))
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _left_by_dead_writer(name: str) -> bool:
-    """A `.tmp-<pid>-<host>-…` name whose writer is gone. A temp file tagged with another host is
-    never judged: its pid says nothing about this machine."""
-    parts = name.split("-")
-    try:
-        pid = int(parts[1])
-    except (IndexError, ValueError):
-        return False
-    if len(parts) > 2 and _is_host_tag(parts[2]) and parts[2] != HOST_TAG:
-        return False
-    return not _pid_alive(pid)
-
-
-def clean_temp_files(directory: Path) -> int:
-    """Remove `.tmp-<pid>-*` leftovers whose writing process is gone (crashed writers)."""
-    removed = 0
-    for tmp in directory.glob(".tmp-*"):
-        if _left_by_dead_writer(tmp.name):
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink(missing_ok=True)
-            removed += 1
-    return removed
-
-
 def _store_root(path: str | os.PathLike) -> Path:
-    root = Path(path).absolute()
+    """The store's root: a Path, or an S3Path for s3://bucket/prefix (other schemes are refused)."""
+    root = resolve(path)
     if any(part.startswith("round=") for part in root.parts):
         # DuckDB's Hive parsing takes the first round=... directory of a path as the rows' round
         raise StoreError(f"{root}: a store may not live inside a directory named round=...")
@@ -167,8 +99,9 @@ def _store_root(path: str | os.PathLike) -> Path:
 
 class Store:
     def __init__(self, root: Path, meta: dict):
-        self.root = root
+        self.root = resolve(root)  # an S3Path below another store's root is re-rooted at itself
         self.meta = meta
+        self.storage = storage_of(self.root)  # local directory or S3: see replay/storage
 
     # -- lifecycle -------------------------------------------------------------------------
     @classmethod
@@ -179,11 +112,10 @@ class Store:
         meta = {"schema_version": schemas.SCHEMA_VERSION, "created_at": utc_now().isoformat(),
                 "base_model": base_model, "replay_version": __version__}
         try:
-            root.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(root / STORE_FILE, json.dumps(meta, indent=2).encode())
+            created = storage_of(root).put_if_absent(root / STORE_FILE, json.dumps(meta, indent=2).encode())
         except OSError as exc:
             raise StoreError(f"cannot create store at {root}: {exc.strerror or exc}") from None
-        return cls(root, meta)
+        return cls(root, meta) if created else cls.open(root)  # lost a race: the winner's store.json
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Store":
@@ -228,6 +160,10 @@ class Store:
 
     def refuse_inside(self, path: str | os.PathLike, what: str) -> None:
         """Refuse a user-chosen output path inside the store: only stages write there."""
+        if self.storage.remote:
+            if str(path).rstrip("/").startswith(str(self.root).rstrip("/")):
+                raise StoreError(f"refused: {what} {path} is inside the store {self.root}")
+            return
         target = Path(path).absolute().resolve()
         if target.is_relative_to(self.root.resolve()):
             raise StoreError(f"refused: {what} {path} is inside the store {self.root}; "
@@ -256,19 +192,10 @@ class Store:
             arrow = arrow.drop_columns(["round"])  # lives in the directory name
         directory = self.table_dir(table, round)
         final = directory / f"part-{name or uuid.uuid4().hex}.parquet"
-        tmp = directory / temp_name(final.name)
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            clean_temp_files(directory)
-            pq.write_table(arrow, tmp, compression="zstd")
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
-            _fsync_dir(directory)
+            self.storage.write_parquet(final, arrow)
         except OSError as exc:
             raise StoreError(f"cannot write {final}: {exc.strerror or exc}") from None
-        finally:
-            tmp.unlink(missing_ok=True)
         return final
 
     def write_manifest(self, round: int, stage: str, record: Mapping) -> Path:
@@ -277,10 +204,11 @@ class Store:
             raise StoreError(f"manifest {stage}: missing key(s) {', '.join(missing)}")
         path = self.manifest_path(round, stage)
         try:
-            atomic_write_bytes(path, json.dumps(record, indent=2, default=str).encode())
+            self.storage.put(path, json.dumps(record, indent=2, default=str).encode())
         except OSError as exc:  # disk full, permission denied: the old manifest (if any) stays intact
             raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from None
-        clean_temp_files(path.parent)
+        if not self.storage.remote:  # an object store has no temp files: a PUT is whole or absent
+            clean_temp_files(path.parent)
         return path
 
     def orphaned_manifest(self, round: int, stage: str) -> dict | None:
@@ -289,7 +217,7 @@ class Store:
         found = []
         for tmp in self.manifest_path(round, stage).parent.glob(".tmp-*.json"):
             parts = tmp.name.split("-", 4)  # .tmp, pid, host, uuid, <stage>.json
-            if len(parts) == 5 and parts[4] == f"{stage}.json" and _left_by_dead_writer(tmp.name):
+            if len(parts) == 5 and parts[4] == f"{stage}.json" and left_by_dead_writer(tmp.name):
                 try:
                     record = json.loads(tmp.read_text())
                 except (OSError, ValueError):
@@ -355,6 +283,7 @@ class Store:
         CREATE VIEW reads the footers of the files behind it: a truncated shard fails here."""
         con = duckdb.connect(":memory:")
         try:
+            self.storage.attach(con)
             if threads:
                 con.execute(f"SET threads = {int(threads)}")
             for table in schemas.TABLES:
@@ -395,7 +324,7 @@ class Store:
         con = self.connect()
         temp = tempfile.mkdtemp(prefix="replay-sql-")
         weakref.finalize(con, shutil.rmtree, temp, ignore_errors=True)
-        dirs = [str(self.root) + os.sep] + [str(Path(p).absolute()) for p in allow_read]
+        dirs = self.storage.sql_roots() + [str(Path(p).absolute()) for p in allow_read]
         quoted = ", ".join("'" + d.replace("'", "''") + "'" for d in dirs)
         con.execute("SET temp_directory = ?", [temp])
         con.execute(f"SET allowed_directories = [{quoted}]")
@@ -407,6 +336,8 @@ class Store:
 
     def _refuse_escaping_links(self) -> None:
         """DuckDB confines paths by their text: a symlink in the store could lead a query elsewhere."""
+        if self.storage.remote:  # object stores have no links
+            return
         root = self.root.resolve()
         for directory, dirnames, filenames in os.walk(self.root):
             for name in dirnames + filenames:

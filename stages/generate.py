@@ -66,7 +66,9 @@ def policy_adapter(store: Store, round: int, adapter: str) -> tuple[int | None, 
             raise ReplayError(f"round {round} samples with the adapter of round {round - 1}, but {path} "
                               f"has none: run `replay learn --round {round - 1}` first, or pass --adapter none")
         return round - 1, str(path)
-    path = Path(adapter)
+    from replay.storage import resolve
+
+    path = resolve(adapter)  # a directory or an s3:// URI
     if not (path / "adapter_config.json").exists():
         raise ReplayError(f"--adapter {adapter}: not a peft adapter directory (no adapter_config.json)")
     manifest = path / "manifest.json"
@@ -221,11 +223,12 @@ def missing_samples(store: Store, round: int, prompts: list[Prompt], plan: dict[
 
 
 def _build_engine(cfg: GenerateConfig, model_ref, adapter_path):
+    from replay.adapters import local_copy
     from replay.engines import make_engine
     from replay.runtime import configure_torch
 
     configure_torch()
-    return make_engine(pick_engine(cfg.engine), model_ref, lora=adapter_path)
+    return make_engine(pick_engine(cfg.engine), model_ref, lora=local_copy(adapter_path))
 
 
 def _tokenizer(model_ref):

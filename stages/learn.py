@@ -8,6 +8,7 @@ metrics, manifest. By default training continues from the previous round's adapt
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from replay.errors import ReplayError
 from replay.learn_data import LearnSample, load_samples
@@ -115,7 +116,9 @@ def run(store_path: str, cfg: LearnConfig) -> dict:
 
     from replay.train_loop import train
 
-    metrics_rows, train_summary, model = train(cfg, model_ref, init, samples, result, adv_metrics)
+    local_init = adapters.local_copy(init)  # peft loads from a local directory; S3 adapters are fetched
+    metrics_rows, train_summary, model = train(cfg, model_ref, local_init and Path(local_init), samples, result,
+                                               adv_metrics)
     adapters.save(model, out_dir, {"round": cfg.round, "objective": cfg.objective, "adapter_name": cfg.adapter_name,
                                    "base_model": model_ref.name, "init_adapter": str(init) if init else None,
                                    "config": asdict(cfg), "selection": selection, "metrics": train_summary})

@@ -3,7 +3,8 @@
 The next round is the first one whose learn manifest is not complete. Each stage is idempotent
 and resumable, so a tick killed at any moment is finished by the next one: generate skips stored
 groups, score skips scored rollouts, learn skips a complete round and replaces its own partial
-outputs. Only one tick works on a store at a time (flock on <store>/.round.lock).
+outputs. Only one tick works on a store at a time: flock on <store>/.round.lock, or on an s3://
+store a lease object of that name taken by conditional write (replay.storage.s3.S3Lease).
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from replay.errors import ReplayError
+from replay.storage import is_remote, resolve
 from replay.store import Store
 
 LOCK_FILE = ".round.lock"
 EXIT_LOCKED = 0  # a tick that finds another tick running is not an error for cron
+# an s3 lease not renewed for this long is stale (its holder renews every third of it while alive)
+LEASE_SECONDS = float(os.environ.get("REPLAY_LEASE_SECONDS", 300))
 
 
 class RoundLocked(Exception):
@@ -37,6 +41,20 @@ class RoundResult:
 
 @contextlib.contextmanager
 def store_lock(root: Path, wait: bool = False) -> Iterator[None]:
+    if is_remote(root):
+        from replay.storage.s3 import LeaseHeld
+
+        lease = root.storage.lease(LOCK_FILE, LEASE_SECONDS)
+        try:
+            lease.acquire(wait=wait)
+        except LeaseHeld as exc:
+            raise RoundLocked(exc.holder) from None
+        with lease:
+            yield
+        if lease.lost.is_set():  # our renewals failed past the ttl and another tick took the lease
+            raise ReplayError(f"the round lease {lease.path} was taken over while this tick ran (it could not "
+                              f"renew it for {LEASE_SECONDS:.0f} s): another tick may have run the same stages")
+        return
     root.mkdir(parents=True, exist_ok=True)
     fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -60,11 +78,19 @@ def next_round(store: Store, adapter_name: str = "main") -> int:
     return r
 
 
+def _log_dir(root) -> Path:
+    """<store>/logs, or for an s3:// store (no appends there) a local one under the replay cache."""
+    if is_remote(root):
+        cache = Path(os.environ.get("REPLAY_CACHE", Path.home() / ".cache" / "replay"))
+        return cache / "logs" / root.storage.bucket / root.key
+    return root / "logs"
+
+
 def _logger(root: Path) -> logging.Logger:
-    (root / "logs").mkdir(parents=True, exist_ok=True)
+    _log_dir(root).mkdir(parents=True, exist_ok=True)
     log = logging.getLogger(f"replay.round.{root}")
     if not log.handlers:
-        handler = logging.FileHandler(root / "logs" / "rounds.log")
+        handler = logging.FileHandler(_log_dir(root) / "rounds.log")
         handler.setFormatter(logging.Formatter("%(asctime)s pid=%(process)d %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
@@ -74,7 +100,7 @@ def _logger(root: Path) -> logging.Logger:
 def run_one(store_path: str, settings: dict[str, dict], echo=print) -> RoundResult:
     from stages import generate, learn, score
 
-    root = Path(store_path)
+    root = resolve(store_path)
     gen_cfg = generate.GenerateConfig(**settings.get("generate", {}))
     log = _logger(root)
     learn_cfg_fields = settings.get("learn", {})
@@ -103,7 +129,7 @@ def run(store_path: str, settings: dict[str, dict], rounds: int = 1, wait: bool 
     a rerun script asks for a target rather than a count that would overshoot after a restart."""
     if until is not None and until < 0:
         raise ReplayError(f"--until must be a round number (0 or more), got {until}")
-    root = Path(store_path).absolute()
+    root = resolve(store_path)
     adapter_name = settings.get("learn", {}).get("adapter_name", "main")
     results = []
     with store_lock(root, wait=wait):

@@ -322,6 +322,7 @@ def test_permission_denied_on_rename_is_one_line(store, tmp_path, monkeypatch):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
 
     monkeypatch.setattr(os, "replace", denied)
+    monkeypatch.setattr(os, "link", denied)  # store.json is created by link(2): once, whole
     fails_cleanly(invoke("import", path, "--store", store.root), "Permission denied")
     fails_cleanly(invoke("import", path, "--store", tmp_path / "new"), "cannot create store", "Permission denied")
     monkeypatch.undo()

@@ -1,0 +1,152 @@
+"""A store on a local (or shared POSIX) file system: temp file in the same directory, fsync, rename.
+
+Temp files are named `.tmp-<pid>-<host tag>-…`: hidden from readers (they glob `part-*`), and reaped
+only by a writer on the same host once the process that wrote them is gone.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import socket
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+# temp files name their writer's host: shard workers on several machines share a store directory,
+# and a pid is only meaningful on the machine that issued it
+HOST_TAG = "h" + hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def temp_name(name: str) -> str:
+    """`.tmp-<pid>-<host tag>-<name>`: hidden from readers, reaped only once its writer is gone."""
+    return f".tmp-{os.getpid()}-{HOST_TAG}-{name}"
+
+
+def _is_host_tag(text: str) -> bool:
+    return len(text) == 9 and text[0] == "h" and all(c in "0123456789abcdef" for c in text[1:])
+
+
+def _write_temp(path: Path, payload: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(temp_name(f"{uuid.uuid4().hex}-{path.name}"))
+    with open(tmp, "wb") as fh:
+        fh.write(payload)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return tmp
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    tmp = None
+    try:
+        tmp = _write_temp(path, payload)
+        os.replace(tmp, path)
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def create_exclusive(path: Path, payload: bytes) -> bool:
+    """Write `path` whole unless it exists: a complete temp file hard-linked into place (link fails
+    on an existing name), so a racing creator either wins or leaves the winner's file untouched."""
+    tmp = None
+    try:
+        tmp = _write_temp(path, payload)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError as exc:  # a file system without hard links (some FUSE, SMB): check, then rename
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV) or path.exists():
+                raise
+            os.replace(tmp, path)
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return True
+
+
+def left_by_dead_writer(name: str) -> bool:
+    """A `.tmp-<pid>-<host>-…` name whose writer is gone. A temp file tagged with another host is
+    never judged: its pid says nothing about this machine."""
+    parts = name.split("-")
+    try:
+        pid = int(parts[1])
+    except (IndexError, ValueError):
+        return False
+    if len(parts) > 2 and _is_host_tag(parts[2]) and parts[2] != HOST_TAG:
+        return False
+    return not _pid_alive(pid)
+
+
+def clean_temp_files(directory: Path) -> int:
+    """Remove `.tmp-<pid>-*` leftovers whose writing process is gone (crashed writers)."""
+    removed = 0
+    for tmp in directory.glob(".tmp-*"):
+        if left_by_dead_writer(tmp.name):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+class LocalStorage:
+    """Writes for a store directory; reads use the Path objects themselves."""
+
+    remote = False
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def put(self, path: Path, payload: bytes) -> None:
+        atomic_write_bytes(path, payload)
+
+    def put_if_absent(self, path: Path, payload: bytes) -> bool:
+        return create_exclusive(path, payload)
+
+    def write_parquet(self, path: Path, table: pa.Table) -> None:
+        directory = path.parent
+        tmp = directory / temp_name(path.name)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            clean_temp_files(directory)
+            pq.write_table(table, tmp, compression="zstd")
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(directory)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def attach(self, con) -> None:
+        """Nothing to register: DuckDB reads local files itself."""
+
+    def sql_roots(self) -> list[str]:
+        return [str(self.root) + os.sep]

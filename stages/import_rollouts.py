@@ -17,6 +17,7 @@ from replay.datasets import DatasetError, Prompt, int32_field, read_rows, storab
 from replay.errors import ReplayError
 from replay.locks import locked_stage
 from replay.manifests import finish_manifest, record_run, start_manifest
+from replay.storage import resolve
 from replay.store import Store, utc_now
 from stages.generate import register_prompts
 
@@ -129,7 +130,6 @@ def rollout_row(cfg: ImportConfig, r: dict, now) -> dict:
                 top_k=None, max_tokens=None, seed=None, created_at=now)
 
 
-@locked_stage("rollouts", "import", creates_store=True)
 def complete_token_ids(store_path: str, cfg: ImportConfig, prompts: list[Prompt], rows: list[dict]) -> tuple[str, int]:
     """Check every token id against the vocabulary of the model the ids belong to, and derive the
     prompt ids of rows that carry completion ids only (the chat template `generate` uses), so that
@@ -137,7 +137,7 @@ def complete_token_ids(store_path: str, cfg: ImportConfig, prompts: list[Prompt]
     from replay.models import DEFAULT_MODEL, load_tokenizer, resolve_model
     from replay.prompting import chat_prompt_ids
 
-    meta = Path(store_path) / "store.json"
+    meta = resolve(store_path) / "store.json"
     stored_model = json.loads(meta.read_text()).get("base_model") if meta.exists() else None
     model_ref = resolve_model(cfg.tokenizer or stored_model or DEFAULT_MODEL)
     tokenizer = load_tokenizer(model_ref)
@@ -156,6 +156,7 @@ def complete_token_ids(store_path: str, cfg: ImportConfig, prompts: list[Prompt]
     return model_ref.name, derived
 
 
+@locked_stage("rollouts", "import", creates_store=True)
 def run(store_path: str, cfg: ImportConfig) -> dict:
     path = Path(cfg.file)
     prompts, rows = parse_rows(path, cfg)  # all validated before the first write

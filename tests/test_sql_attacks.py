@@ -136,8 +136,9 @@ def arena(tmp_path, monkeypatch):
 
 
 def snapshot(root):
+    """Every file and directory; `.locks/` holds only the empty lock files of stages that started."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(root.rglob("*"))}
+            for p in sorted(root.rglob("*")) if ".locks" not in p.parts}
 
 
 def assert_nothing_leaked(output: str, outside) -> None:

@@ -487,3 +487,19 @@ def test_an_adapter_is_published_by_its_marker_last(tmp_path, monkeypatch):
     adapters._LOCAL_COPIES.clear()  # as a new process would
     assert Path(adapters.local_copy(uri)) != copy
     assert (Path(adapters.local_copy(uri)) / "adapter_model.safetensors").read_bytes() == b"v" * 100
+
+
+def test_a_stage_already_writing_an_s3_round_makes_a_second_copy_exit(tmp_path):
+    from replay.locks import LEASE_SECONDS, lock_name
+
+    uri = f"s3://{new_bucket()}/locked"
+    root = small_store(uri).root
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"problem": "w1", "answer": "1", "completion": "x"}) + "\n")
+    before = keys_under(root.storage.bucket, root.storage.prefix + "/rollouts")
+    with root.storage.lease(lock_name(0, "rollouts", (0, 1)), LEASE_SECONDS, holder="generate, pid 1 on elsewhere"):
+        result = invoke("import", rows, "--store", uri, "--round", 0)
+    assert result.exit_code == 1 and "another process is writing that round (generate, pid 1 on elsewhere" \
+        in result.output
+    assert keys_under(root.storage.bucket, root.storage.prefix + "/rollouts") == before
+    assert invoke("import", rows, "--store", uri, "--round", 0).exit_code == 0  # released: free again

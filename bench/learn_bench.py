@@ -7,8 +7,8 @@ naive full-logits step vs TRL's GRPOTrainer, on the same fixed batch, in one run
 
 A variant is `ours` | `naive` | `trl`, optionally `:M` for micro-batches of M (default --micro; the
 gradient accumulation is batch / M, so every variant makes one optimizer step over the whole batch).
-  ours   replay.learner.token_logprobs (hidden states at completion positions only, chunked vocab
-         projection) + replay.core.loss.policy_loss + backward + clip + AdamW, as replay/train_loop.py,
+  ours   replay.learn.policy.token_logprobs (hidden states at completion positions only, chunked vocab
+         projection) + replay.core.loss.policy_loss + backward + clip + AdamW, as replay/learn/loop.py,
          in a process with replay.runtime.return_freed_memory applied, as stages/learn.py does
   naive  the same, but logprobs from model(input_ids).logits [B, L, V] -> log_softmax -> gather
   trl    trl.GRPOTrainer.train() (same LoRA via peft_config, loss_type="grpo", beta=0, same micro-batch
@@ -16,11 +16,11 @@ gradient accumulation is batch / M, so every variant makes one optimizer step ov
          step is TRL's own training_step x accumulation + clip + optimizer step (timed by a callback)
 Data: random token ids; completion lengths `--lengths varied` (default: 40 % at the cap, the rest
 anywhere from 8 tokens, as sampled rollouts end; `ours` sorts a step's rows by length before cutting
-micro-batches, as replay/train_loop.py does, and so does naive; TRL takes them as they come) or `fixed`
+micro-batches, as replay/learn/loop.py does, and so does naive; TRL takes them as they come) or `fixed`
 (all at the cap); rewards half 1 / half 0 in each group of 8 (so no sample has zero
 advantage), old logprobs = the model's own plus N(0, 0.1^2) noise, computed once here. With
 --uniform-groups K the first K groups get all-equal rewards: ours and naive then skip their rows
-(zero advantage, as replay/train_loop.py does), TRL trains on them as GRPOTrainer does.
+(zero advantage, as replay/learn/loop.py does), TRL trains on them as GRPOTrainer does.
 
 Each variant runs in its own process, one after the other: 1 warm-up step, then --reps timed
 steps; the median is reported, with tokens/s (batch x length per step), the RSS after setup (model,
@@ -62,7 +62,7 @@ def status_kib(key: str) -> int:
 def build_data(args, path: Path) -> None:
     """The fixed batch every variant trains on, saved to `path`."""
     from replay.core.advantages import compute_advantages
-    from replay.learner import make_batch, token_logprobs
+    from replay.learn.policy import make_batch, token_logprobs
     from replay.models import load_model, resolve_model
 
     model = load_model(resolve_model(args.model))
@@ -123,16 +123,16 @@ def replay_child(args, data, micro: int, logprob_fn) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from replay.core.loss import policy_loss
-    from replay.learner import LoraSettings, load_policy, make_batch
+    from replay.learn.policy import LoraSettings, load_policy, make_batch
     from replay.models import resolve_model
-    from replay.train_loop import plan_steps
+    from replay.learn.loop import plan_steps
 
     model = load_policy(resolve_model(args.model).path, None, LoraSettings(), args.gradient_checkpointing)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR)
     accum = args.batch // micro
-    # as replay/train_loop.py: rows with zero advantage give no gradient and are not computed, and
+    # as replay/learn/loop.py: rows with zero advantage give no gradient and are not computed, and
     # the step's rows are sorted by length before they are cut into micro-batches
     active = torch.nonzero(data["advantages"] != 0).squeeze(1).tolist()
     lengths = data["lengths"].tolist()
@@ -176,7 +176,7 @@ def trl_child(args, data, micro: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from replay.learner import LoraSettings
+    from replay.learn.policy import LoraSettings
     from replay.models import resolve_model
 
     path, lora, profiling = resolve_model(args.model).path, LoraSettings(), args.child in args.profile
@@ -247,7 +247,7 @@ def child_main(args) -> None:
         from replay.runtime import return_freed_memory
 
         return_freed_memory()  # as stages/learn.py does (a no-op under --mmap-threshold)
-        from replay.learner import token_logprobs
+        from replay.learn.policy import token_logprobs
         ours = functools.partial(token_logprobs, chunk_size=args.chunk)
         out = replay_child(args, data, micro, ours if kind == "ours" else naive_token_logprobs)
     out["peak_kib"] = status_kib("VmHWM")

@@ -125,7 +125,7 @@ def test_nsr_lowers_the_logprob_of_wrong_samples(store, model_dir):
     """A few NSR steps must make the wrong samples less likely under the trained policy."""
     invoke("learn", "--store", store.root, "--round", 0, "--objective", "nsr", "--adapter-name", "nsr-big",
            "--lr", "5e-3", "--epochs", "3", "--grad-accum", "1", "--fresh")
-    from replay.learner import frozen_policy, make_batch, token_logprobs
+    from replay.learn.policy import frozen_policy, make_batch, token_logprobs
 
     rows = store.query("SELECT s.correct, r.prompt_token_ids p, r.completion_token_ids c, r.temperature t "
                        "FROM samples s JOIN rollouts r USING (round, prompt_id, sample_idx) "

@@ -1,7 +1,7 @@
 """The issue's acceptance command on the real SmolLM2-135M, for both engines (slow; run by CI).
 
 Stored logprobs must equal a teacher-forced recompute with the training code path
-(replay.learner.token_logprobs at the row's temperature): <= 2e-3 for transformers, <= 3e-2 for vLLM.
+(replay.learn.policy.token_logprobs at the row's temperature): <= 2e-3 for transformers, <= 3e-2 for vLLM.
 """
 
 import importlib.util
@@ -28,7 +28,7 @@ def run_cli(store, engine):
 
 
 def max_logprob_error(store: Store) -> float:
-    from replay.learner import frozen_policy, make_batch, token_logprobs
+    from replay.learn.policy import frozen_policy, make_batch, token_logprobs
     from replay.models import resolve_model
 
     rows = store.query("SELECT prompt_token_ids p, completion_token_ids c, completion_logprobs l, temperature t "

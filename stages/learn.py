@@ -99,6 +99,6 @@ def run(store_path: str, cfg: LearnConfig) -> dict:
                                      dtype=str(next(model.parameters()).dtype).replace("torch.", ""))
             store.write_manifest(cfg.round, stage, record)
         ranks.barrier()
-        return record
+        return record if ranks.is_writer else {"rank": ranks.rank}
     finally:
         distributed.shutdown()

@@ -128,3 +128,20 @@ def test_accumulation_four_by_one_equals_one_by_four(aggregation):
         assert row["grad_norm"] == pytest.approx(ref_row["grad_norm"], rel=1e-5)
         for k in ref_lora:
             torch.testing.assert_close(lora[k], ref_lora[k], atol=1e-6, rtol=1e-5)
+
+
+def test_a_model_with_final_processing_the_learner_does_not_know_is_refused():
+    from replay.errors import ReplayError
+    from replay.learn.policy import check_head
+
+    class Doubled(type(tiny_model())):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2
+            return out
+
+    model = tiny_model()
+    model.__class__ = Doubled
+    with pytest.raises(ReplayError, match="final logits are not lm_head"):
+        check_head(model)
+    check_head(tiny_model())

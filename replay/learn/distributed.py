@@ -8,6 +8,7 @@ rank 0 alone writes. gloo on CPU, NCCL on CUDA (one device per local rank).
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -94,3 +95,24 @@ def shutdown() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def torchrun_argv(nproc: int, argv: list[str]) -> list[str]:
+    """`replay learn ... --nproc N` -> `python -m torch.distributed.run --standalone
+    --nproc_per_node N -m replay learn ...` (the same arguments, --nproc dropped)."""
+    args, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={int(nproc)}",
+            "-m", "replay", *args]
+
+
+def exec_torchrun(nproc: int) -> None:
+    argv = torchrun_argv(nproc, sys.argv[1:])
+    sys.stdout.flush()
+    os.execv(argv[0], argv)

@@ -15,6 +15,7 @@ import time
 import torch
 
 from replay.core.loss import policy_loss
+from replay.errors import ReplayError
 from replay.progress import progress_bar
 
 from .distributed import Ranks
@@ -64,16 +65,20 @@ def train(model, samples, advantages, cfg, adv_metrics: dict | None = None,
     (.advantage, .weight per sample); returns (learn_metrics rows, summary)."""
     ranks = ranks or Ranks()
     adv_metrics = adv_metrics or {}
-    scorer = ranks.wrap(Scorer(model, check_head(model)))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
-    device = params[0].device
     advantage = advantages.advantage.to(torch.float32)
     weight = advantages.weight.to(torch.float32)
     # samples with zero advantage (or zero weight) contribute no gradient: skip their compute
     active = [i for i in range(len(samples))
               if float(advantage[i]) != 0.0 and float(weight[i]) != 0.0 and samples[i].completion_ids]
+    for i in active:
+        if samples[i].prompt_ids is None:
+            raise ReplayError(f"{samples[i].name} has no prompt token ids, so it cannot be scored: re-import it "
+                              f"with prompt token ids or pass --recompute-old-logprobs")
+    scorer = ranks.wrap(Scorer(model, check_head(model)))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    device = params[0].device
     lengths = [len(s.prompt_ids or []) + len(s.completion_ids or []) for s in samples]
     steps = plan_steps(active, lengths, cfg.micro_batch_size, cfg.grad_accum, cfg.seed, cfg.epochs)
     rows: list[dict] = []

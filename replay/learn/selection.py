@@ -111,7 +111,7 @@ def select_rows(store: Store, lo: int, hi: int, where: str | None) -> list[dict]
     try:
         if matched is not None:
             con.register("where_matched", matched)
-        return con.execute(sql, {"lo": int(lo), "hi": int(hi)}).to_arrow_table().to_pylist()
+        return con.sql(sql, params={"lo": int(lo), "hi": int(hi)}).to_arrow_table().to_pylist()
     except duckdb.Error as exc:
         raise store.query_error(exc) from None
     finally:

@@ -1,8 +1,9 @@
 """The optimisation loop of `learn`: micro-batches, gradient accumulation, one metrics row per step.
 
 `train` takes a model (so tests hand it any small one) and works the same in one process or as one
-rank of N (replay.learn.distributed): every rank builds the same seeded step plan and takes every
-N-th micro-batch of each step, padded with zero-weight passes so all ranks run the same number of
+rank of N (replay.learn.distributed): every rank builds the same seeded step plan (steps of
+micro x accum x N samples: N ranks with accumulation a equal one rank with accumulation a·N) and
+takes every N-th micro-batch of each step, padded with zero-weight passes so all ranks run the same number of
 forward/backward passes; gradients sync once per step (the last pass), metrics are all-reduced.
 """
 
@@ -80,7 +81,8 @@ def train(model, samples, advantages, cfg, adv_metrics: dict | None = None,
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     device = params[0].device
     lengths = [len(s.prompt_ids or []) + len(s.completion_ids or []) for s in samples]
-    steps = plan_steps(active, lengths, cfg.micro_batch_size, cfg.grad_accum, cfg.seed, cfg.epochs)
+    # --grad-accum counts per rank: N ranks step on micro x accum x N samples, as one rank with accum x N
+    steps = plan_steps(active, lengths, cfg.micro_batch_size, cfg.grad_accum * ranks.world, cfg.seed, cfg.epochs)
     rows: list[dict] = []
     started = time.perf_counter()
     bar_context = progress_bar(f"learn round {cfg.round} ({cfg.objective})", total=len(steps)) \

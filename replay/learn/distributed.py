@@ -62,6 +62,14 @@ class Ranks:
         return next((m for m in messages if m), None)
 
 
+def rank_share_of(micro_batches: list[list[int]], rank: int, world: int) -> list[list[int]]:
+    """This rank's micro-batches of a step: every world-th one, then empty ones (zero-weight
+    passes) so every rank makes ceil(len / world) forward/backward passes and none waits forever
+    in the gradient all-reduce."""
+    mine = micro_batches[rank::world]
+    return mine + [[] for _ in range(-(-len(micro_batches) // world) - len(mine))]
+
+
 def _collective_device() -> torch.device:
     import torch.distributed as dist
 

@@ -19,7 +19,7 @@ from replay.core.loss import policy_loss
 from replay.errors import ReplayError
 from replay.progress import progress_bar
 
-from .distributed import Ranks
+from .distributed import Ranks, rank_share_of
 from .policy import Scorer, check_head, make_batch
 
 METRIC_KEYS = ("loss", "clip_frac", "dual_clip_frac", "ratio_mean")
@@ -47,13 +47,6 @@ def plan_steps(indices: list[int], lengths: list[int], micro: int, accum: int, s
             step = sorted(order[start:start + micro * accum], key=lambda i: lengths[i])
             steps.append((epoch, [step[j:j + micro] for j in range(0, len(step), micro)]))
     return steps
-
-
-def rank_share(micro_batches: list[list[int]], rank: int, world: int) -> list[list[int]]:
-    """This rank's micro-batches of a step: every world-th one, then empty ones (zero-weight
-    passes) so every rank makes ceil(len / world) passes."""
-    mine = micro_batches[rank::world]
-    return mine + [[] for _ in range(-(-len(micro_batches) // world) - len(mine))]
 
 
 def _mean(rows: list[dict], key: str) -> float:
@@ -91,7 +84,7 @@ def train(model, samples, advantages, cfg, adv_metrics: dict | None = None,
         for epoch, micro_batches in steps:
             step_samples = sum(len(idx) for idx in micro_batches)
             step_tokens = sum(len(samples[i].completion_ids) for idx in micro_batches for i in idx)
-            passes = rank_share(micro_batches, ranks.rank, ranks.world)
+            passes = rank_share_of(micro_batches, ranks.rank, ranks.world)
             sums = torch.zeros(len(METRIC_KEYS) + 2, dtype=torch.float64)  # metric sums, passes, tokens
             ratio_max = 0.0
             for n, idx in enumerate(passes):

@@ -1,4 +1,4 @@
-"""Which distribution a stored logprob is under (DESIGN §4.4): one case per rule, each refusal named."""
+"""Which distribution a stored logprob is under (DESIGN §4, "The ratio rule"): one case per rule, each refusal named."""
 
 import pytest
 

@@ -1,7 +1,7 @@
 """Which distribution a stored behaviour logprob is under, from the row's sampling settings.
 
 The importance ratio π_θ / π_old is exact only when the learner evaluates π_θ on the distribution
-π_old was read from. The rule per `logprobs_mode` (DESIGN §4.4):
+π_old was read from. The rule per `logprobs_mode` (DESIGN §4, "The ratio rule"):
 
     processed  the engine's sampling distribution: temperature T, then top-k, then top-p
                (renormalised over what is kept); T = 0 (greedy) is refused (a point mass)

@@ -78,7 +78,7 @@ def build_data(args, path: Path) -> None:
     with torch.no_grad():
         for i in range(args.batch):
             n = int(lengths[i])
-            batch = make_batch([prompts[i].tolist()], [completions[i, :n].tolist()], [1.0])
+            batch = make_batch([prompts[i].tolist()], [completions[i, :n].tolist()])
             old[i, :n] = token_logprobs(model, batch)[0]
     old = old + 0.1 * torch.randn(old.shape, generator=g)
     torch.save({"prompts": prompts, "completions": completions, "lengths": lengths, "advantages": adv,
@@ -123,11 +123,12 @@ def replay_child(args, data, micro: int, logprob_fn) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from replay.core.loss import policy_loss
+    from replay.learn.loop import plan_steps
     from replay.learn.policy import LoraSettings, load_policy, make_batch
     from replay.models import resolve_model
-    from replay.learn.loop import plan_steps
 
-    model = load_policy(resolve_model(args.model).path, None, LoraSettings(), args.gradient_checkpointing)
+    model = load_policy(resolve_model(args.model), None, LoraSettings(), args.gradient_checkpointing,
+                        device="cpu", dtype="float32")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR)
@@ -140,7 +141,7 @@ def replay_child(args, data, micro: int, logprob_fn) -> dict:
     micro_batches = []
     for rows in plan:
         batch = make_batch(data["prompts"][rows].tolist(),
-                           [data["completions"][r, :lengths[r]].tolist() for r in rows], [1.0] * len(rows))
+                           [data["completions"][r, :lengths[r]].tolist() for r in rows])
         width = batch.targets.shape[1]
         micro_batches.append((batch, data["old"][rows, :width], data["advantages"][rows], len(rows) / len(active)))
 

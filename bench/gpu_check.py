@@ -170,7 +170,7 @@ def check_vllm(args) -> bool:
 
     store = Path(args.store or tempfile.mkdtemp(prefix="gpu-check-")) / "store"
     common = ["--store", store, "--model", args.model]
-    sampling = ["--dataset", "arith", "--num-prompts", 16, "--num-samples", 4, "--max-new-tokens", 96,
+    sampling = ["--dataset", "arith", "--num-prompts", args.prompts, "--num-samples", 4, "--max-new-tokens", 96,
                 "--temperature", 0.7, "--top-k", 50, "--top-p", 0.9, "--engine", "vllm"]
     replay("generate", "--round", 0, *common, *sampling)
     replay("score", "--store", store, "--round", 0, "--workers", 4)
@@ -209,6 +209,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--store", help="directory for the vllm check's store (default: a temp dir)")
+    parser.add_argument("--prompts", type=int, default=16, help="vllm check: prompts per round (4 samples each)")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"no CUDA device visible to torch {torch.__version__}: this check needs a GPU")

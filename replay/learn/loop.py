@@ -18,6 +18,7 @@ import torch
 from replay.core.loss import policy_loss
 from replay.errors import ReplayError
 from replay.progress import progress_bar
+from replay.runtime import trim_freed_memory
 
 from .distributed import Ranks, rank_share_of
 from .policy import Scorer, check_head, make_batch
@@ -102,6 +103,7 @@ def train(model, samples, advantages, cfg, adv_metrics: dict | None = None,
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            trim_freed_memory()
             rows.append(_metrics_row(cfg, len(rows), epoch, sums, ratio_max, float(grad_norm), adv_metrics, started))
             if bar is not None:
                 bar.advance(1, f"loss {rows[-1]['loss']:+.4f} clip {rows[-1]['clip_frac']:.2f} "

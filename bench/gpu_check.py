@@ -176,7 +176,9 @@ def check_vllm(args) -> bool:
     replay("score", "--store", store, "--round", 0, "--workers", 4)
     replay("learn", "--store", store, "--round", 0, "--device", args.device, "--lr", "1e-4", "--epochs", 2)
     started = time.perf_counter()
-    print(replay("generate", "--round", 1, *common, *sampling).strip().splitlines()[-1],
+    out = replay("generate", "--round", 1, *common, *sampling)
+    written = [line for line in out.splitlines() if "groups written" in line]
+    print(f"round 1: {written[-1] if written else out.strip()[-200:]} "
           f"({time.perf_counter() - started:.1f} s with the round-0 adapter)")
     s = Store.open(store)
     rows = s.query(f"SELECT prompt_token_ids p, completion_token_ids c, completion_logprobs l, policy_round, "

@@ -1,14 +1,15 @@
-"""What REPLAY_MALLOC_TUNING costs: the same `replay learn` run under each mode, side by side.
+"""What REPLAY_MALLOC_TUNING (and torchrun) cost: the same `replay learn` run per variant, side by side.
 
     python bench/learn_malloc_bench.py [--samples 32] [--epochs 2] [--completion-len 128]
-        [--modes trim mmap 0] [--model smollm2-135m]
+        [--modes trim mmap 0 trim/2] [--model smollm2-135m]
 
 Builds a store of synthetic rollouts for the model (random prompt tokens, 64 long; completions
 of random tokens, lengths uniform in [len/4, len]; groups of 8, a quarter all wrong, the rest
 mixed; stored logprobs -2 per token, T = 1), then runs `python -m replay learn --objective lens`
 once per mode in a fresh process (1 torch thread) and reports wall and CPU seconds, minor page
 faults and peak RSS of each (os.wait4). Modes: trim (malloc_trim after each optimizer step, the
-default), mmap (128 KiB mmap threshold, the former default), 0 (glibc's defaults).
+default), mmap (128 KiB mmap threshold, the former default), 0 (glibc's defaults). MODE/N runs
+`replay learn --nproc N` (torchrun, gloo) with --grad-accum 4/N: the same global batch of 16.
 """
 
 from __future__ import annotations
@@ -60,12 +61,15 @@ def build_store(root: Path, model: str, samples: int, completion_len: int, vocab
     store.write("verdicts", verdicts, round=0)
 
 
-def run_learn(root: Path, mode: str, epochs: int) -> dict:
+def run_learn(root: Path, variant: str, epochs: int) -> dict:
+    mode, _, nproc = variant.partition("/")
+    nproc = int(nproc or 1)
     env = dict(os.environ, REPLAY_MALLOC_TUNING=mode, REPLAY_TORCH_THREADS="1", OMP_NUM_THREADS="1",
                HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
     cmd = [sys.executable, "-m", "replay", "learn", "--store", str(root), "--round", "0", "--objective", "lens",
-           "--epochs", str(epochs), "--adapter-name", f"m{mode}", "--device", "cpu"]
+           "--epochs", str(epochs), "--adapter-name", f"m{mode}-{nproc}", "--device", "cpu",
+           "--micro-batch-size", "4", "--grad-accum", str(4 // nproc), "--nproc", str(nproc)]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -73,7 +77,7 @@ def run_learn(root: Path, mode: str, epochs: int) -> dict:
     out, err = proc.stdout.read(), proc.stderr.read()
     if status:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out[-2000:]}\n{err[-3000:]}")
-    return {"mode": mode, "wall": wall, "user": usage.ru_utime, "sys": usage.ru_stime,
+    return {"mode": variant, "wall": wall, "user": usage.ru_utime, "sys": usage.ru_stime,
             "minor_faults": usage.ru_minflt, "peak_rss_gib": usage.ru_maxrss / 2**20}
 
 

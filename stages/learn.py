@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from replay.errors import ReplayError
 from replay.learn.config import LearnConfig
 from replay.learn.selection import LearnSample, load_samples
 from replay.manifests import finish_manifest, start_manifest

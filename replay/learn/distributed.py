@@ -51,16 +51,6 @@ class Ranks:
 
             dist.barrier()
 
-    def broadcast_error(self, message: str | None) -> str | None:
-        """The first rank's error message, on every rank (so all stop together, none hangs)."""
-        if self.world == 1:
-            return message
-        import torch.distributed as dist
-
-        messages = [None] * self.world
-        dist.all_gather_object(messages, message)
-        return next((m for m in messages if m), None)
-
 
 def rank_share_of(micro_batches: list[list[int]], rank: int, world: int) -> list[list[int]]:
     """This rank's micro-batches of a step: every world-th one, then empty ones (zero-weight

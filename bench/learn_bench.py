@@ -252,6 +252,7 @@ def child_main(args) -> None:
         ours = functools.partial(token_logprobs, chunk_size=args.chunk)
         out = replay_child(args, data, micro, ours if kind == "ours" else naive_token_logprobs)
     out["peak_kib"] = status_kib("VmHWM")
+    out["matmul_flops"] = matmul_peak()
     report_to.write(json.dumps(out) + "\n")
     report_to.flush()
 
@@ -287,9 +288,10 @@ def report(args, results: list[dict]) -> None:
     and single-threaded), wall time is what a user waits."""
     base = next((r for r in results if r["variant"].startswith("trl")), None)
     tokens = real_tokens(args)
+    flops = useful_flops(args)
     print(f"\n| variant | micro x accum | wall s/step | CPU s/step | tokens/s (wall) | tokens/CPU-s | RSS after setup "
-          f"| peak RSS | step delta | speed vs TRL (wall / CPU) | peak vs TRL | delta vs TRL | warm-up loss |"
-          f"\n|{'---|' * 13}")
+          f"| peak RSS | step delta | speed vs TRL (wall / CPU) | peak vs TRL | delta vs TRL | warm-up loss "
+          f"| MFU (CPU s) |\n|{'---|' * 14}")
     for r in results:
         micro = int(r["variant"].partition(":")[2] or args.micro)
         ratios = ["-"] * 3 if base is None else [
@@ -298,10 +300,60 @@ def report(args, results: list[dict]) -> None:
         mib = [f"{r[k] / 1024:.0f} MiB" for k in ("rss_kib", "peak_kib", "delta_kib")]
         print(f"| {r['variant']} | {micro} x {args.batch // micro} | {r['median']:.1f} | {r['cpu_median']:.1f} "
               f"| {tokens / r['median']:.0f} | {tokens / r['cpu_median']:.0f} "
-              f"| {' | '.join(mib)} | {' | '.join(ratios)} | {r['losses'][0]:+.6f} |")
+              f"| {' | '.join(mib)} | {' | '.join(ratios)} | {r['losses'][0]:+.6f} "
+              f"| {flops / r['cpu_median'] / (r['matmul_flops'] / args.threads):.0%} |")
+    peaks = ", ".join(f"{r['matmul_flops'] / 1e9:.0f}" for r in results)
+    print(f"\nMFU: the step's useful FLOPs ({flops / 1e12:.2f} TFLOP: forward, activation gradients, LoRA; see "
+          f"useful_flops) per CPU second over the matmul peak per thread measured in each variant's process "
+          f"({peaks} GFLOP/s on {args.threads} thread(s))")
     for r in results:
         if "profile" in r:
             print(f"\n--- {r['variant']}: top ops by self CPU time, one step\n{r['profile']}")
+
+
+def matmul_peak(n: int = 1024, reps: int = 8) -> float:
+    """FLOP/s of this process's best float32 [n, n] @ [n, n] (same threads as the steps)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def useful_flops(args) -> float:
+    """The step's useful FLOPs, counted per real token of the rows with gradient (zero-advantage
+    rows and padding give no gradient and are not counted; neither is any recomputation):
+      forward       2·P per token through the body's linear layers (P = their weights) + causal
+                    attention 2·L·d·T² per row (QKᵀ and AV over T²/2 pairs) + the LM head 2·d·V per
+                    completion token
+      activation gradients  the same again (frozen weights: only input gradients), plus one more
+                    2·L·d·T² for attention's backward (4 matmuls to the forward's 2)
+      LoRA          forward, input and weight gradients: 3 · 2·R per token (R = LoRA weights)."""
+    config = json.loads((resolve_model_path(args.model) / "config.json").read_text())
+    d, m, layers, vocab = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"], config["vocab_size"]
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads", heads) * config.get("head_dim", d // heads)
+    body = layers * (2 * d * d + 2 * d * kv + 3 * d * m)
+    r = 16  # LoraSettings() default, on all 7 projections: r · (in + out) each
+    lora = layers * r * ((d + d) * 2 + (d + kv) * 2 + (d + m) * 2 + (m + d))
+    data = torch.load(args.data)
+    active = (data["advantages"] != 0).nonzero().squeeze(1).tolist()
+    total = 0.0
+    for i in active:
+        completion = int(data["lengths"][i])
+        t = args.prompt_len + completion
+        attention = 2 * layers * d * t * t
+        total += 2 * (2 * body * t + attention + 2 * d * vocab * completion) + attention + 6 * lora * t
+    return total
+
+
+def resolve_model_path(spec: str) -> Path:
+    from replay.models import resolve_model
+
+    return resolve_model(spec).path
 
 
 def real_tokens(args) -> int:

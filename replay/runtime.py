@@ -34,7 +34,7 @@ def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> str | None:
     """Give what a training step frees back to the OS; glibc otherwise keeps the freed heap (its
     mmap threshold rises as large blocks are freed, so later activations come from the heap).
     REPLAY_MALLOC_TUNING picks how (docs/BENCHMARKS.md, "Freed memory"):
-      trim (default)  malloc_trim(0) after every optimizer step (`trim_freed_memory`)
+      trim (default)  malloc_trim(0) after every micro-batch's backward (`trim_freed_memory`)
       mmap            every allocation above `threshold` bytes is its own mmap, returned when freed:
                       the least memory, but a page-fault storm that costs wall time on long runs
       0               glibc's defaults
@@ -57,6 +57,6 @@ def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> str | None:
 
 
 def trim_freed_memory() -> None:
-    """Between optimizer steps: hand the heap's free pages back (a no-op unless mode "trim")."""
+    """After a backward pass: hand the heap's free pages back (a no-op unless mode "trim")."""
     if _trim is not None:
         _trim(0)

@@ -99,11 +99,12 @@ def train(model, samples, advantages, cfg, adv_metrics: dict | None = None,
                     sums += torch.tensor([float(loss.detach())] + [metrics[k] for k in METRIC_KEYS[1:]]
                                          + [1.0, metrics["tokens"]], dtype=torch.float64)
                     ratio_max = max(ratio_max, metrics["ratio_max"])
+                del loss, metrics
+                trim_freed_memory()  # the pass's activations are freed: hand their pages back
             sums, ratio_max = ranks.reduce_metrics(sums, ratio_max)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            trim_freed_memory()
             rows.append(_metrics_row(cfg, len(rows), epoch, sums, ratio_max, float(grad_norm), adv_metrics, started))
             if bar is not None:
                 bar.advance(1, f"loss {rows[-1]['loss']:+.4f} clip {rows[-1]['clip_frac']:.2f} "

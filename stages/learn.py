@@ -65,7 +65,7 @@ def run(store_path: str, cfg: LearnConfig) -> dict:
     from replay.learn import distributed
     from replay.learn.loop import train
     from replay.learn.policy import LoraSettings, load_policy
-    from replay.models import resolve_model
+    from replay.models import pick_device, resolve_model
     from replay.runtime import configure_torch, return_freed_memory
 
     configure_torch()
@@ -73,6 +73,7 @@ def run(store_path: str, cfg: LearnConfig) -> dict:
     torch.manual_seed(cfg.seed)
     ranks, device = distributed.init(cfg.device)
     try:
+        device = pick_device(device)  # a missing GPU fails here, before any work
         model_ref = resolve_model(cfg.model or store.meta.get("base_model") or "smollm2-135m")
         record = start_manifest(stage, cfg.round, asdict(cfg) | {"world_size": ranks.world})
         # every rank selects the same rows and computes the same advantages (same seeded plan)

@@ -7,8 +7,8 @@ naive full-logits step vs TRL's GRPOTrainer, on the same fixed batch, in one run
 
 A variant is `ours` | `naive` | `trl`, optionally `:M` for micro-batches of M (default --micro; the
 gradient accumulation is batch / M, so every variant makes one optimizer step over the whole batch).
-  ours   replay.learner.token_logprobs (hidden states at completion positions only, chunked vocab
-         projection) + replay.core.loss.policy_loss + backward + clip + AdamW, as replay/train_loop.py,
+  ours   replay.learn.policy.token_logprobs (hidden states at completion positions only, chunked vocab
+         projection) + replay.core.loss.policy_loss + backward + clip + AdamW, as replay/learn/loop.py,
          in a process with replay.runtime.return_freed_memory applied, as stages/learn.py does
   naive  the same, but logprobs from model(input_ids).logits [B, L, V] -> log_softmax -> gather
   trl    trl.GRPOTrainer.train() (same LoRA via peft_config, loss_type="grpo", beta=0, same micro-batch
@@ -16,11 +16,11 @@ gradient accumulation is batch / M, so every variant makes one optimizer step ov
          step is TRL's own training_step x accumulation + clip + optimizer step (timed by a callback)
 Data: random token ids; completion lengths `--lengths varied` (default: 40 % at the cap, the rest
 anywhere from 8 tokens, as sampled rollouts end; `ours` sorts a step's rows by length before cutting
-micro-batches, as replay/train_loop.py does, and so does naive; TRL takes them as they come) or `fixed`
+micro-batches, as replay/learn/loop.py does, and so does naive; TRL takes them as they come) or `fixed`
 (all at the cap); rewards half 1 / half 0 in each group of 8 (so no sample has zero
 advantage), old logprobs = the model's own plus N(0, 0.1^2) noise, computed once here. With
 --uniform-groups K the first K groups get all-equal rewards: ours and naive then skip their rows
-(zero advantage, as replay/train_loop.py does), TRL trains on them as GRPOTrainer does.
+(zero advantage, as replay/learn/loop.py does), TRL trains on them as GRPOTrainer does.
 
 Each variant runs in its own process, one after the other: 1 warm-up step, then --reps timed
 steps; the median is reported, with tokens/s (batch x length per step), the RSS after setup (model,
@@ -62,7 +62,7 @@ def status_kib(key: str) -> int:
 def build_data(args, path: Path) -> None:
     """The fixed batch every variant trains on, saved to `path`."""
     from replay.core.advantages import compute_advantages
-    from replay.learner import make_batch, token_logprobs
+    from replay.learn.policy import make_batch, token_logprobs
     from replay.models import load_model, resolve_model
 
     model = load_model(resolve_model(args.model))
@@ -78,7 +78,7 @@ def build_data(args, path: Path) -> None:
     with torch.no_grad():
         for i in range(args.batch):
             n = int(lengths[i])
-            batch = make_batch([prompts[i].tolist()], [completions[i, :n].tolist()], [1.0])
+            batch = make_batch([prompts[i].tolist()], [completions[i, :n].tolist()])
             old[i, :n] = token_logprobs(model, batch)[0]
     old = old + 0.1 * torch.randn(old.shape, generator=g)
     torch.save({"prompts": prompts, "completions": completions, "lengths": lengths, "advantages": adv,
@@ -123,16 +123,17 @@ def replay_child(args, data, micro: int, logprob_fn) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from replay.core.loss import policy_loss
-    from replay.learner import LoraSettings, load_policy, make_batch
+    from replay.learn.loop import plan_steps
+    from replay.learn.policy import LoraSettings, load_policy, make_batch
     from replay.models import resolve_model
-    from replay.train_loop import plan_steps
 
-    model = load_policy(resolve_model(args.model).path, None, LoraSettings(), args.gradient_checkpointing)
+    model = load_policy(resolve_model(args.model), None, LoraSettings(), args.gradient_checkpointing,
+                        device="cpu", dtype="float32")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR)
     accum = args.batch // micro
-    # as replay/train_loop.py: rows with zero advantage give no gradient and are not computed, and
+    # as replay/learn/loop.py: rows with zero advantage give no gradient and are not computed, and
     # the step's rows are sorted by length before they are cut into micro-batches
     active = torch.nonzero(data["advantages"] != 0).squeeze(1).tolist()
     lengths = data["lengths"].tolist()
@@ -140,7 +141,7 @@ def replay_child(args, data, micro: int, logprob_fn) -> dict:
     micro_batches = []
     for rows in plan:
         batch = make_batch(data["prompts"][rows].tolist(),
-                           [data["completions"][r, :lengths[r]].tolist() for r in rows], [1.0] * len(rows))
+                           [data["completions"][r, :lengths[r]].tolist() for r in rows])
         width = batch.targets.shape[1]
         micro_batches.append((batch, data["old"][rows, :width], data["advantages"][rows], len(rows) / len(active)))
 
@@ -176,7 +177,7 @@ def trl_child(args, data, micro: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from replay.learner import LoraSettings
+    from replay.learn.policy import LoraSettings
     from replay.models import resolve_model
 
     path, lora, profiling = resolve_model(args.model).path, LoraSettings(), args.child in args.profile
@@ -247,10 +248,11 @@ def child_main(args) -> None:
         from replay.runtime import return_freed_memory
 
         return_freed_memory()  # as stages/learn.py does (a no-op under --mmap-threshold)
-        from replay.learner import token_logprobs
+        from replay.learn.policy import token_logprobs
         ours = functools.partial(token_logprobs, chunk_size=args.chunk)
         out = replay_child(args, data, micro, ours if kind == "ours" else naive_token_logprobs)
     out["peak_kib"] = status_kib("VmHWM")
+    out["matmul_flops"] = matmul_peak()
     report_to.write(json.dumps(out) + "\n")
     report_to.flush()
 
@@ -286,9 +288,10 @@ def report(args, results: list[dict]) -> None:
     and single-threaded), wall time is what a user waits."""
     base = next((r for r in results if r["variant"].startswith("trl")), None)
     tokens = real_tokens(args)
+    flops = useful_flops(args)
     print(f"\n| variant | micro x accum | wall s/step | CPU s/step | tokens/s (wall) | tokens/CPU-s | RSS after setup "
-          f"| peak RSS | step delta | speed vs TRL (wall / CPU) | peak vs TRL | delta vs TRL | warm-up loss |"
-          f"\n|{'---|' * 13}")
+          f"| peak RSS | step delta | speed vs TRL (wall / CPU) | peak vs TRL | delta vs TRL | warm-up loss "
+          f"| MFU (CPU s) |\n|{'---|' * 14}")
     for r in results:
         micro = int(r["variant"].partition(":")[2] or args.micro)
         ratios = ["-"] * 3 if base is None else [
@@ -297,10 +300,60 @@ def report(args, results: list[dict]) -> None:
         mib = [f"{r[k] / 1024:.0f} MiB" for k in ("rss_kib", "peak_kib", "delta_kib")]
         print(f"| {r['variant']} | {micro} x {args.batch // micro} | {r['median']:.1f} | {r['cpu_median']:.1f} "
               f"| {tokens / r['median']:.0f} | {tokens / r['cpu_median']:.0f} "
-              f"| {' | '.join(mib)} | {' | '.join(ratios)} | {r['losses'][0]:+.6f} |")
+              f"| {' | '.join(mib)} | {' | '.join(ratios)} | {r['losses'][0]:+.6f} "
+              f"| {flops / r['cpu_median'] / (r['matmul_flops'] / args.threads):.0%} |")
+    peaks = ", ".join(f"{r['matmul_flops'] / 1e9:.0f}" for r in results)
+    print(f"\nMFU: the step's useful FLOPs ({flops / 1e12:.2f} TFLOP: forward, activation gradients, LoRA; see "
+          f"useful_flops) per CPU second over the matmul peak per thread measured in each variant's process "
+          f"({peaks} GFLOP/s on {args.threads} thread(s))")
     for r in results:
         if "profile" in r:
             print(f"\n--- {r['variant']}: top ops by self CPU time, one step\n{r['profile']}")
+
+
+def matmul_peak(n: int = 1024, reps: int = 8) -> float:
+    """FLOP/s of this process's best float32 [n, n] @ [n, n] (same threads as the steps)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def useful_flops(args) -> float:
+    """The step's useful FLOPs, counted per real token of the rows with gradient (zero-advantage
+    rows and padding give no gradient and are not counted; neither is any recomputation):
+      forward       2·P per token through the body's linear layers (P = their weights) + causal
+                    attention 2·L·d·T² per row (QKᵀ and AV over T²/2 pairs) + the LM head 2·d·V per
+                    completion token
+      activation gradients  the same again (frozen weights: only input gradients), plus one more
+                    2·L·d·T² for attention's backward (4 matmuls to the forward's 2)
+      LoRA          forward, input and weight gradients: 3 · 2·R per token (R = LoRA weights)."""
+    config = json.loads((resolve_model_path(args.model) / "config.json").read_text())
+    d, m, layers, vocab = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"], config["vocab_size"]
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads", heads) * config.get("head_dim", d // heads)
+    body = layers * (2 * d * d + 2 * d * kv + 3 * d * m)
+    r = 16  # LoraSettings() default, on all 7 projections: r · (in + out) each
+    lora = layers * r * ((d + d) * 2 + (d + kv) * 2 + (d + m) * 2 + (m + d))
+    data = torch.load(args.data)
+    active = (data["advantages"] != 0).nonzero().squeeze(1).tolist()
+    total = 0.0
+    for i in active:
+        completion = int(data["lengths"][i])
+        t = args.prompt_len + completion
+        attention = 2 * layers * d * t * t
+        total += 2 * (2 * body * t + attention + 2 * d * vocab * completion) + attention + 6 * lora * t
+    return total
+
+
+def resolve_model_path(spec: str) -> Path:
+    from replay.models import resolve_model
+
+    return resolve_model(spec).path
 
 
 def real_tokens(args) -> int:

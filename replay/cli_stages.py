@@ -113,6 +113,10 @@ def learn(
     recompute_old_logprobs: bool = typer.Option(False, help="Recompute behaviour logprobs with each row's policy."),
     fresh: bool = typer.Option(False, help="Start a new LoRA instead of continuing round-1's adapter."),
     model: Optional[str] = typer.Option(None, help="Base model (default: the store's)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (auto: CUDA when available)."),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 (auto: bf16 on a GPU that has it). "
+                                           "LoRA weights and optimizer state stay float32."),
+    nproc: int = typer.Option(1, help="Processes (one per GPU): >1 re-runs this command under torchrun."),
     lora_r: int = typer.Option(16), lora_alpha: int = typer.Option(32), lora_dropout: float = typer.Option(0.0),
     target_modules: str = typer.Option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"),
     lr: float = typer.Option(1e-5), epochs: int = typer.Option(1),
@@ -130,10 +134,15 @@ def learn(
     force: bool = typer.Option(False, help="Retrain a round whose learn is already complete."),
 ):
     """Train the round's LoRA adapter on stored rollouts (continues round-1's adapter by default)."""
+    if nproc > 1:
+        from replay.learn.distributed import exec_torchrun
+
+        exec_torchrun(nproc)  # does not return
     from stages.learn import LearnConfig, run
 
     cfg = LearnConfig(round=round, objective=objective, adapter_name=adapter_name, window=window, where=where,
                       recompute_old_logprobs=recompute_old_logprobs, init_from_previous=not fresh, model=model,
+                      device=device, dtype=dtype,
                       lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                       target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()),
                       lr=lr, epochs=epochs, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
@@ -142,6 +151,8 @@ def learn(
                       lens_alpha=lens_alpha, lens_d_imp=lens_d_imp, w_reinforce_lambda=w_reinforce_lambda,
                       gradient_checkpointing=gradient_checkpointing, seed=seed, force=force)
     record = run(store, cfg)
+    if record.get("rank", 0) != 0:
+        return  # under torchrun rank 0 alone reports
     if record.get("skipped"):
         typer.echo(f"round {round}: learn already complete ({record['adapter']}); --force retrains")
         return

@@ -20,7 +20,7 @@ SECTIONS = ("generate", "score", "learn")
 
 def _stage_configs() -> dict[str, type]:
     from stages.generate import GenerateConfig
-    from stages.learn import LearnConfig
+    from replay.learn.config import LearnConfig
     from stages.score import ScoreConfig
 
     return {"generate": GenerateConfig, "score": ScoreConfig, "learn": LearnConfig}

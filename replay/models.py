@@ -109,16 +109,50 @@ def load_tokenizer(ref: ModelRef):
     return tokenizer
 
 
-def load_model(ref: ModelRef, dtype="float32", device="cpu"):
-    """The causal LM in eval mode; dtype is a torch.dtype or its name ("float32", "bfloat16")."""
-    force_offline()
+def pick_device(spec: str = "auto") -> str:
+    """"auto" -> this process's GPU when CUDA is available (LOCAL_RANK's under torchrun), else "cpu"."""
     import torch
+
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ModelError(f"--device {spec}: no CUDA device is visible to torch {torch.__version__}")
+        if spec == "cuda":
+            spec = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        index = int(spec.split(":")[1])
+        if index >= torch.cuda.device_count():
+            raise ModelError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif spec != "cpu":
+        raise ModelError(f"unknown device {spec!r}: use auto, cpu, cuda or cuda:N")
+    return spec
+
+
+def pick_dtype(spec, device: str):
+    """A torch dtype from its name; "auto" -> bfloat16 on a GPU that supports it, else float32."""
+    import torch
+
+    if isinstance(spec, torch.dtype):
+        return spec
+    if spec == "auto":
+        gpu_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if gpu_bf16 else torch.float32
+    dtype = getattr(torch, str(spec), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ModelError(f"unknown dtype {spec!r}: use auto, float32, bfloat16 or float16")
+    return dtype
+
+
+def load_model(ref: ModelRef, dtype="auto", device="auto"):
+    """The causal LM in eval mode on `device` in `dtype` (names or "auto", see pick_device and
+    pick_dtype): the one loading path of the learner, the π_old recompute and the transformers
+    engine."""
+    force_offline()
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if not isinstance(torch_dtype, torch.dtype):
-        raise ModelError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
-    model = AutoModelForCausalLM.from_pretrained(str(ref.path), dtype=torch_dtype, local_files_only=True)
+    device = pick_device(device)
+    model = AutoModelForCausalLM.from_pretrained(str(ref.path), dtype=pick_dtype(dtype, device),
+                                                 local_files_only=True)
     return model.to(device).eval()
 
 

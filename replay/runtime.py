@@ -16,24 +16,47 @@ def configure_torch() -> None:
 
 
 MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value, held fixed
+MODES = ("trim", "mmap", "0")
+_trim = None  # libc.malloc_trim once return_freed_memory chose "trim"
 
 
-def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> bool:
-    """Serve allocations above `threshold` bytes with mmap, so what a training step frees goes back
-    to the OS. glibc otherwise raises the threshold as large blocks are freed, serves the next
-    activations from the heap and keeps the freed heap: without this the learner's step memory on
-    SmolLM2-135M was 4.0 GiB, with it 1.6 GiB at the same speed (docs/BENCHMARKS.md §5).
-    Returns whether it took effect: not on other C libraries, nor when MALLOC_MMAP_THRESHOLD_ is
-    set (the user's choice wins) or REPLAY_MALLOC_TUNING=0."""
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("REPLAY_MALLOC_TUNING") == "0":
-        return False
+def _libc():
     import ctypes
     import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_mmap_threshold = -3  # <malloc.h>; setting it also turns off the dynamic adjustment
-    return bool(mallopt(m_mmap_threshold, int(threshold)))
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> str | None:
+    """Give what a training step frees back to the OS; glibc otherwise keeps the freed heap (its
+    mmap threshold rises as large blocks are freed, so later activations come from the heap).
+    REPLAY_MALLOC_TUNING picks how (docs/BENCHMARKS.md, "Freed memory"):
+      trim (default)  malloc_trim(0) after every micro-batch's backward (`trim_freed_memory`)
+      mmap            every allocation above `threshold` bytes is its own mmap, returned when freed:
+                      the least memory, but a page-fault storm that costs wall time on long runs
+      0               glibc's defaults
+    Returns the mode that took effect: None on other C libraries, with REPLAY_MALLOC_TUNING=0, or
+    when MALLOC_MMAP_THRESHOLD_ is set (the user's choice wins)."""
+    global _trim
+    mode = os.environ.get("REPLAY_MALLOC_TUNING") or "trim"
+    if mode not in MODES:
+        raise ValueError(f"REPLAY_MALLOC_TUNING={mode!r}: use one of {', '.join(MODES)}")
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or mode == "0":
+        return None
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "malloc_trim"):
+        return None
+    if mode == "mmap":
+        m_mmap_threshold = -3  # <malloc.h>; setting it also turns off the dynamic adjustment
+        return "mmap" if libc.mallopt(m_mmap_threshold, int(threshold)) else None
+    _trim = libc.malloc_trim
+    return "trim"
+
+
+def trim_freed_memory() -> None:
+    """After a backward pass: hand the heap's free pages back (a no-op unless mode "trim")."""
+    if _trim is not None:
+        _trim(0)

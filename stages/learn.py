@@ -7,50 +7,15 @@ metrics, manifest. By default training continues from the previous round's adapt
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict
 
-from replay.errors import ReplayError
-from replay.learn_data import LearnSample, load_samples
+from replay.learn.config import LearnConfig
+from replay.learn.selection import LearnSample, load_samples
 from replay.locks import locked_stage
 from replay.manifests import finish_manifest, start_manifest
 from replay.store import Store
 
-OBJECTIVES = ("grpo", "lens", "nsr", "psr", "w_reinforce")
-
-
-@dataclass
-class LearnConfig:
-    round: int = 0
-    objective: str = "lens"
-    adapter_name: str = "main"
-    window: int = 1  # train on rounds [round-window+1, round]
-    where: str | None = None  # SQL predicate over the `samples` view; a group is kept if any sample matches
-    recompute_old_logprobs: bool = False
-    init_from_previous: bool = True  # continue round-1's adapter when it exists
-    model: str | None = None  # default: the store's base model
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    lr: float = 1e-5
-    epochs: int = 1
-    micro_batch_size: int = 4
-    grad_accum: int = 4
-    max_grad_norm: float = 1.0
-    clip_eps: float = 0.2
-    clip_eps_high: float | None = None
-    dual_clip: float | None = 3.0
-    tis_cap: float | None = None
-    aggregation: str = "seq-mean-token-mean"
-    lens_alpha: float = 0.25
-    lens_d_imp: str = "confidence"
-    lens_inv_group_size: bool = True
-    w_reinforce_lambda: float = 0.1
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    force: bool = False
-    extra: dict = field(default_factory=dict)
+__all__ = ["LearnConfig", "run"]
 
 
 def advantage_options(cfg: LearnConfig) -> dict:
@@ -88,10 +53,7 @@ def audit_rows(cfg: LearnConfig, samples, result, kinds) -> list[dict]:
 
 @locked_stage(lambda cfg: f"learn.{cfg.adapter_name}", "learn")
 def run(store_path: str, cfg: LearnConfig) -> dict:
-    if cfg.objective not in OBJECTIVES:
-        raise ReplayError(f"unknown --objective {cfg.objective!r}; choose from {', '.join(OBJECTIVES)}")
-    if cfg.epochs < 1 or cfg.micro_batch_size < 1 or cfg.grad_accum < 1 or cfg.window < 1:
-        raise ReplayError("--epochs, --micro-batch-size, --grad-accum and --window must be at least 1")
+    cfg.validate()
     store = Store.open(store_path)
     stage = "learn" if cfg.adapter_name == "main" else f"learn.{cfg.adapter_name}"
     out_dir = store.adapter_dir(cfg.round, cfg.adapter_name)
@@ -102,35 +64,44 @@ def run(store_path: str, cfg: LearnConfig) -> dict:
     import torch
 
     from replay import adapters
-    from replay.models import resolve_model
+    from replay.learn import distributed
+    from replay.learn.loop import train
+    from replay.learn.policy import LoraSettings, load_policy
+    from replay.models import pick_device, resolve_model
     from replay.runtime import configure_torch, return_freed_memory
 
     configure_torch()
     return_freed_memory()
     torch.manual_seed(cfg.seed)
-    model_ref = resolve_model(cfg.model or store.meta.get("base_model") or "smollm2-135m")
-    record = start_manifest(stage, cfg.round, asdict(cfg))
-    samples, selection = load_samples(store, cfg, model_ref)
-    result, kinds, adv_metrics = compute_advantages(cfg, samples)
-    init = adapters.previous_adapter(store, cfg.round, cfg.adapter_name) if cfg.init_from_previous else None
-
-    from replay.train_loop import train
-
-    local_init = adapters.local_copy(init)  # peft loads from a local directory; S3 adapters are fetched
-    metrics_rows, train_summary, model = train(cfg, model_ref, local_init and Path(local_init), samples, result,
-                                               adv_metrics)
-    adapters.save(model, out_dir, {"round": cfg.round, "objective": cfg.objective, "adapter_name": cfg.adapter_name,
-                                   "base_model": model_ref.name, "init_adapter": str(init) if init else None,
-                                   "config": asdict(cfg), "selection": selection, "metrics": train_summary})
-    # fixed part names: a rerun after a crash (or --force) replaces them instead of adding duplicates
-    store.write("learn_audit", audit_rows(cfg, samples, result, kinds), round=cfg.round, name=cfg.adapter_name)
-    store.write("learn_metrics", metrics_rows, round=cfg.round, name=cfg.adapter_name)
-    counts = {"samples": len(samples), "groups": selection["groups"], "trained_samples": train_summary["trained_samples"],
-              "optimizer_steps": len(metrics_rows)}
-    record = finish_manifest(record, counts, selection=selection, metrics=train_summary | adv_metrics,
-                             adapter=str(out_dir), init_adapter=str(init) if init else None,
-                             old_logprobs=selection["old_logprobs"])
-    store.write_manifest(cfg.round, stage, record)
-    return record
-
-
+    ranks, device = distributed.init(cfg.device)
+    try:
+        device = pick_device(device)  # a missing GPU fails here, before any work
+        model_ref = resolve_model(cfg.model or store.meta.get("base_model") or "smollm2-135m")
+        record = start_manifest(stage, cfg.round, asdict(cfg) | {"world_size": ranks.world})
+        # every rank selects the same rows and computes the same advantages (same seeded plan)
+        samples, selection = load_samples(store, cfg, model_ref, device=device, dtype=cfg.dtype)
+        result, kinds, adv_metrics = compute_advantages(cfg, samples)
+        init = adapters.previous_adapter(store, cfg.round, cfg.adapter_name) if cfg.init_from_previous else None
+        lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.target_modules))
+        local_init = adapters.local_copy(init)  # peft loads from a local directory; S3 adapters are fetched
+        model = load_policy(model_ref, local_init, lora, cfg.gradient_checkpointing, device=device, dtype=cfg.dtype)
+        metrics_rows, train_summary = train(model, samples, result, cfg, adv_metrics, ranks)
+        if ranks.is_writer:  # one writer; the others wait at the barrier below
+            adapters.save(model, out_dir, {"round": cfg.round, "objective": cfg.objective,
+                                           "adapter_name": cfg.adapter_name, "base_model": model_ref.name,
+                                           "init_adapter": str(init) if init else None, "config": asdict(cfg),
+                                           "selection": selection, "metrics": train_summary})
+            # fixed part names: a rerun after a crash (or --force) replaces them instead of adding duplicates
+            store.write("learn_audit", audit_rows(cfg, samples, result, kinds), round=cfg.round, name=cfg.adapter_name)
+            store.write("learn_metrics", metrics_rows, round=cfg.round, name=cfg.adapter_name)
+            counts = {"samples": len(samples), "groups": selection["groups"],
+                      "trained_samples": train_summary["trained_samples"], "optimizer_steps": len(metrics_rows)}
+            record = finish_manifest(record, counts, selection=selection, metrics=train_summary | adv_metrics,
+                                     adapter=str(out_dir), init_adapter=str(init) if init else None,
+                                     old_logprobs=selection["old_logprobs"], device=device,
+                                     dtype=str(next(model.parameters()).dtype).replace("torch.", ""))
+            store.write_manifest(cfg.round, stage, record)
+        ranks.barrier()
+        return record if ranks.is_writer else {"rank": ranks.rank}
+    finally:
+        distributed.shutdown()

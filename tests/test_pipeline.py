@@ -125,16 +125,18 @@ def test_nsr_lowers_the_logprob_of_wrong_samples(store, model_dir):
     """A few NSR steps must make the wrong samples less likely under the trained policy."""
     invoke("learn", "--store", store.root, "--round", 0, "--objective", "nsr", "--adapter-name", "nsr-big",
            "--lr", "5e-3", "--epochs", "3", "--grad-accum", "1", "--fresh")
-    from replay.learner import frozen_policy, make_batch, token_logprobs
+    from replay.core.sampling import Distribution
+    from replay.learn.policy import frozen_policy, make_batch, token_logprobs
+    from replay.models import resolve_model
 
     rows = store.query("SELECT s.correct, r.prompt_token_ids p, r.completion_token_ids c, r.temperature t "
                        "FROM samples s JOIN rollouts r USING (round, prompt_id, sample_idx) "
                        "WHERE NOT s.correct").to_pylist()
-    batch = make_batch([r["p"] for r in rows], [r["c"] for r in rows], [r["t"] for r in rows])
+    batch = make_batch([r["p"] for r in rows], [r["c"] for r in rows], [Distribution(r["t"]) for r in rows])
 
     def total(adapter):
         with torch.no_grad():
-            return float((token_logprobs(frozen_policy(model_dir, adapter), batch) * batch.target_mask).sum())
+            return float((token_logprobs(frozen_policy(resolve_model(str(model_dir)), adapter), batch) * batch.target_mask).sum())
 
     assert total(store.adapter_dir(0, "nsr-big")) < total(None) - 0.1
 

@@ -1,7 +1,9 @@
 """The issue's acceptance command on the real SmolLM2-135M, for both engines (slow; run by CI).
 
 Stored logprobs must equal a teacher-forced recompute with the training code path
-(replay.learner.token_logprobs at the row's temperature): <= 2e-3 for transformers, <= 3e-2 for vLLM.
+(replay.learn.policy.token_logprobs on the row's own distribution: temperature 0.7, top-k 20,
+top-p 0.9, read through the sampling rule as `learn` reads it): <= 2e-3 for transformers, <= 3e-2
+for vLLM.
 """
 
 import importlib.util
@@ -16,7 +18,8 @@ from replay.store import Store
 
 pytestmark = pytest.mark.slow
 COMMAND = ["generate", "--round", "0", "--dataset", "arith", "--num-prompts", "8", "--num-samples", "4",
-           "--max-new-tokens", "48", "--temperature", "1.0", "--seed", "7"]
+           "--max-new-tokens", "48", "--temperature", "0.7", "--top-k", "20", "--top-p", "0.9",
+           "--seed", "7"]
 
 
 def run_cli(store, engine):
@@ -28,16 +31,18 @@ def run_cli(store, engine):
 
 
 def max_logprob_error(store: Store) -> float:
-    from replay.learner import frozen_policy, make_batch, token_logprobs
+    from replay.learn.policy import frozen_policy, make_batch, token_logprobs
+    from replay.learn.selection import SAMPLING_COLUMNS, row_distribution
     from replay.models import resolve_model
 
-    rows = store.query("SELECT prompt_token_ids p, completion_token_ids c, completion_logprobs l, temperature t "
-                       "FROM rollouts ORDER BY prompt_id, sample_idx").to_pylist()
-    model = frozen_policy(resolve_model("smollm2-135m").path, None)
+    rows = store.query(f"SELECT prompt_token_ids p, completion_token_ids c, completion_logprobs l, "
+                       f"{', '.join(SAMPLING_COLUMNS)} FROM rollouts ORDER BY prompt_id, sample_idx").to_pylist()
+    assert all(abs(r["temperature"] - 0.7) < 1e-6 and r["top_k"] == 20 and abs(r["top_p"] - 0.9) < 1e-6 for r in rows)
+    model = frozen_policy(resolve_model("smollm2-135m"), None, device="cpu", dtype="float32")
     worst = 0.0
     for start in range(0, len(rows), 8):
         chunk = rows[start:start + 8]
-        batch = make_batch([r["p"] for r in chunk], [r["c"] for r in chunk], [r["t"] for r in chunk])
+        batch = make_batch([r["p"] for r in chunk], [r["c"] for r in chunk], [row_distribution(r, recompute=False) for r in chunk])
         with torch.no_grad():
             recomputed = token_logprobs(model, batch)
         for i, r in enumerate(chunk):

@@ -1,6 +1,6 @@
 """The learner's step plan: every sample once per epoch, steps of micro x accum, short with short."""
 
-from replay.train_loop import plan_steps
+from replay.learn.loop import plan_steps
 
 
 def test_each_epoch_takes_every_sample_once_in_steps_of_micro_times_accum():

@@ -142,6 +142,18 @@ def test_logprobs_are_those_of_the_sampling_distribution(engine, smollm2, settin
     assert len(completions) == len(seeds)
     assert all(1 <= len(c.token_ids) == len(c.logprobs) <= 32 for c in completions)
     assert max_error(model, prompt_ids, completions, settings) <= TOLERANCE
+    # the learner reads these rows on the same distribution: the ratio at θ = θ_old is 1
+    import torch
+
+    from replay.core.sampling import stored_distribution
+    from replay.learn.policy import make_batch, token_logprobs
+
+    distribution = stored_distribution(engine.logprobs_mode, settings.temperature, settings.top_k, settings.top_p)
+    batch = make_batch(prompt_ids, [c.token_ids for c in completions], [distribution] * len(completions))
+    with torch.no_grad():
+        learner = token_logprobs(model, batch)
+    for i, c in enumerate(completions):
+        assert (learner[i, : len(c.token_ids)] - torch.tensor(c.logprobs)).abs().max() <= TOLERANCE
 
 
 @pytest.mark.slow

@@ -1,16 +1,135 @@
-"""Logprob of the sampled token without ever holding [N, vocab] logits for all N positions.
+"""Logprob of the sampled token under the distribution it was drawn from, without ever holding
+[N, vocab] logits for all N positions.
 
-The learner only needs log softmax(h W^T + b)[target] per completion position. A plain
-`log_softmax(hidden @ W.T)` keeps an [N, V] tensor (and autograd keeps its softmax) alive until
+The engines sample from   softmax(truncate(final(h·Wᵀ + b) / T))   where `final` is the model's
+own last step (Cohere/Granite logit scaling, Gemma-2 final-logit softcapping) and `truncate` keeps
+the top-k tokens, then the top-p nucleus of what is left (the order of transformers and vLLM),
+setting the rest to -inf. The learner needs that distribution's logprob of each sampled token,
+with gradients for h (and W, b when they train).
+
+A plain `log_softmax(hidden @ W.T)` keeps an [N, V] tensor (and autograd its softmax) alive until
 backward; with V ≈ 50k and a few thousand positions that is gigabytes. Here a custom autograd
-Function walks the positions in chunks: the forward keeps only the per-position logsumexp, and the
-backward recomputes each chunk's logits to form its gradient, so at most one [chunk, V] block
-(plus its softmax) exists at any time. Logits are formed in at least float32.
+Function walks the positions in chunks: the forward keeps only the per-position logsumexp and the
+truncation threshold, and the backward recomputes each chunk's logits to form its gradient, so at
+most one [chunk, V] block (plus its softmax) exists at any time. Logits are formed in at least
+float32.
+
+Truncation as a threshold: both cuts keep every token whose score is at least the score of the
+last token kept, so the kept set is {s ≥ threshold}. The set is piecewise constant in θ: its
+gradient is that of the renormalised softmax over the fixed set. A sampled token outside the set
+(possible once θ has moved) has logprob -inf and gradient 0.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+NUCLEUS_PROBE = 256  # top-p looks among this many best tokens before sorting the whole vocabulary
+
+
+@dataclass(frozen=True)
+class FinalLogits:
+    """The model's own map from h·Wᵀ + b to its final logits: z·scale, then cap·tanh(·/cap)."""
+
+    scale: float = 1.0  # Cohere `logit_scale`; Granite 1 / `logits_scaling`
+    softcap: float | None = None  # Gemma-2 `final_logit_softcapping`
+
+
+def truncation_threshold(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                         probe: int = NUCLEUS_PROBE) -> torch.Tensor:
+    """[N] smallest kept score per row of scores [N, V] (tempered logits): top-k first (0 = off),
+    then top-p (1 = off) over the renormalised survivors; -inf where nothing is cut.
+
+    A token survives top-p iff the mass of the tokens ranked above it is < top_p (the best one
+    always survives): the rule of the transformers engine and of vLLM."""
+    n, vocab = scores.shape
+    threshold = torch.full((n,), float("-inf"), dtype=scores.dtype, device=scores.device)
+    k_rows = ((top_k > 0) & (top_k < vocab)).nonzero().squeeze(1)
+    if k_rows.numel():
+        k = top_k[k_rows].long()
+        best = scores[k_rows].topk(int(k.max()), dim=-1).values
+        threshold[k_rows] = best.gather(1, (k - 1).unsqueeze(1)).squeeze(1)
+    p_rows = (top_p < 1.0).nonzero().squeeze(1)
+    if p_rows.numel():
+        sub = scores[p_rows]
+        sub = sub.masked_fill(sub < threshold[p_rows].unsqueeze(1), float("-inf"))
+        p = top_p[p_rows].to(sub.dtype).unsqueeze(1)
+        probs = sub.softmax(-1)
+        best, order = probs.topk(min(probe, vocab), dim=-1)  # descending
+        if best.shape[-1] < vocab and bool((best.sum(-1, keepdim=True) < p).any()):
+            best, order = probs.sort(dim=-1, descending=True)
+        keep = (best.cumsum(-1) - best) < p
+        keep[:, 0] = True
+        last_kept = keep.sum(-1, keepdim=True) - 1  # the kept ranks are a prefix
+        threshold[p_rows] = torch.maximum(threshold[p_rows], sub.gather(1, order.gather(1, last_kept)).squeeze(1))
+    return threshold
+
+
+def _final(raw: torch.Tensor, final: FinalLogits) -> torch.Tensor:
+    z = raw * final.scale if final.scale != 1.0 else raw
+    return final.softcap * torch.tanh(z / final.softcap) if final.softcap else z
+
+
+class _SampledTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, top_k, top_p, final, chunk_size):
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        out = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)
+        lse, threshold = torch.empty_like(out), torch.empty_like(out)
+        truncating = bool(((top_k > 0) | (top_p < 1.0)).any())
+        for start in range(0, hidden.shape[0], chunk_size):
+            stop = start + chunk_size
+            scores = _final(_chunk_logits(hidden[start:stop], weight, bias, dtype), final)
+            scores = scores / temperature[start:stop, None].to(dtype)
+            target_score = scores.gather(1, targets[start:stop, None]).squeeze(1)
+            if truncating:
+                threshold[start:stop] = truncation_threshold(scores, top_k[start:stop], top_p[start:stop])
+                scores = scores.masked_fill(scores < threshold[start:stop, None], float("-inf"))
+            else:
+                threshold[start:stop] = float("-inf")
+            lse[start:stop] = torch.logsumexp(scores, dim=-1)
+            kept = target_score >= threshold[start:stop]
+            out[start:stop] = torch.where(kept, target_score - lse[start:stop], float("-inf"))
+        ctx.save_for_backward(hidden, weight, bias, targets, temperature, lse, threshold)
+        ctx.final, ctx.chunk_size = final, chunk_size
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets, temperature, lse, threshold = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        dtype, final = lse.dtype, ctx.final
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if need_b else None
+        weight_wide = weight.to(dtype)  # no copy for float32 weights
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            stop = start + ctx.chunk_size
+            h, t = hidden[start:stop], temperature[start:stop, None].to(dtype)
+            raw = _chunk_logits(h, weight, bias, dtype)
+            scores = _final(raw, final) / t
+            scores = scores.masked_fill(scores < threshold[start:stop, None], float("-inf"))
+            # d logp[target] / d scores = onehot(target) - softmax over the kept set
+            grad = torch.exp(scores - lse[start:stop, None])
+            grad.neg_().scatter_add_(1, targets[start:stop, None], torch.ones_like(grad[:, :1]))
+            kept = scores.gather(1, targets[start:stop, None]) > float("-inf")
+            grad.mul_(torch.where(kept, grad_out[start:stop, None].to(dtype), 0.0))  # -inf out: no gradient
+            grad.div_(t)
+            if final.softcap:  # d cap·tanh(z/cap) / dz = 1 - tanh²(z/cap)
+                grad.mul_(1 - torch.tanh(raw * final.scale / final.softcap) ** 2)
+            if final.scale != 1.0:
+                grad.mul_(final.scale)
+            if need_h:
+                grad_h[start:stop] = (grad @ weight_wide).to(hidden.dtype)
+            if need_w:
+                grad_w.addmm_(grad.T, h.to(dtype))
+            if need_b:
+                grad_b += grad.sum(0)
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        grad_b = grad_b.to(bias.dtype) if need_b else None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
 
 
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -19,61 +138,36 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return logits if bias is None else logits + bias.to(dtype)
 
 
-class _SampledTokenLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size):
-        dtype = torch.promote_types(hidden.dtype, torch.float32)
-        out = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)
-        lse = torch.empty_like(out)
-        for start in range(0, hidden.shape[0], chunk_size):
-            stop = start + chunk_size
-            logits = _chunk_logits(hidden[start:stop], weight, bias, dtype)
-            lse[start:stop] = torch.logsumexp(logits, dim=-1)
-            out[start:stop] = logits.gather(1, targets[start:stop, None]).squeeze(1) - lse[start:stop]
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.chunk_size = chunk_size
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        dtype = lse.dtype
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if need_b else None
-        weight_wide = weight.to(dtype)  # no copy for float32 weights
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            stop = start + ctx.chunk_size
-            h = hidden[start:stop]
-            # d logp[target] / d logits = onehot(target) - softmax(logits), scaled by the incoming grad
-            grad_logits = torch.exp(_chunk_logits(h, weight, bias, dtype) - lse[start:stop, None])
-            grad_logits.neg_().scatter_add_(1, targets[start:stop, None],
-                                            torch.ones_like(grad_logits[:, :1]))
-            grad_logits.mul_(grad_out[start:stop, None].to(dtype))
-            if need_h:
-                grad_h[start:stop] = (grad_logits @ weight_wide).to(hidden.dtype)
-            if need_w:
-                grad_w.addmm_(grad_logits.T, h.to(dtype))
-            if need_b:
-                grad_b += grad_logits.sum(0)
-        grad_w = grad_w.to(weight.dtype) if need_w else None
-        grad_b = grad_b.to(bias.dtype) if need_b else None
-        return grad_h, grad_w, grad_b, None, None
-
-
 def sampled_token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,
-                           chunk_size: int = 1024, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """[N] log softmax(hidden @ W^T + bias)[n, targets[n]] for hidden [N, H], W [V, H], targets [N].
+                           chunk_size: int = 1024, bias: torch.Tensor | None = None,
+                           temperature: torch.Tensor | None = None, top_k: torch.Tensor | None = None,
+                           top_p: torch.Tensor | None = None,
+                           final: FinalLogits = FinalLogits()) -> torch.Tensor:
+    """[N] log softmax(truncate(final(hidden @ W^T + bias) / T))[n, targets[n]] for hidden [N, H],
+    W [V, H], targets [N]; temperature, top_k (0 = off), top_p (1 = off) per position [N].
 
-    Equal to `torch.log_softmax(hidden @ W.T, -1).gather(-1, targets[:, None])[:, 0]` with the
-    same gradients for hidden, W and bias; peak extra memory is one [chunk_size, V] block.
+    Without temperature/top_k/top_p/final it equals
+    `torch.log_softmax(hidden @ W.T + bias, -1).gather(-1, targets[:, None])[:, 0]`, with the same
+    gradients for hidden, W and bias; peak extra memory is one [chunk_size, V] block.
     """
     if hidden.dim() != 2 or lm_head_weight.dim() != 2 or hidden.shape[1] != lm_head_weight.shape[1]:
         raise ValueError(f"need hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} "
                          f"and {tuple(lm_head_weight.shape)}")
-    if targets.shape != hidden.shape[:1]:
-        raise ValueError(f"targets must have shape [{hidden.shape[0]}], got {tuple(targets.shape)}")
+    n = hidden.shape[0]
+    if targets.shape != (n,):
+        raise ValueError(f"targets must have shape [{n}], got {tuple(targets.shape)}")
     if chunk_size < 1:
         raise ValueError("chunk_size must be positive")
-    return _SampledTokenLogprobs.apply(hidden, lm_head_weight, bias, targets.long(), int(chunk_size))
+    per_position = {"temperature": (temperature, 1.0, torch.float32), "top_k": (top_k, 0, torch.long),
+                    "top_p": (top_p, 1.0, torch.float32)}
+    values = []
+    for name, (value, neutral, dtype) in per_position.items():
+        if value is None:
+            value = torch.full((n,), neutral, dtype=dtype, device=hidden.device)
+        if value.shape != (n,):
+            raise ValueError(f"{name} must have shape [{n}], got {tuple(value.shape)}")
+        values.append(value.to(device=hidden.device))
+    if n and not bool((values[0] > 0).all()):
+        raise ValueError("temperature must be > 0 (greedy rows have no distribution to take a ratio against)")
+    return _SampledTokenLogprobs.apply(hidden, lm_head_weight, bias, targets.long(), *values, final,
+                                       int(chunk_size))

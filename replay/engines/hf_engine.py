@@ -104,7 +104,7 @@ class HFEngine:
         self.model_name = model_name
 
     @classmethod
-    def load(cls, model_ref, *, lora: str | Path | None = None, dtype="float32", device="cpu",
+    def load(cls, model_ref, *, lora: str | Path | None = None, dtype="auto", device="auto",
              batch_size: int = 16) -> "HFEngine":
         """From a model spec or ModelRef (see replay.models.resolve_model)."""
         from ..models import load_model, load_tokenizer, resolve_model

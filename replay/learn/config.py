@@ -1,0 +1,62 @@
+"""`replay learn` settings: one typed dataclass, the CLI flags and the TOML [learn] table mirror it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from replay.errors import ReplayError
+
+DEVICES = "auto | cpu | cuda | cuda:N"
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+@dataclass
+class LearnConfig:
+    round: int = 0
+    objective: str = "lens"  # one of replay.core.advantages.OBJECTIVES
+    adapter_name: str = "main"
+    window: int = 1  # train on rounds [round-window+1, round]
+    where: str | None = None  # SQL predicate over the `samples` view; a group is kept if any sample matches
+    recompute_old_logprobs: bool = False
+    init_from_previous: bool = True  # continue round-1's adapter when it exists
+    model: str | None = None  # default: the store's base model
+    device: str = "auto"  # auto: CUDA when available (the local rank's GPU under torchrun)
+    dtype: str = "auto"  # base weights; auto: bfloat16 on a GPU that supports it, else float32
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    lr: float = 1e-5
+    epochs: int = 1
+    micro_batch_size: int = 4
+    grad_accum: int = 4
+    max_grad_norm: float = 1.0
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    dual_clip: float | None = 3.0
+    tis_cap: float | None = None
+    aggregation: str = "seq-mean-token-mean"
+    lens_alpha: float = 0.25
+    lens_d_imp: str = "confidence"
+    lens_inv_group_size: bool = True
+    w_reinforce_lambda: float = 0.1
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    force: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        from replay.core.advantages import OBJECTIVES
+        from replay.core.loss import AGGREGATIONS
+
+        if self.objective not in OBJECTIVES:
+            raise ReplayError(f"unknown --objective {self.objective!r}; choose from {', '.join(OBJECTIVES)}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ReplayError(f"unknown --aggregation {self.aggregation!r}; choose from {', '.join(AGGREGATIONS)}")
+        if self.epochs < 1 or self.micro_batch_size < 1 or self.grad_accum < 1 or self.window < 1:
+            raise ReplayError("--epochs, --micro-batch-size, --grad-accum and --window must be at least 1")
+        if self.dtype not in DTYPES:
+            raise ReplayError(f"unknown --dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
+        device = self.device
+        if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+            raise ReplayError(f"unknown --device {device!r}; use {DEVICES}")

@@ -1,0 +1,234 @@
+"""Selecting what `learn` trains on: whole, fully scored groups from a window of rounds.
+
+`--where` is user SQL: it is parsed as ONE expression (duckdb.SQLExpression, never spliced into
+statement text), run only on the store's confined read-only connection through the relation API,
+and what it matched, (round, prompt_id) pairs, reaches the trusted selection query as data (a
+registered Arrow table), with the round window as bound parameters.
+
+Behaviour logprobs are the stored ones by default, each read against the distribution its
+`logprobs_mode` and sampling settings say it is under (replay.core.sampling), or refused. With
+recompute they are recomputed under the policy that sampled each row (base model + the adapter
+of its `policy_round`), which is exact because every round's adapter is kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import duckdb
+
+import schemas
+from replay.core.sampling import (RECOMPUTE_HINT, Distribution, UnreproducibleSampling,
+                                  recompute_distribution, stored_distribution)
+from replay.errors import ReplayError
+from replay.sqlguard import check_read_only
+from replay.store import Store
+
+# rollout columns that say nothing about the distribution a token was drawn from; every other
+# column (a sampling setting added later, say min_p) reaches the sampling rule, which refuses
+# any it does not know unless it is NULL
+NOT_SAMPLING = frozenset({
+    "round", "prompt_id", "sample_idx", "rollout_id", "prompt_token_ids", "completion_token_ids",
+    "completion_logprobs", "sum_logprob", "num_completion_tokens", "completion_text", "finish_reason",
+    "policy_round", "policy_adapter", "base_model", "engine", "engine_version", "max_tokens", "seed",
+    "created_at"})
+RULE_ARGUMENTS = ("logprobs_mode", "temperature", "top_k", "top_p")
+SAMPLING_COLUMNS = tuple(f.name for f in schemas.ROLLOUTS if f.name not in NOT_SAMPLING)
+
+SELECT_SQL = """
+WITH in_window AS (
+    SELECT * FROM samples WHERE round BETWEEN $lo AND $hi
+),
+matched AS ({matched}),
+complete AS (
+    SELECT round, prompt_id FROM in_window GROUP BY round, prompt_id HAVING bool_and(correct IS NOT NULL)
+)
+SELECT s.round, s.prompt_id, s.sample_idx, s.reward, s.problem, s.completion_text,
+       r.prompt_token_ids, r.completion_token_ids, r.completion_logprobs,
+       r.policy_round, r.policy_adapter, {sampling}
+FROM in_window s
+JOIN matched m ON m.round = s.round AND m.prompt_id = s.prompt_id
+JOIN complete c ON c.round = s.round AND c.prompt_id = s.prompt_id
+JOIN rollouts r ON r.round = s.round AND r.prompt_id = s.prompt_id AND r.sample_idx = s.sample_idx
+ORDER BY s.round, s.prompt_id, s.sample_idx
+"""
+# the two fixed forms of `matched`: every group of the window, or the pairs --where matched
+ALL_GROUPS = "SELECT DISTINCT round, prompt_id FROM in_window"
+WHERE_GROUPS = "SELECT round, prompt_id FROM where_matched"
+
+
+@dataclass
+class LearnSample:
+    round: int
+    prompt_id: str
+    sample_idx: int
+    reward: float
+    prompt_ids: list[int] | None
+    completion_ids: list[int] | None
+    old_logprobs: list[float] | None
+    distribution: Distribution  # what old_logprobs are under, and what the learner scores on
+    policy_round: int | None
+    policy_adapter: str | None
+
+    @property
+    def name(self) -> str:
+        return f"round {self.round} prompt {self.prompt_id} sample {self.sample_idx}"
+
+    @property
+    def confidence(self) -> float:
+        """c = exp(mean token logprob) of the behaviour policy (1.0 for an empty completion)."""
+        n = len(self.old_logprobs)
+        return math.exp(sum(self.old_logprobs) / n) if n else 1.0
+
+    @property
+    def sequence_prob(self) -> float:
+        return math.exp(sum(self.old_logprobs))
+
+
+def where_matched_groups(store: Store, where: str, lo: int, hi: int):
+    """Arrow table of the (round, prompt_id) pairs in rounds lo..hi with a sample matching `where`."""
+    try:
+        predicate = duckdb.SQLExpression(where)
+    except duckdb.Error as exc:
+        raise ReplayError(f"--where {where!r} is not one SQL expression: {_first_line(exc)}") from None
+    con = store.read_only_connection()
+    try:
+        # the same rules as `replay sql` (no SQL from strings, no settings) on the parsed expression's tree;
+        # the newlines keep a trailing line comment from swallowing the closing parenthesis
+        check_read_only(con, f"SELECT * FROM samples WHERE (\n{where}\n)")
+        round_col = duckdb.ColumnExpression("round")
+        window = (round_col >= duckdb.ConstantExpression(int(lo))) & (round_col <= duckdb.ConstantExpression(int(hi)))
+        relation = con.table("samples").filter(window).filter(predicate)
+        return relation.project("round, prompt_id").distinct().to_arrow_table()
+    except duckdb.Error as exc:
+        raise ReplayError(f"--where {where!r} failed: {_first_line(exc)}") from None
+    finally:
+        con.close()
+
+
+def select_rows(store: Store, lo: int, hi: int, where: str | None) -> list[dict]:
+    matched = where_matched_groups(store, where, lo, hi) if where else None
+    sql = SELECT_SQL.format(matched=ALL_GROUPS if matched is None else WHERE_GROUPS,
+                            sampling=", ".join(f"r.{c}" for c in SAMPLING_COLUMNS))
+    con = store.connect()
+    try:
+        if matched is not None:
+            con.register("where_matched", matched)
+        return con.sql(sql, params={"lo": int(lo), "hi": int(hi)}).to_arrow_table().to_pylist()
+    except duckdb.Error as exc:
+        raise store.query_error(exc) from None
+    finally:
+        con.close()
+
+
+def row_distribution(row: dict, recompute: bool) -> Distribution:
+    settings = {c: row[c] for c in SAMPLING_COLUMNS}
+    if recompute:
+        return recompute_distribution(**{k: v for k, v in settings.items() if k != "logprobs_mode"})
+    return stored_distribution(**settings)
+
+
+def load_samples(store: Store, cfg, model_ref, device: str = "auto", dtype: str = "auto") -> tuple[list[LearnSample], dict]:
+    lo, hi = cfg.round - cfg.window + 1, cfg.round
+    rows = select_rows(store, lo, hi, cfg.where)
+    total_groups = store.query("SELECT count(DISTINCT (round, prompt_id)) AS n FROM rollouts "
+                               "WHERE round BETWEEN ? AND ?", [int(lo), int(hi)]).column("n")[0].as_py()
+    if not rows:
+        raise ReplayError(f"no fully scored groups in rounds {lo}..{hi}"
+                          + (f" matching --where {cfg.where!r}" if cfg.where else "")
+                          + ": run `replay score` first")
+    if not cfg.recompute_old_logprobs:
+        _check_stored(rows)
+    samples = []
+    for r in rows:
+        try:
+            distribution = row_distribution(r, cfg.recompute_old_logprobs)
+        except UnreproducibleSampling as exc:
+            count = sum(1 for x in rows if _refused(x))
+            raise ReplayError(f"{count} selected rollouts were sampled with a setting the learner cannot "
+                              f"reproduce, so their stored logprobs give no exact importance ratio (e.g. "
+                              f"round {r['round']} prompt {r['prompt_id']} sample {r['sample_idx']}: {exc}): "
+                              f"{RECOMPUTE_HINT}") from None
+        samples.append(LearnSample(r["round"], r["prompt_id"], r["sample_idx"], float(r["reward"]),
+                                   r["prompt_token_ids"], r["completion_token_ids"], r["completion_logprobs"],
+                                   distribution, r["policy_round"], r["policy_adapter"]))
+    if cfg.recompute_old_logprobs:
+        _tokenize_text_rows(samples, rows, model_ref)
+        recompute_old_logprobs(samples, model_ref, cfg.micro_batch_size, device, dtype)
+    groups = len({(s.round, s.prompt_id) for s in samples})
+    selection = {"rounds": [lo, hi], "where": cfg.where, "groups": groups, "samples": len(samples),
+                 "groups_skipped": total_groups - groups,
+                 "old_logprobs": "recomputed" if cfg.recompute_old_logprobs else "stored"}
+    return samples, selection
+
+
+def _refused(row: dict) -> bool:
+    try:
+        row_distribution(row, recompute=False)
+        return False
+    except UnreproducibleSampling:
+        return True
+
+
+def _check_stored(rows: list[dict]) -> None:
+    missing = [r for r in rows if r["completion_logprobs"] is None or r["completion_token_ids"] is None]
+    if missing:
+        r = missing[0]
+        raise ReplayError(f"{len(missing)} selected rollouts have no stored token ids/logprobs (e.g. round "
+                          f"{r['round']} prompt {r['prompt_id']} sample {r['sample_idx']}, imported text): "
+                          f"pass --recompute-old-logprobs to recompute them with the base model")
+    no_prompt = [r for r in rows if r["prompt_token_ids"] is None]
+    if no_prompt:
+        r = no_prompt[0]
+        raise ReplayError(f"{len(no_prompt)} selected rollouts have completion token ids but no prompt token "
+                          f"ids (e.g. round {r['round']} prompt {r['prompt_id']} sample {r['sample_idx']}, an "
+                          f"import): re-import them with prompt token ids, or pass --recompute-old-logprobs "
+                          f"to tokenize their prompts")
+
+
+def _tokenize_text_rows(samples: list[LearnSample], rows: list[dict], model_ref) -> None:
+    """Imported rows may lack token ids: tokenize the prompt (chat template) when it has none, and
+    the completion text only when it has no token ids either (given ids are kept)."""
+    from replay.models import load_tokenizer
+    from replay.prompting import chat_prompt_ids
+
+    tokenizer = None
+    for sample, row in zip(samples, rows):
+        if sample.completion_ids is not None and sample.prompt_ids is not None:
+            continue
+        tokenizer = tokenizer or load_tokenizer(model_ref)
+        if sample.prompt_ids is None:
+            sample.prompt_ids = chat_prompt_ids(tokenizer, row["problem"] or "")
+        if sample.completion_ids is None:
+            sample.completion_ids = list(tokenizer(row["completion_text"], add_special_tokens=False)["input_ids"])
+
+
+def recompute_old_logprobs(samples: list[LearnSample], model_ref, micro_batch_size: int,
+                           device: str = "auto", dtype: str = "auto") -> None:
+    """π_old of each sample under the policy that sampled it, with the training code path."""
+    import torch
+
+    from replay.adapters import local_copy
+
+    from .policy import frozen_policy, make_batch, token_logprobs
+
+    by_adapter: dict[str | None, list[LearnSample]] = {}
+    for s in samples:
+        by_adapter.setdefault(s.policy_adapter, []).append(s)
+    for adapter, group in by_adapter.items():
+        model = frozen_policy(model_ref, local_copy(adapter), device=device, dtype=dtype)  # S3: fetched once
+        with torch.no_grad():
+            for start in range(0, len(group), micro_batch_size):
+                chunk = group[start:start + micro_batch_size]
+                batch = make_batch([s.prompt_ids for s in chunk], [s.completion_ids for s in chunk],
+                                   [s.distribution for s in chunk])
+                values = token_logprobs(model, batch).float().cpu()
+                for i, s in enumerate(chunk):
+                    s.old_logprobs = values[i, : len(s.completion_ids)].tolist()
+        del model
+
+
+def _first_line(exc: Exception) -> str:
+    return " ".join(str(exc).split("\n")[:2]).strip()
+

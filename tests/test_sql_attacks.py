@@ -251,38 +251,37 @@ WHERE_INJECTION = (
 
 
 @pytest.mark.parametrize("where", [
-    WHERE_INJECTION,
     "true) SELECT 1; COPY (SELECT 1) TO 'pwn.csv'; SELECT (1",
     "prompt_id IN (SELECT content FROM read_text('/etc/passwd'))",
     "current_setting('allowed_directories') IS NOT NULL",
+    "prompt_id IN (SELECT * FROM query('select 1'))",
+    "1 = 1; SELECT 2",
 ])
 def test_learn_where_cannot_run_sql(arena, where):
     store, outside, top = arena
     before = snapshot(top)
     result = invoke("learn", "--store", store.root, "--round", 0, "--where", where)
-    assert result.exit_code != 0
+    assert result.exit_code == 1 and result.output.startswith("error:"), result.output
     assert_nothing_leaked(result.output, outside)
     assert snapshot(top) == before
 
 
-MARKUP = ["[/INST]", "[bold]shout[/bold]", "[/x]", "[link=file:///etc/passwd]x[/link]", "[red", "\\[escaped]"]
+def test_the_issues_where_injection_is_one_harmless_expression(arena):
+    # `$$…$$` quotes make the whole payload one scalar subquery over string literals: with the
+    # predicate parsed as an expression (never spliced into learn's statement, no `$lo` rewriting)
+    # it selects rows and runs nothing; learn then trains on what it matched, and nothing outside
+    # the store's learn outputs changes
+    store, outside, top = arena
 
+    def outside_the_store():
+        return {k: v for k, v in snapshot(top).items() if not k.startswith("work/store")}
 
-def test_square_brackets_print_as_data_everywhere(tmp_path):
-    store = Store.create(tmp_path / "store")
-    problem = "[/INST] what is [bold]2+2[/bold]?"
-    p = prompt_row(problem, "4")
-    store.write("prompts", [p])
-    store.write("rollouts", [rollout_row(0, p["prompt_id"], i, text=text) for i, text in enumerate(MARKUP)], round=0)
-    store.write("verdicts", [verdict_row(0, p["prompt_id"], i, False) for i in range(len(MARKUP))], round=0)
-    outputs = [invoke("sql", "--store", store.root, "select '[/x]' as \"[bold]h[/bold]\", completion_text "
-                                                    "from rollouts order by sample_idx"),
-               invoke("inspect", "mistakes", "--store", store.root),
-               invoke("inspect", "prompt", p["prompt_id"], "--store", store.root),
-               invoke("inspect", "negatives", "--store", store.root)]
-    for result in outputs:
-        assert result.exit_code == 0 and "Traceback" not in result.output, result.output
-    text = " ".join(" ".join(r.output.split()) for r in outputs[:3])
-    for literal in MARKUP + ["[bold]h[/bold]", "[/INST] what is [bold]2+2[/bold]?"]:
-        assert literal in text, literal
-    assert "[/INST] what is [bold]2+2[/bold]?" in " ".join(outputs[3].output.split())
+    def data():
+        return store.query("SELECT (SELECT count(*) FROM rollouts) AS r, (SELECT count(*) FROM verdicts) AS v, "
+                           "(SELECT count(*) FROM prompts) AS p").to_pylist()
+
+    before, rows = outside_the_store(), data()
+    result = invoke("learn", "--store", store.root, "--round", 0, "--where", WHERE_INJECTION, "--lr", "1e-6")
+    assert result.exit_code == 0, result.output
+    assert_nothing_leaked(result.output, outside)
+    assert not list(top.rglob("pwn.csv")) and outside_the_store() == before and data() == rows

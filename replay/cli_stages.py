@@ -130,6 +130,9 @@ def learn(
     lens_d_imp: str = typer.Option("confidence", help="confidence | off | sequence"),
     w_reinforce_lambda: float = typer.Option(0.1, help="W-REINFORCE weight of correct samples."),
     gradient_checkpointing: bool = typer.Option(False),
+    zero_advantage: str = typer.Option("skip", help="skip: rows with zero advantage or weight leave the step plan "
+                                       "(fewer steps, no compute) | keep: they stay in it and count in each step's "
+                                       "normaliser with loss 0, as a fixed global batch (step-matched objectives)."),
     seed: int = typer.Option(0),
     force: bool = typer.Option(False, help="Retrain a round whose learn is already complete."),
 ):
@@ -149,6 +152,7 @@ def learn(
                       max_grad_norm=max_grad_norm, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
                       dual_clip=dual_clip or None, tis_cap=tis_cap, aggregation=aggregation,
                       lens_alpha=lens_alpha, lens_d_imp=lens_d_imp, w_reinforce_lambda=w_reinforce_lambda,
+                      zero_advantage=zero_advantage,
                       gradient_checkpointing=gradient_checkpointing, seed=seed, force=force)
     record = run(store, cfg)
     if record.get("rank", 0) != 0:

@@ -108,6 +108,10 @@ LEARN_METRICS = _schema(
     ("negative_group_share", pa.float64(), False),
     ("lr", pa.float64(), False),
     ("seconds", pa.float64(), False),
+    # share of the step's Σ|w·A| (per token for token-mean) from each group kind; NULL in older stores
+    ("grad_share_negative", pa.float64(), True),
+    ("grad_share_mixed", pa.float64(), True),
+    ("grad_share_positive", pa.float64(), True),
 )
 
 EVAL = _schema(

@@ -211,3 +211,18 @@ def _summary(result: Advantages, group_ids: torch.Tensor) -> dict:
             "nonzero_adv_share": float(active.sum()) / n,
             "adv_mean": float(result.advantage.double().mean()) if len(result.kind) else 0.0,
             "adv_abs_mean": float(result.advantage.double().abs().mean()) if len(result.kind) else 0.0}
+
+
+def kind_shares(advantage: torch.Tensor, weight: torch.Tensor, kind: torch.Tensor,
+                tokens: torch.Tensor | None = None) -> dict[str, float]:
+    """Share of Σ|w·A| that each group kind carries in a set of samples (one optimizer step):
+    per sequence for a per-sequence-mean loss, per token when `tokens` (each sample's token count,
+    for a token-mean loss) is given. It is the weight each kind has in the step's loss, a cheap
+    stand-in for splitting the gradient norm (that would need one backward per kind). All zero
+    when nothing in the set has a gradient."""
+    mass = (weight.to(torch.float64) * advantage.to(torch.float64)).abs()
+    if tokens is not None:
+        mass = mass * tokens.to(torch.float64)
+    total = float(mass.sum())
+    return {name: float(mass[kind == code].sum()) / total if total > 0 else 0.0
+            for code, name in enumerate(KIND_NAMES)}

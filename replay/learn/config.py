@@ -8,6 +8,7 @@ from replay.errors import ReplayError
 
 DEVICES = "auto | cpu | cuda | cuda:N"
 DTYPES = ("auto", "float32", "bfloat16")
+ZERO_ADVANTAGE = ("skip", "keep")
 
 
 @dataclass
@@ -41,6 +42,7 @@ class LearnConfig:
     lens_inv_group_size: bool = True
     w_reinforce_lambda: float = 0.1
     gradient_checkpointing: bool = False
+    zero_advantage: str = "skip"  # skip: no compute, not in the plan | keep: in the plan and the normaliser, loss 0
     seed: int = 0
     force: bool = False
     extra: dict = field(default_factory=dict)
@@ -55,6 +57,9 @@ class LearnConfig:
             raise ReplayError(f"unknown --aggregation {self.aggregation!r}; choose from {', '.join(AGGREGATIONS)}")
         if self.epochs < 1 or self.micro_batch_size < 1 or self.grad_accum < 1 or self.window < 1:
             raise ReplayError("--epochs, --micro-batch-size, --grad-accum and --window must be at least 1")
+        if self.zero_advantage not in ZERO_ADVANTAGE:
+            raise ReplayError(f"unknown --zero-advantage {self.zero_advantage!r}; choose from "
+                              f"{', '.join(ZERO_ADVANTAGE)}")
         if self.dtype not in DTYPES:
             raise ReplayError(f"unknown --dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
         device = self.device

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from replay.core.advantages import KIND_NAMES, kind_shares
 from replay.core.loss import policy_loss
 from replay.errors import ReplayError
 from replay.progress import progress_bar
@@ -62,9 +63,14 @@ def train(model, samples, advantages, cfg, adv_metrics: dict | None = None,
     adv_metrics = adv_metrics or {}
     advantage = advantages.advantage.to(torch.float32)
     weight = advantages.weight.to(torch.float32)
-    # samples with zero advantage (or zero weight) contribute no gradient: skip their compute
-    active = [i for i in range(len(samples))
-              if float(advantage[i]) != 0.0 and float(weight[i]) != 0.0 and samples[i].completion_ids]
+    kind = getattr(advantages, "kind", None)
+    # samples with zero advantage (or zero weight) contribute no gradient: never compute them. With
+    # --zero-advantage keep they still fill their place in the step plan and count in the step's
+    # normaliser (as in the paper's fixed global batch, TRL and verl), so objectives that zero
+    # different rows take the same steps on the same data
+    live = [i for i in range(len(samples)) if samples[i].completion_ids]
+    active = [i for i in live if float(advantage[i]) != 0.0 and float(weight[i]) != 0.0]
+    is_active = set(active)
     for i in active:
         if samples[i].prompt_ids is None:
             raise ReplayError(f"{samples[i].name} has no prompt token ids, so it cannot be scored: re-import it "
@@ -76,15 +82,20 @@ def train(model, samples, advantages, cfg, adv_metrics: dict | None = None,
     device = params[0].device
     lengths = [len(s.prompt_ids or []) + len(s.completion_ids or []) for s in samples]
     # --grad-accum counts per rank: N ranks step on micro x accum x N samples, as one rank with accum x N
-    steps = plan_steps(active, lengths, cfg.micro_batch_size, cfg.grad_accum * ranks.world, cfg.seed, cfg.epochs)
+    planned = live if cfg.zero_advantage == "keep" else active
+    steps = plan_steps(planned, lengths, cfg.micro_batch_size, cfg.grad_accum * ranks.world, cfg.seed, cfg.epochs)
     rows: list[dict] = []
     started = time.perf_counter()
     bar_context = progress_bar(f"learn round {cfg.round} ({cfg.objective})", total=len(steps)) \
         if ranks.is_writer else contextlib.nullcontext()
     with bar_context as bar:
         for epoch, micro_batches in steps:
-            step_samples = sum(len(idx) for idx in micro_batches)
-            step_tokens = sum(len(samples[i].completion_ids) for idx in micro_batches for i in idx)
+            step_rows = [i for idx in micro_batches for i in idx]
+            step_samples = len(step_rows)  # the normaliser: kept zero-advantage rows count here
+            step_tokens = sum(len(samples[i].completion_ids) for i in step_rows)
+            shares = _kind_shares(advantage, weight, kind, samples, step_rows, cfg.aggregation)
+            computed = [i for i in step_rows if i in is_active]  # still sorted by length
+            micro_batches = [computed[j:j + cfg.micro_batch_size] for j in range(0, len(computed), cfg.micro_batch_size)]
             passes = rank_share_of(micro_batches, ranks.rank, ranks.world)
             sums = torch.zeros(len(METRIC_KEYS) + 2, dtype=torch.float64)  # metric sums, passes, tokens
             ratio_max = 0.0
@@ -102,19 +113,32 @@ def train(model, samples, advantages, cfg, adv_metrics: dict | None = None,
                 del loss, metrics
                 trim_freed_memory()  # the pass's activations are freed: hand their pages back
             sums, ratio_max = ranks.reduce_metrics(sums, ratio_max)
+            for p in params:  # a kept step with nothing to compute: a zero gradient, as a zero loss gives
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            rows.append(_metrics_row(cfg, len(rows), epoch, sums, ratio_max, float(grad_norm), adv_metrics, started))
+            rows.append(_metrics_row(cfg, len(rows), epoch, sums, ratio_max, float(grad_norm), adv_metrics, started)
+                        | shares)
             if bar is not None:
                 bar.advance(1, f"loss {rows[-1]['loss']:+.4f} clip {rows[-1]['clip_frac']:.2f} "
                                f"|g| {rows[-1]['grad_norm']:.3f}")
     model.eval()
-    summary = {"trained_samples": len(active), "optimizer_steps": len(rows),
+    summary = {"trained_samples": len(active), "planned_samples": len(planned), "optimizer_steps": len(rows),
                "final_loss": rows[-1]["loss"] if rows else None,
                "mean_clip_frac": _mean(rows, "clip_frac"), "seconds": time.perf_counter() - started,
                "tokens": int(sum(r["tokens"] for r in rows))}
     return rows, summary
+
+
+def _kind_shares(advantage, weight, kind, samples, rows, aggregation) -> dict:
+    if kind is None or not rows:
+        return {f"grad_share_{name}": None for name in KIND_NAMES}
+    idx = torch.tensor(rows)
+    tokens = torch.tensor([len(samples[i].completion_ids) for i in rows]) if aggregation == "token-mean" else None
+    shares = kind_shares(advantage[idx], weight[idx], kind[idx], tokens)
+    return {f"grad_share_{name}": value for name, value in shares.items()}
 
 
 def _micro_step(scorer, samples, idx, advantage, weight, cfg, step_samples, step_tokens, device):

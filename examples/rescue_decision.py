@@ -1,0 +1,74 @@
+"""The pre-registered decision of docs/RESULTS.md, read from a store made by rescue_experiment.sh.
+
+    python examples/rescue_decision.py STORE [--resamples 4000]
+
+Primary outcome per policy: `rescue_eval.solved_share` (round-0 negative training prompts solved at
+least once in 16 samples). Decision rule: negative-group learning "helps" only if arm A (LENS, α =
+0.25) beats arm B (α = 0, rows kept) in every seed. Also prints, per seed, A − B with a paired
+bootstrap interval over prompts, and the held-out pass@1 / pass@8 of every policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from replay.store import Store  # noqa: E402
+
+SEEDS = (0, 1, 2)
+
+
+def solved_per_prompt(store: Store, adapter: str) -> dict[str, bool]:
+    """prompt_id -> solved at least once, from the policy's eval store on the prompt set."""
+    found = sorted((store.root / "evals").glob(f"{adapter}-r0-ps-*"))
+    if not found:
+        return {}
+    rows = Store.open(found[-1]).query("SELECT prompt_id, n_correct > 0 AS solved FROM groups").to_pylist()
+    return {r["prompt_id"]: bool(r["solved"]) for r in rows}
+
+
+def paired_interval(a: dict, b: dict, resamples: int, rng) -> tuple[float, float, float]:
+    ids = sorted(set(a) & set(b))
+    diff = np.array([float(a[i]) - float(b[i]) for i in ids])
+    draws = rng.integers(0, len(ids), size=(resamples, len(ids)))
+    means = diff[draws].mean(axis=1)
+    return float(diff.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("store")
+    parser.add_argument("--resamples", type=int, default=4000)
+    args = parser.parse_args()
+    store = Store.open(args.store)
+    rng = np.random.default_rng(0)
+    print("| seed | A solved | B solved | A − B | 95 % interval | A > B |\n|---|---|---|---|---|---|")
+    wins = []
+    for seed in SEEDS:
+        a, b = solved_per_prompt(store, f"A-lens-s{seed}"), solved_per_prompt(store, f"B-lens0-s{seed}")
+        if not a or not b:
+            print(f"| {seed} | – | – | – | not evaluated yet | – |")
+            wins.append(None)
+            continue
+        mean, lo, hi = paired_interval(a, b, args.resamples, rng)
+        share_a, share_b = np.mean(list(a.values())), np.mean(list(b.values()))
+        wins.append(share_a > share_b)
+        print(f"| {seed} | {share_a:.3f} | {share_b:.3f} | {mean:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {share_a > share_b} |")
+    if None in wins:
+        print("\ndecision: not yet (some seeds are not evaluated)")
+    else:
+        print("\ndecision: negative-group learning " + ("helps (A > B in every seed)" if all(wins) else
+                                                        "shows no detectable effect (A > B not in every seed)"))
+    held = store.query("SELECT adapter_name, round, k, pass_at_k, n_prompts FROM eval_passk WHERE group_by = 'all' "
+                       "AND dataset LIKE 'arith:test:%' AND k IN (1, 8) ORDER BY adapter_name, k").to_pylist()
+    print("\n| policy | k | held-out pass@k | prompts |\n|---|---|---|---|")
+    for r in held:
+        print(f"| {r['adapter_name']} | {r['k']} | {r['pass_at_k']:.4f} | {r['n_prompts']} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -18,8 +18,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import duckdb
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 import schemas
 
@@ -42,6 +40,8 @@ def utc_now() -> dt.datetime:
 
 
 def _duckdb_type(typ: pa.DataType) -> str:
+    import pyarrow as pa  # not at the top: the CLI's read commands run without pyarrow
+
     if pa.types.is_list(typ):
         return _duckdb_type(typ.value_type) + "[]"
     if pa.types.is_timestamp(typ):
@@ -53,7 +53,9 @@ def _duckdb_type(typ: pa.DataType) -> str:
 
 def validate(table_name: str, data: pa.Table | Iterable[Mapping]) -> pa.Table:
     """Return `data` as an Arrow table of the table's schema, or raise naming the bad column."""
-    schema = schemas.TABLES[table_name]
+    import pyarrow as pa
+
+    schema = schemas.arrow_schema(table_name)
     if not isinstance(data, pa.Table):
         rows = list(data)
         missing = [f.name for f in schema if rows and f.name not in rows[0]]
@@ -84,6 +86,8 @@ def validate(table_name: str, data: pa.Table | Iterable[Mapping]) -> pa.Table:
 
 
 def _relaxed(schema: pa.Schema) -> pa.Schema:
+    import pyarrow as pa
+
     # from_pylist with nullable fields, so that a NULL is reported by validate() by column name
     return pa.schema([f.with_nullable(True) for f in schema])
 
@@ -198,8 +202,8 @@ class Store:
 
     # -- paths -----------------------------------------------------------------------------
     def table_dir(self, table: str, round: int | None = None) -> Path:
-        if table not in schemas.TABLES:
-            raise StoreError(f"unknown table {table!r}; tables: {', '.join(schemas.TABLES)}")
+        if table not in schemas.COLUMNS:
+            raise StoreError(f"unknown table {table!r}; tables: {', '.join(schemas.COLUMNS)}")
         base = self.root / table
         if table in schemas.PARTITIONED:
             if round is None:
@@ -231,6 +235,8 @@ class Store:
         `name` gives the part a fixed name (`part-<name>.parquet`) that a rerun replaces atomically:
         for outputs written once per run (learn audit and metrics), so a crashed run leaves no duplicate.
         """
+        import pyarrow.parquet as pq
+
         arrow = validate(table, data)
         if arrow.num_rows == 0:
             return None
@@ -291,7 +297,7 @@ class Store:
 
     # -- reads -----------------------------------------------------------------------------
     def _source(self, table: str) -> str:
-        schema = schemas.TABLES[table]
+        columns = schemas.COLUMNS[table]
         if table in schemas.PARTITIONED:
             glob = self.root / table / "round=*" / "part-*.parquet"
             exists = any((self.root / table).glob("round=*/part-*.parquet"))
@@ -301,11 +307,11 @@ class Store:
             exists = any((self.root / table).glob("part-*.parquet"))
             opts = "union_by_name = true"
         if exists:
-            cols = ", ".join(f'"{f.name}"' for f in schema)
+            cols = ", ".join(f'"{c.name}"' for c in columns)
             path = str(glob).replace("'", "''")
             return f"SELECT {cols} FROM read_parquet('{path}', {opts})"
         # no files yet: an empty relation with the right columns, so every view still binds
-        cols = ", ".join(f'CAST(NULL AS {_duckdb_type(f.type)}) AS "{f.name}"' for f in schema)
+        cols = ", ".join(f'CAST(NULL AS {schemas.DUCKDB_TYPES[c.type]}) AS "{c.name}"' for c in columns)
         return f"SELECT {cols} WHERE false"
 
     def _stage_runs_source(self) -> str:
@@ -328,11 +334,15 @@ class Store:
         try:
             if threads:
                 con.execute(f"SET threads = {int(threads)}")
-            for table in schemas.TABLES:
+            for table in (t for t in schemas.COLUMNS if t not in schemas.CACHES):
                 con.execute(f"CREATE VIEW {table} AS {self._source(table)}")
             con.execute(f"CREATE VIEW stage_runs AS {self._stage_runs_source()}")
             for view in schemas.VIEW_FILES:
                 con.execute(schemas.view_sql(view))
+                if view == "group_summary_raw":
+                    from .summary import view_source
+
+                    con.execute(f"CREATE VIEW group_summary AS {view_source(self)}")
         except duckdb.Error as exc:
             con.close()
             raise self.query_error(exc) from None

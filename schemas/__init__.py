@@ -8,6 +8,8 @@ DuckDB, pyarrow, Spark and Trino all see it exactly once.
 
 from __future__ import annotations
 
+import functools
+import re
 from importlib import resources
 from typing import NamedTuple
 
@@ -185,7 +187,8 @@ MANIFEST_KEYS = ("stage", "round", "status", "started_at", "finished_at", "confi
 VIEW_FILES = (
     "unique_prompts",
     "samples",
-    "group_summary_raw",  # then the store registers group_summary (summary files, else this view)
+    "group_summary_raw",
+    "group_summary",  # in CACHES: the store builds it (current summary files, else group_summary_raw)
     "groups",
     "negative_groups",
     "confident_mistakes",
@@ -197,6 +200,34 @@ VIEW_FILES = (
 
 def view_sql(name: str) -> str:
     return resources.files(__name__).joinpath("views", f"{name}.sql").read_text(encoding="utf-8")
+
+
+NAMES = frozenset({*COLUMNS, *VIEW_FILES, "stage_runs"})  # every table and view of a connection
+
+
+def references(sql: str) -> set[str]:
+    """The store's tables and views that `sql` may read: every word that is one of their names
+    (a superset: a word in a string or a comment counts too)."""
+    return {w.lower() for w in re.findall(r"[A-Za-z_][A-Za-z0-9_$]*", sql)} & NAMES
+
+
+@functools.cache
+def dependencies() -> dict[str, frozenset[str]]:
+    """view -> the tables and views its SQL reads (group_summary: see Store.connect)."""
+    deps = {view: frozenset(references(re.sub(r"--[^\n]*", "", view_sql(view))) - {view})
+            for view in VIEW_FILES if view not in CACHES}
+    return deps | {"group_summary": frozenset({"group_summary_raw"})}
+
+
+def needed(names: set[str], deps: dict[str, frozenset[str]]) -> set[str]:
+    """`names` and everything they read, transitively."""
+    found, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name not in found:
+            found.add(name)
+            todo.extend(deps.get(name, ()))
+    return found
 
 
 def arrow_schema(table: str):

@@ -339,9 +339,9 @@ class Store:
 
         con = duckdb.connect(":memory:")
         try:
-            con.execute("SET parquet_metadata_cache = true")  # views over one file bind once, not per view
             if not sys.stdout.isatty():  # DuckDB draws its bar on stdout: into CSV output, into logs
                 con.execute("SET enable_progress_bar = false")
+            con.execute("SET parquet_metadata_cache = true")  # views over one file bind once, not per view
             if threads:
                 con.execute(f"SET threads = {int(threads)}")
             summary = wanted = None

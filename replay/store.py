@@ -86,6 +86,20 @@ def validate(table_name: str, data: pa.Table | Iterable[Mapping]) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+# Rollouts carry ~4 KB of token lists and text per row. Dictionary encoding only where values
+# repeat and statistics only on scalar columns: the attempts on lists and free text were ~20 % of
+# the write's CPU (bench/store_bench.py, docs/BENCHMARKS.md §1); files grow ~5 %.
+_REPEATING = ("prompt_id", "finish_reason", "policy_adapter", "base_model", "engine", "engine_version",
+              "logprobs_mode")
+
+
+def _parquet_options(table: str) -> dict:
+    if table != "rollouts":
+        return {}
+    scalar = [c.name for c in schemas.COLUMNS[table] if not c.type.startswith("list<") and c.name != "round"]
+    return {"use_dictionary": list(_REPEATING), "write_statistics": scalar}
+
+
 def _relaxed(schema: pa.Schema) -> pa.Schema:
     import pyarrow as pa
 
@@ -254,7 +268,7 @@ class Store:
         try:
             directory.mkdir(parents=True, exist_ok=True)
             clean_temp_files(directory)
-            pq.write_table(arrow, tmp, compression="zstd")
+            pq.write_table(arrow, tmp, compression="zstd", **_parquet_options(table))
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, final)

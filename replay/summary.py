@@ -101,7 +101,11 @@ def refresh(store: Store, round: int, attempts: int = 5) -> Path | None:
         if path.is_file():
             _remove_outdated(path)
             return path
-        rows = store.query("SELECT * FROM group_summary_raw WHERE round = ?", [round])
+        con = store.connect(names={"group_summary_raw"})  # not every round's fingerprint
+        try:
+            rows = con.sql("SELECT * FROM group_summary_raw WHERE round = ?", params=[round]).to_arrow_table()
+        finally:
+            con.close()
         if rows.num_rows == 0:
             return None
         written = store.write(TABLE, rows, round=round, name=fp)

@@ -174,17 +174,16 @@ def test_refresh_drops_a_summary_whose_inputs_changed_while_it_was_computed(tmp_
     p = prompt_row("2+2?", "4")
     store.write("prompts", [p])
     store.write("rollouts", [rollout_row(0, p["prompt_id"], i) for i in range(2)], round=0)
-    query, calls = store.query, []
+    write, calls = store.write, []
 
-    def query_then_a_verdict_lands(sql, params=None):
-        result = query(sql, params)
-        if not calls:  # another worker writes verdicts between our read and our write
-            store.write("verdicts", [verdict_row(0, p["prompt_id"], 0, True)], round=0)
-        calls.append(sql)
-        return result
+    def a_verdict_lands_before_the_summary(table, data, **kw):
+        if table == "group_summary" and not calls:  # another worker's verdicts, after our read
+            write("verdicts", [verdict_row(0, p["prompt_id"], 0, True)], round=0)
+        calls.append(table)
+        return write(table, data, **kw)
 
-    monkeypatch.setattr(store, "query", query_then_a_verdict_lands)
+    monkeypatch.setattr(store, "write", a_verdict_lands_before_the_summary)
     path = summary.refresh(store, 0)
-    assert len(calls) == 2 and path == summary.current_path(store, 0)
+    assert calls == ["group_summary", "group_summary"] and path == summary.current_path(store, 0)
     assert [f.name for f in path.parent.iterdir()] == [path.name]  # the outdated one was removed
     assert pq.read_table(path).column("n").to_pylist() == [1]

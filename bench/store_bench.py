@@ -335,7 +335,7 @@ def time_views(store: Store, repeats: int, show_profile: bool) -> None:
     print("\nviews on a trusted connection   query   wall min s  CPU min s")
     for q, sql in questions.items():
         runs = []
-        for _ in range(repeats):
+        for _ in range(1 if q == "newest" else repeats):  # all of `samples`: seconds at 10 M rollouts
             clock = Clock()
             with clock():
                 con.sql(sql).fetchall()
@@ -430,15 +430,17 @@ def pandas_compare(jsonl_dir: Path, cli: dict, inproc: dict) -> None:
 
 
 def size_table(results: dict[int, dict]) -> None:
-    """Every question's CLI time per size side by side (median / min of the repeats), then write and disk."""
+    """Every question's CLI time per size side by side (median / min wall of the repeats, median CPU),
+    then the write rate, the summary's cost and the disk; growth is the last size's over the first's."""
     sizes = list(results)
-    head = "".join(f" | {n / 1e6:g} M: median / min s" for n in sizes)
+    head = "".join(f" | {n / 1e6:g} M: median / min s (CPU s)" for n in sizes)
     growth = " | growth" if len(sizes) > 1 else ""
     print(f"\n| question{head}{growth} |\n|---{'|---:' * (len(sizes) + bool(growth))}|")
     for q in QUESTIONS:
         meds = [sorted(r[0] for r in results[n]["cli"][q])[len(results[n]["cli"][q]) // 2] for n in sizes]
         mins = [min(r[0] for r in results[n]["cli"][q]) for n in sizes]
-        cells = "".join(f" | {m:.2f} / {b:.2f}" for m, b in zip(meds, mins))
+        cpus = [sorted(r[1] for r in results[n]["cli"][q])[len(results[n]["cli"][q]) // 2] for n in sizes]
+        cells = "".join(f" | {m:.2f} / {b:.2f} ({c:.2f})" for m, b, c in zip(meds, mins, cpus))
         print(f"| CLI: {q}{cells}" + (f" | {meds[-1] / meds[0]:.1f}x" if growth else "") + " |")
     if all(results[n]["write"] for n in sizes):
         rates = [results[n]["write"]["n_rollouts"] / results[n]["write"]["rollouts"].wall for n in sizes]

@@ -59,10 +59,11 @@ def stage_status(store: Store, round: int, stage: str) -> str:
 
 def status_table(store: Store) -> Rows:
     """Per round: which stages have a completion manifest, and the row counts."""
-    con = store.connect()  # one connection for the three counts: opening one binds every view
+    tables = ("rollouts", "verdicts", "learn_audit")
+    con = store.connect(names=tables)  # one connection, binding only these three
     try:
         counts = {table: dict(con.execute(f"SELECT round, count(*) FROM {table} GROUP BY round").fetchall())
-                  for table in ("rollouts", "verdicts", "learn_audit")}
+                  for table in tables}
     finally:
         con.close()
     rows = []

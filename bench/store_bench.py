@@ -230,8 +230,9 @@ def reset_peak_rss() -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
-def cli_run(store: Path, sql: str) -> tuple[float, float, float, str]:
-    """Wall s, CPU s, peak RSS MiB and stdout of one `replay sql ... --format csv` process.
+def cli_run(store: Path, sql: str, checkout: Path | None = None) -> tuple[float, float, float, str]:
+    """Wall s, CPU s, peak RSS MiB and stdout of one `replay sql ... --format csv` process
+    (of the replay at `checkout`, if given: PYTHONPATH).
 
     CPU and RSS come from GNU time (a fresh process between us and the CLI, so the CLI does not
     inherit this big process's high-water mark); NaN without /usr/bin/time."""
@@ -239,8 +240,9 @@ def cli_run(store: Path, sql: str) -> tuple[float, float, float, str]:
     replay = [str(script)] if script.exists() else [sys.executable, "-m", "replay"]
     timer = ["/usr/bin/time", "-f", "%U %S %M"] if Path("/usr/bin/time").exists() else []
     t = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": str(checkout)} if checkout else None
     proc = subprocess.run(timer + replay + ["sql", sql, "--store", str(store), "--format", "csv"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t
     if proc.returncode:
         raise RuntimeError(f"replay sql failed: {proc.stderr}")
@@ -402,9 +404,38 @@ def measure(args, out: Path, n_rollouts: int) -> dict:
         print(row(f"in-process {name}", inproc[sql][0], f"{len(inproc[sql][1])}, {rss:.0f} "
                                                          f"({base_rss:.0f} after imports)"))
     time_views(store, args.repeats, args.profile)
+    if args.baseline:
+        compare_checkouts(store_dir, args.baseline, result["cli"], args.repeats)
     if jsonl_dir:
         pandas_compare(jsonl_dir, result["cli"], inproc)
     return result
+
+
+def same_answers(a: str, b: str) -> bool:
+    """Two CSV outputs hold the same values (numbers to 1e-9: the CSV writers print floats differently)."""
+    import csv
+
+    def cells(text):
+        return [[(float(c) if c.replace(".", "", 1).replace("e-", "", 1).lstrip("-").isdigit() else c)
+                 for c in row] for row in csv.reader(text.splitlines())]
+    x, y = cells(a), cells(b)
+    return len(x) == len(y) and all(
+        len(r) == len(q) and all(abs(u - v) <= 1e-9 * max(1, abs(v)) if isinstance(u, float) and isinstance(v, float)
+                                 else u == v for u, v in zip(r, q)) for r, q in zip(x, y))
+
+
+def compare_checkouts(store_dir: Path, baseline: Path, ours: dict, repeats: int) -> None:
+    """The same questions on the same store through another replay checkout (e.g. before a change)."""
+    print(f"\n| question | {baseline}: median / min s (CPU s) | this checkout | ratio (median) |\n|---|---:|---:|---:|")
+    for name, sql in QUESTIONS.items():
+        runs = [cli_run(store_dir, sql, baseline) for _ in range(repeats)]
+        same = same_answers(runs[0][3], ours[name][0][3])
+        cells = []
+        for r in (runs, ours[name]):
+            walls, cpus = sorted(x[0] for x in r), sorted(x[1] for x in r)
+            cells.append((walls[len(walls) // 2], walls[0], cpus[len(cpus) // 2]))
+        print(f"| {name} | {cells[0][0]:.2f} / {cells[0][1]:.2f} ({cells[0][2]:.2f}) | {cells[1][0]:.2f} / "
+              f"{cells[1][1]:.2f} ({cells[1][2]:.2f}) | {cells[0][0] / cells[1][0]:.1f}x; same CSV: {same} |")
 
 
 def pandas_compare(jsonl_dir: Path, cli: dict, inproc: dict) -> None:
@@ -469,6 +500,8 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the store and the JSONL dumps")
     ap.add_argument("--skip-pandas", action="store_true", help="no pandas baseline, and no JSONL dumps for it")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--baseline", type=Path, default=None, help="another replay checkout (e.g. before a "
+                    "change): the same CLI questions through it, side by side")
     ap.add_argument("--profile", action="store_true", help="print each query's slowest operators")
     ap.add_argument("--reuse", action="store_true", help="skip the write: query the store and dumps that "
                     "an earlier --keep run left in --out (implies --keep; one size)")

@@ -375,6 +375,11 @@ class Store:
                 if wanted is None or view in wanted:
                     con.execute(f"CREATE VIEW group_summary AS {summary or view_source(self)}"
                                 if view == "group_summary" else schemas.view_sql(view))
+        except duckdb.CatalogException as exc:
+            con.close()
+            if names is None:
+                raise self.query_error(exc) from None
+            return self.connect(threads)  # a view reads one its dependencies missed: bind them all
         except duckdb.Error as exc:
             con.close()
             raise self.query_error(exc) from None

@@ -213,9 +213,13 @@ def references(sql: str) -> set[str]:
 
 @functools.cache
 def dependencies() -> dict[str, frozenset[str]]:
-    """view -> the tables and views its SQL reads (group_summary: see Store.connect)."""
-    deps = {view: frozenset(references(re.sub(r"--[^\n]*", "", view_sql(view))) - {view})
-            for view in VIEW_FILES if view not in CACHES}
+    """view -> the tables and views its SQL reads, i.e. names after FROM or JOIN (the view files
+    join no other way; group_summary: see Store.connect)."""
+    def reads(sql: str) -> frozenset[str]:
+        words = re.findall(r"\b(?:FROM|JOIN)\s+([A-Za-z_][A-Za-z0-9_]*)", re.sub(r"--[^\n]*", "", sql), re.I)
+        return frozenset(w.lower() for w in words) & NAMES
+
+    deps = {view: reads(view_sql(view)) - {view} for view in VIEW_FILES if view not in CACHES}
     return deps | {"group_summary": frozenset({"group_summary_raw"})}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,8 @@ def diagnose(path: str | os.PathLike, deep: bool = False) -> Diagnosis:
     manifests = _read_manifests(result)
     try:
         with duckdb.connect(":memory:") as con:
+            if not sys.stdout.isatty():  # DuckDB's progress bar goes to stdout: not into logs
+                con.execute("SET enable_progress_bar = false")
             for table, files in good.items():
                 _register(con, table, files)
             for check in (_keys, _group_sizes, _manifest_counts):

@@ -379,7 +379,8 @@ def measure(args, out: Path, n_rollouts: int) -> dict:
     store_dir, jsonl_dir = out / "store", (None if args.skip_pandas else out / "jsonl")
     if jsonl_dir:
         jsonl_dir.mkdir(parents=True, exist_ok=True)
-    print(f"\n===== {n_rollouts:,} rollouts, out {out}, load average {os.getloadavg()[0]:.1f} =====", flush=True)
+    what = "the store kept there" if args.reuse else f"{n_rollouts:,} rollouts"
+    print(f"\n===== {what}, out {out}, load average {os.getloadavg()[0]:.1f} =====", flush=True)
     if args.reuse:
         store, w = Store.open(store_dir), None
     else:

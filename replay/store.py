@@ -348,7 +348,8 @@ class Store:
         """An in-memory DuckDB connection with every table and view of the store registered, or
         only those that `names` read (binding a view costs start-up time; `replay sql` needs few).
 
-        CREATE VIEW reads the footers of the files behind it: a truncated shard fails here."""
+        CREATE VIEW reads the footer of a table's first file: a damaged file fails here or in the
+        query that reads it, both with the hint to run `replay doctor`."""
         from .summary import view_source
 
         con = duckdb.connect(":memory:")

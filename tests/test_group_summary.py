@@ -187,3 +187,22 @@ def test_refresh_drops_a_summary_whose_inputs_changed_while_it_was_computed(tmp_
     assert calls == ["group_summary", "group_summary"] and path == summary.current_path(store, 0)
     assert [f.name for f in path.parent.iterdir()] == [path.name]  # the outdated one was removed
     assert pq.read_table(path).column("n").to_pylist() == [1]
+
+
+def test_outdated_summaries_are_deleted_only_after_a_grace_period(tmp_path):
+    import os
+    import time
+
+    store = Store.create(tmp_path / "s")
+    p = prompt_row("2+2?", "4")
+    store.write("prompts", [p])
+    store.write("rollouts", [rollout_row(0, p["prompt_id"], i) for i in range(2)], round=0)
+    old = summary.refresh(store, 0)
+    store.write("verdicts", [verdict_row(0, p["prompt_id"], 0, True)], round=0)
+    recent = summary.refresh(store, 0)
+    assert old.exists() and recent != old  # a reader may have listed `old` a moment ago
+    hour_ago = time.time() - 3600
+    os.utime(old, (hour_ago, hour_ago))
+    store.write("verdicts", [verdict_row(0, p["prompt_id"], 1, True)], round=0)
+    current = summary.refresh(store, 0)
+    assert not old.exists() and recent.exists() and current.exists()

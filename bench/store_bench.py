@@ -6,6 +6,11 @@ question through `replay sql` (CLI subprocess and in-process) vs pandas over JSO
 
 With --s3 the bench starts an S3 API server on loopback (moto, in its own process), writes every
 batch to a local store and to `s3://bench/store`, and times the negative-group queries on both.
+    python bench/store_bench.py --sizes 1e6,1e7 --skip-pandas    # each question per size, side by side
+
+With --sizes, each store is written, timed and deleted in turn (unless --keep), and a last table
+puts every question's CLI time, the write rate and the disk of each size next to each other.
+`--skip-pandas` also skips the JSONL dumps (4x the store's disk).
 
 Synthetic data: 8 samples per prompt, 5 rounds over one prompt set, completion lengths ~ Gamma
 (mean 300, max 1024) with a float32 logprob per token, a per-prompt difficulty that eases each
@@ -37,7 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from replay import keys  # noqa: E402
+from replay import keys, summary  # noqa: E402
 from replay.store import Store  # noqa: E402
 
 G, ROUNDS, VOCAB, MAX_TOKENS = 8, 5, 49152, 1024
@@ -48,6 +53,18 @@ QUERIES = {
     "top20": (f"SELECT prompt_id, n, mean_confidence FROM negative_groups WHERE round = {ROUNDS - 1} "
               "ORDER BY mean_confidence DESC LIMIT 20"),
 }
+
+# failure-group questions through `replay sql` (CLI start-up included), per size
+QUESTIONS = {
+    "SELECT 1 (start-up)": "SELECT 1",
+    "top-20 negative groups": QUERIES["top20"],
+    "negative groups per round": QUERIES["count"],
+    "group counts by kind and round": "SELECT round, kind, count(*) AS n FROM groups GROUP BY ALL ORDER BY ALL",
+    "rounds view": "SELECT * FROM rounds",
+    "confident mistakes, one round": (f"SELECT prompt_id, sample_idx, confidence, extracted_answer "
+                                      f"FROM confident_mistakes WHERE round = {ROUNDS - 1} LIMIT 20"),
+}
+
 
 class Clock:
     """Accumulates wall and CPU seconds (all threads of this process) over timed blocks."""
@@ -160,9 +177,11 @@ def verdict_table(rnd: int, rollouts: pa.Table, correct: np.ndarray, rng, versio
         "latency_ms": rng.gamma(2.0, 5.0, n).astype(np.float32), "scored_at": pa.array(np.full(n, at_us), TS)})
 
 
-def write_all(store: Store, jsonl_dir: Path, n_rollouts: int, part_rows: int, seed: int = 0) -> dict:
+def write_all(store: Store, jsonl_dir: Path | None, n_rollouts: int, part_rows: int, seed: int = 0) -> dict:
+    """Write the store (and the JSONL dumps unless jsonl_dir is None); each round ends as `replay
+    score` ends, with the round's group summary."""
     rng = np.random.default_rng(seed)
-    clocks = {k: Clock() for k in ("gen", "prompts", "rollouts", "verdicts", "jsonl")}
+    clocks = {k: Clock() for k in ("gen", "prompts", "rollouts", "verdicts", "summary", "jsonl")}
     stats = {"n_rollouts": 0, "tokens": 0, "write_peak_mib": 0.0, "bench_peak_mib": 0.0}
     with clocks["gen"]():
         pool = text_pool(rng)
@@ -186,13 +205,16 @@ def write_all(store: Store, jsonl_dir: Path, n_rollouts: int, part_rows: int, se
                 store.write("verdicts", verdicts)
                 store.write("verdicts", rescores)
             stats["write_peak_mib"] = max(stats["write_peak_mib"], peak_rss_mib())
-            with clocks["jsonl"]():
-                con.register("dump", dump)
-                con.execute(f"COPY dump TO '{jsonl_dir / f'rollouts_step{rnd}_part{k:03d}.jsonl'}' (FORMAT json)")
-                con.unregister("dump")
+            if jsonl_dir is not None:
+                with clocks["jsonl"]():
+                    con.register("dump", dump)
+                    con.execute(f"COPY dump TO '{jsonl_dir / f'rollouts_step{rnd}_part{k:03d}.jsonl'}' (FORMAT json)")
+                    con.unregister("dump")
             stats["bench_peak_mib"] = max(stats["bench_peak_mib"], peak_rss_mib())
             stats["n_rollouts"] += rollouts.num_rows
             stats["tokens"] += int(np.sum(rollouts.column("num_completion_tokens").to_numpy()))
+        with clocks["summary"]():
+            summary.refresh(store, rnd)
     con.close()
     return {**stats, **clocks}
 
@@ -212,8 +234,9 @@ def reset_peak_rss() -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
-def cli_run(store: Path, sql: str) -> tuple[float, float, float, str]:
-    """Wall s, CPU s, peak RSS MiB and stdout of one `replay sql ... --format csv` process.
+def cli_run(store: Path, sql: str, checkout: Path | None = None) -> tuple[float, float, float, str]:
+    """Wall s, CPU s, peak RSS MiB and stdout of one `replay sql ... --format csv` process
+    (of the replay at `checkout`, if given: PYTHONPATH).
 
     CPU and RSS come from GNU time (a fresh process between us and the CLI, so the CLI does not
     inherit this big process's high-water mark); NaN without /usr/bin/time."""
@@ -221,8 +244,9 @@ def cli_run(store: Path, sql: str) -> tuple[float, float, float, str]:
     replay = [str(script)] if script.exists() else [sys.executable, "-m", "replay"]
     timer = ["/usr/bin/time", "-f", "%U %S %M"] if Path("/usr/bin/time").exists() else []
     t = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": str(checkout)} if checkout else None
     proc = subprocess.run(timer + replay + ["sql", sql, "--store", str(store), "--format", "csv"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t
     if proc.returncode:
         raise RuntimeError(f"replay sql failed: {proc.stderr}")
@@ -317,7 +341,7 @@ def time_views(store: Store, repeats: int, show_profile: bool) -> None:
     print("\nviews on a trusted connection   query   wall min s  CPU min s")
     for q, sql in questions.items():
         runs = []
-        for _ in range(repeats):
+        for _ in range(1 if q == "newest" else repeats):  # all of `samples`: seconds at 10 M rollouts
             clock = Clock()
             with clock():
                 con.sql(sql).fetchall()
@@ -345,8 +369,10 @@ def report_write(w: dict, store: Store) -> None:
     print("step                               wall s    CPU s    rollouts/s (wall, CPU)")
     for key, label in (("gen", "generate (not in the write)"), ("rollouts", "Store.write rollouts"),
                        ("verdicts", "Store.write verdicts"), ("prompts", "Store.write prompts"),
-                       ("jsonl", "JSONL dump (DuckDB COPY)")):
+                       ("summary", "group summaries (score's end)"), ("jsonl", "JSONL dump (DuckDB COPY)")):
         c = w[key]
+        if c.wall == 0:
+            continue
         print(f"{label:<32} {c.wall:8.2f} {c.cpu:8.2f}    {n / c.wall:10,.0f} {n / max(c.cpu, 1e-9):10,.0f}")
     print(f"peak RSS during Store.write {w['write_peak_mib']:6.0f} MiB (incl. the batch in memory); "
           f"whole bench {w['bench_peak_mib']:.0f} MiB (incl. generation and the JSONL dump)")
@@ -428,82 +454,164 @@ def s3_compare(args) -> None:
                       f"{answers[(q, 'local')] == answers[(q, 's3')]}")
     finally:
         shutil.rmtree(out, ignore_errors=True)
+def measure(args, out: Path, n_rollouts: int) -> dict:
+    """Write one store of n_rollouts, print its report, return its numbers for the size table."""
+    store_dir, jsonl_dir = out / "store", (None if args.skip_pandas else out / "jsonl")
+    if jsonl_dir:
+        jsonl_dir.mkdir(parents=True, exist_ok=True)
+    what = "the store kept there" if args.reuse else f"{n_rollouts:,} rollouts"
+    print(f"\n===== {what}, out {out}, load average {os.getloadavg()[0]:.1f} =====", flush=True)
+    if args.reuse:
+        store, w = Store.open(store_dir), None
+    else:
+        store = Store.create(store_dir, base_model="bench")
+        w = write_all(store, jsonl_dir, n_rollouts, args.part_rows)
+        report_write(w, store)
+    store_b = du(store_dir)
+    jsonl_b = du(jsonl_dir) if jsonl_dir else 0
+    print(f"disk: store {store_b / 2**20:,.0f} MiB (rollouts {du(store_dir / 'rollouts') / 2**20:,.0f}, "
+          f"verdicts {du(store_dir / 'verdicts') / 2**20:,.0f}, group summary "
+          f"{du(store_dir / 'group_summary') / 2**20:,.1f})"
+          + (f", JSONL {jsonl_b / 2**20:,.0f} MiB ({jsonl_b / store_b:.1f}x the store)" if jsonl_dir else ""))
+    result = {"disk_mib": store_b / 2**20, "write": w, "cli": {}}
+    print(f"\nquery (load average {os.getloadavg()[0]:.1f})     median s   min s  CPU s  rows, peak RSS MiB")
+    for name, sql in QUESTIONS.items():
+        runs = [cli_run(store_dir, sql) for _ in range(args.repeats)]
+        result["cli"][name] = runs
+        print(row(f"CLI {name}"[:28], runs, f"{len(runs[0][3].splitlines()) - 1}, {max(r[2] for r in runs):.0f}"))
+    print(f"(load average {os.getloadavg()[0]:.1f} after the CLI questions)")
+    inproc, base_rss, rss = in_child(inprocess, str(store_dir), list(QUERIES.values()), args.repeats)
+    for name, sql in QUERIES.items():
+        print(row(f"in-process {name}", inproc[sql][0], f"{len(inproc[sql][1])}, {rss:.0f} "
+                                                         f"({base_rss:.0f} after imports)"))
+    time_views(store, args.repeats, args.profile)
+    if args.baseline:
+        compare_checkouts(store_dir, args.baseline, result["cli"], args.repeats)
+    if jsonl_dir:
+        pandas_compare(jsonl_dir, result["cli"], inproc)
+    return result
+
+
+def same_answers(a: str, b: str) -> bool:
+    """Two CSV outputs hold the same values (numbers to 1e-9: the CSV writers print floats differently)."""
+    import csv
+
+    def cells(text):
+        return [[(float(c) if c.replace(".", "", 1).replace("e-", "", 1).lstrip("-").isdigit() else c)
+                 for c in row] for row in csv.reader(text.splitlines())]
+    x, y = cells(a), cells(b)
+    return len(x) == len(y) and all(
+        len(r) == len(q) and all(abs(u - v) <= 1e-9 * max(1, abs(v)) if isinstance(u, float) and isinstance(v, float)
+                                 else u == v for u, v in zip(r, q)) for r, q in zip(x, y))
+
+
+def compare_checkouts(store_dir: Path, baseline: Path, ours: dict, repeats: int) -> None:
+    """The same questions on the same store through another replay checkout (e.g. before a change)."""
+    print(f"\n| question | {baseline}: median / min s (CPU s) | this checkout | ratio (median) |\n|---|---:|---:|---:|")
+    for name, sql in QUESTIONS.items():
+        runs = [cli_run(store_dir, sql, baseline) for _ in range(repeats)]
+        same = same_answers(runs[0][3], ours[name][0][3])
+        cells = []
+        for r in (runs, ours[name]):
+            walls, cpus = sorted(x[0] for x in r), sorted(x[1] for x in r)
+            cells.append((walls[len(walls) // 2], walls[0], cpus[len(cpus) // 2]))
+        print(f"| {name} | {cells[0][0]:.2f} / {cells[0][1]:.2f} ({cells[0][2]:.2f}) | {cells[1][0]:.2f} / "
+              f"{cells[1][1]:.2f} ({cells[1][2]:.2f}) | {cells[0][0] / cells[1][0]:.1f}x; same CSV: {same} |")
+
+
+def pandas_compare(jsonl_dir: Path, cli: dict, inproc: dict) -> None:
+    names = {"count": "negative groups per round", "top20": "top-20 negative groups"}
+    median = {k: sorted(r[0] for r in cli[names[k]])[len(cli[names[k]]) // 2] for k in names}
+    median_cpu = {k: sorted(r[1] for r in cli[names[k]])[len(cli[names[k]]) // 2] for k in names}
+    for engine in ("ujson", "pyarrow"):
+        p = in_child(pandas_baseline, str(jsonl_dir), ROUNDS - 1, engine)
+        how = "in chunks of 20,000 rows" if engine == "ujson" else "one 40k-row file at a time"
+        print(f"\npandas read_json(lines=True, engine={engine}), {how}; load average "
+              f"{os.getloadavg()[0]:.1f}; peak RSS {p['rss_mib']:.0f} MiB\n"
+              f"  parse {p['parse'].wall:.1f} s (CPU {p['parse'].cpu:.1f}), confidence {p['conf'].wall:.1f} s "
+              f"(CPU {p['conf'].cpu:.1f}), groupby count {p['q1'].wall:.3f} s, top-20 {p['q2'].wall:.3f} s")
+        for name, parts in (("count", ("parse", "q1")), ("top20", ("parse", "conf", "q2"))):
+            wall, cpu = sum(p[k].wall for k in parts), sum(p[k].cpu for k in parts)
+            print(f"  {name}: pandas {wall:.1f} s (CPU {cpu:.1f}) vs `replay sql` CLI {median[name]:.3f} s "
+                  f"(CPU {median_cpu[name]:.3f}) -> {wall / median[name]:.1f}x wall, "
+                  f"{cpu / median_cpu[name]:.1f}x CPU")
+        store_count = {r["round"]: r["negative_groups"] for r in inproc[QUERIES["count"]][1]}
+        same = (store_count == p["answer_count"]
+                and [r["prompt_id"] for r in inproc[QUERIES["top20"]][1]] == p["answer_top20"])
+        print(f"  negative groups per round {store_count}; pandas gives the same answers: {same}")
+
+
+def size_table(results: dict[int, dict]) -> None:
+    """Every question's CLI time per size side by side (median / min wall of the repeats, median CPU),
+    then the write rate, the summary's cost and the disk; growth is the last size's over the first's."""
+    sizes = list(results)
+    head = "".join(f" | {n / 1e6:g} M: median / min s (CPU s)" for n in sizes)
+    growth = " | growth" if len(sizes) > 1 else ""
+    print(f"\n| question{head}{growth} |\n|---{'|---:' * (len(sizes) + bool(growth))}|")
+    for q in QUESTIONS:
+        meds = [sorted(r[0] for r in results[n]["cli"][q])[len(results[n]["cli"][q]) // 2] for n in sizes]
+        mins = [min(r[0] for r in results[n]["cli"][q]) for n in sizes]
+        cpus = [sorted(r[1] for r in results[n]["cli"][q])[len(results[n]["cli"][q]) // 2] for n in sizes]
+        cells = "".join(f" | {m:.2f} / {b:.2f} ({c:.2f})" for m, b, c in zip(meds, mins, cpus))
+        print(f"| CLI: {q}{cells}" + (f" | {meds[-1] / meds[0]:.1f}x" if growth else "") + " |")
+    if all(results[n]["write"] for n in sizes):
+        rates = [results[n]["write"]["n_rollouts"] / results[n]["write"]["rollouts"].wall for n in sizes]
+        cpu = [results[n]["write"]["n_rollouts"] / results[n]["write"]["rollouts"].cpu for n in sizes]
+        summ = [results[n]["write"]["summary"].wall / ROUNDS for n in sizes]
+        print("| write, rollouts/s (wall; per CPU-s)" + "".join(f" | {r:,.0f} ({c:,.0f})" for r, c in zip(rates, cpu))
+              + (f" | {rates[-1] / rates[0]:.2f}x" if growth else "") + " |")
+        print("| group summary per round, s (score's last step)" + "".join(f" | {x:.2f}" for x in summ)
+              + (f" | {summ[-1] / summ[0]:.1f}x" if growth else "") + " |")
+    disk = [results[n]["disk_mib"] for n in sizes]
+    print("| disk, store GiB" + "".join(f" | {d / 1024:.1f}" for d in disk)
+          + (f" | {disk[-1] / disk[0]:.1f}x" if growth else "") + " |")
+
+
+def parse_sizes(text: str) -> list[int]:
+    return [int(float(x)) for x in text.split(",") if x.strip()]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rollouts", type=int, default=1_000_000)
+    ap.add_argument("--sizes", type=parse_sizes, default=None, help="comma-separated store sizes, e.g. 1e6,1e7: "
+                    "each is written, timed and deleted in turn; a last table compares them")
     ap.add_argument("--part-rows", type=int, default=40_000, help="rollouts per part file (whole groups)")
     ap.add_argument("--out", type=Path, default=None, help="work directory (default: a temp dir in /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the store and the JSONL dumps")
-    ap.add_argument("--skip-pandas", action="store_true")
+    ap.add_argument("--skip-pandas", action="store_true", help="no pandas baseline, and no JSONL dumps for it")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--baseline", type=Path, default=None, help="another replay checkout (e.g. before a "
+                    "change): the same CLI questions through it, side by side")
     ap.add_argument("--profile", action="store_true", help="print each query's slowest operators")
     ap.add_argument("--s3", action="store_true", help="write the same rows to a local and an s3:// store (moto "
                     "server on loopback) and compare write rate and query time")
     ap.add_argument("--reuse", action="store_true", help="skip the write: query the store and dumps that "
-                    "an earlier --keep run left in --out (implies --keep)")
+                    "an earlier --keep run left in --out (implies --keep; one size)")
     args = ap.parse_args()
     if args.s3:
         return s3_compare(args)
-    if args.reuse and not (args.out and (args.out / "store" / "store.json").exists()):
-        ap.error("--reuse needs --out DIR holding a store from an earlier --keep run")
+    sizes = args.sizes or [args.rollouts]
+    if args.reuse and (len(sizes) > 1 or not (args.out and (args.out / "store" / "store.json").exists())):
+        ap.error("--reuse needs one size and --out DIR holding a store from an earlier --keep run")
     args.keep = args.keep or args.reuse
-    out = args.out or Path(tempfile.mkdtemp(prefix="store-bench-", dir="/tmp"))
-    store_dir, jsonl_dir = out / "store", out / "jsonl"
-    jsonl_dir.mkdir(parents=True, exist_ok=True)
+    root = args.out or Path(tempfile.mkdtemp(prefix="store-bench-", dir="/tmp"))
+    print(f"duckdb {duckdb.__version__}, pyarrow {pa.__version__}, numpy {np.__version__}, "
+          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, out {root}", flush=True)
+    results = {}
     try:
-        print(f"duckdb {duckdb.__version__}, pyarrow {pa.__version__}, numpy {np.__version__}, "
-              f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, out {out}", flush=True)
-        if args.reuse:
-            store = Store.open(store_dir)
-        else:
-            store = Store.create(store_dir, base_model="bench")
-            report_write(write_all(store, jsonl_dir, args.rollouts, args.part_rows), store)
-        store_b, jsonl_b = du(store_dir), du(jsonl_dir)
-        print(f"disk: store {store_b / 2**20:,.0f} MiB (rollouts {du(store_dir / 'rollouts') / 2**20:,.0f}, "
-              f"verdicts {du(store_dir / 'verdicts') / 2**20:,.0f}), JSONL {jsonl_b / 2**20:,.0f} MiB "
-              f"({jsonl_b / store_b:.1f}x the store)")
-
-        print(f"\nquery (load average {os.getloadavg()[0]:.1f})     median s   min s  CPU s  rows, peak RSS MiB")
-        startup = [cli_run(store_dir, "SELECT 1") for _ in range(args.repeats)]
-        print(row("CLI `SELECT 1` (start-up)", startup, f"1, {max(s[2] for s in startup):.0f}"))
-        cli = {}
-        for name, sql in QUERIES.items():
-            cli[name] = [cli_run(store_dir, sql) for _ in range(args.repeats)]
-            print(row(f"CLI {name}", cli[name], f"{len(cli[name][0][3].splitlines()) - 1}, "
-                                                f"{max(r[2] for r in cli[name]):.0f}"))
-        result, base_rss, rss = in_child(inprocess, str(store_dir), list(QUERIES.values()), args.repeats)
-        for name, sql in QUERIES.items():
-            print(row(f"in-process {name}", result[sql][0], f"{len(result[sql][1])}, {rss:.0f} "
-                                                             f"({base_rss:.0f} after imports)"))
-        time_views(store, args.repeats, args.profile)
-        if args.skip_pandas:
-            return
-        median = {k: sorted(r[0] for r in v)[len(v) // 2] for k, v in cli.items()}
-        median_cpu = {k: sorted(r[1] for r in v)[len(v) // 2] for k, v in cli.items()}
-        for engine in ("ujson", "pyarrow"):
-            p = in_child(pandas_baseline, str(jsonl_dir), ROUNDS - 1, engine)
-            how = "in chunks of 20,000 rows" if engine == "ujson" else "one 40k-row file at a time"
-            print(f"\npandas read_json(lines=True, engine={engine}), {how}; load average "
-                  f"{os.getloadavg()[0]:.1f}; peak RSS {p['rss_mib']:.0f} MiB\n"
-                  f"  parse {p['parse'].wall:.1f} s (CPU {p['parse'].cpu:.1f}), confidence {p['conf'].wall:.1f} s "
-                  f"(CPU {p['conf'].cpu:.1f}), groupby count {p['q1'].wall:.3f} s, top-20 {p['q2'].wall:.3f} s")
-            for name, parts in (("count", ("parse", "q1")), ("top20", ("parse", "conf", "q2"))):
-                wall, cpu = sum(p[k].wall for k in parts), sum(p[k].cpu for k in parts)
-                print(f"  {name}: pandas {wall:.1f} s (CPU {cpu:.1f}) vs `replay sql` CLI {median[name]:.3f} s "
-                      f"(CPU {median_cpu[name]:.3f}) -> {wall / median[name]:.1f}x wall, "
-                      f"{cpu / median_cpu[name]:.1f}x CPU")
-            store_count = {r["round"]: r["negative_groups"] for r in result[QUERIES["count"]][1]}
-            same = (store_count == p["answer_count"]
-                    and [r["prompt_id"] for r in result[QUERIES["top20"]][1]] == p["answer_top20"])
-            print(f"  negative groups per round {store_count}; pandas gives the same answers: {same}")
+        for n in sizes:
+            out = root if len(sizes) == 1 else root / f"n{n}"
+            try:
+                results[n] = measure(args, out, n)
+            finally:
+                if not args.keep:
+                    shutil.rmtree(out / "store", ignore_errors=True)
+                    shutil.rmtree(out / "jsonl", ignore_errors=True)
+        size_table(results)
     finally:
-        if not args.keep:
-            shutil.rmtree(store_dir, ignore_errors=True)
-            shutil.rmtree(jsonl_dir, ignore_errors=True)
-            if args.out is None:
-                shutil.rmtree(out, ignore_errors=True)
+        if args.out is None and not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ from typing import Optional
 
 import typer
 
+from .cli_coerce import install as _plain_values_without_pydantic
 from .errors import ReplayError
 
+_plain_values_without_pydantic()
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
                   help="Offline replay RLVR: keep every rollout, query failures with SQL, rescue negative groups.")
 
@@ -64,12 +66,12 @@ def sql(
 ):
     """Run a read-only SQL query (views: rollouts, verdicts, samples, groups, negative_groups,
     confident_mistakes, rescues, rounds, learn_audit, learn_metrics, eval_passk, prompts)."""
-    from .render import write_result
+    from .render import fetcher, write_result
 
     opened = _open(store)
     if output:
         opened.refuse_inside(output, "--output")
-    write_result(opened.read_only_query(query, allow_read), format, output)
+    write_result(opened.read_only_query(query, allow_read, fetch=fetcher(format)), format, output)
 
 
 @command()

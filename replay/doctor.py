@@ -3,13 +3,14 @@
 Per-file checks read Parquet footers (schema, row and null counts), cheap; `deep=True` also
 decompresses every page. Cross-file checks (duplicate keys, orphans, group sizes, manifest counts)
 run in DuckDB over the files that passed, so a corrupt shard is named once instead of failing every
-query. Adapters: safetensors header only (no torch). Leftover temp files are warnings, not errors.
+query. Each current group summary is compared with the rows it summarises. Adapters: safetensors header only (no torch). Leftover temp files are warnings, not errors.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,8 @@ def diagnose(path: str | os.PathLike, deep: bool = False) -> Diagnosis:
     try:
         with duckdb.connect(":memory:") as con:
             storage_of(result.root).attach(con)
+            if not sys.stdout.isatty():  # DuckDB's progress bar goes to stdout: not into logs
+                con.execute("SET enable_progress_bar = false")
             for table, files in good.items():
                 _register(con, table, files)
             for check in (_keys, _group_sizes, _manifest_counts):
@@ -98,6 +101,7 @@ def diagnose(path: str | os.PathLike, deep: bool = False) -> Diagnosis:
             result.add(culprit, message)
         if not culprits:
             result.add(result.root, f"cross-file checks failed: {exc}")
+    _group_summaries(result)
     _adapters(result)
     _temp_files(result)
     for sub in sorted(p.parent for p in (result.root / "evals").glob("*/store.json")):  # eval stores
@@ -333,6 +337,19 @@ def _manifest_counts(result: Diagnosis, con, manifests) -> None:
                 if isinstance(counts.get(key), int) and have != counts[key]:
                     result.add(path, f"complete {stage} recorded {counts[key]} {key}, but {table} holds {have} "
                                      f"rows of round {round}, adapter {name}")
+
+
+def _group_summaries(result: Diagnosis) -> None:
+    """A current group summary must equal the aggregation of its round's rows (replay/summary.py)."""
+    from . import summary
+    from .store import Store, StoreError
+
+    try:
+        problems = summary.check(Store.open(result.root))
+    except (StoreError, duckdb.Error):  # unreadable files: the checks above name them
+        return
+    for path, message, severity in problems:
+        result.add(path, message, severity)
 
 
 # -- adapters and leftovers -------------------------------------------------------------------------

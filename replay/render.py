@@ -1,4 +1,8 @@
-"""Turning Arrow tables into terminal tables, CSV, JSON, Markdown or Parquet (the CLI's output edge)."""
+"""Turning query results into terminal tables, CSV, JSON, Markdown or Parquet (the CLI's output edge).
+
+A result is an Arrow table or `Rows` (plain Python rows straight from DuckDB): `replay sql`,
+`inspect` and `status` print Rows, so that they start without importing pyarrow (and numpy).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,45 @@ import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-
-import pyarrow as pa
 
 from .errors import ReplayError
 
 FORMATS = ("table", "csv", "json", "markdown", "parquet")
+
+
+@dataclass
+class Rows:
+    """A query result as Python tuples, with the few table methods the printers use."""
+
+    column_names: list[str]
+    rows: list[tuple]
+
+    @classmethod
+    def of(cls, relation) -> "Rows":
+        """Fetch a DuckDB relation."""
+        return cls(list(relation.columns), relation.fetchall())
+
+    @classmethod
+    def from_pylist(cls, rows: list[dict], names: list[str]) -> "Rows":
+        return cls(list(names), [tuple(row[n] for n in names) for row in rows])
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.rows)
+
+    @property
+    def num_columns(self) -> int:
+        return len(self.column_names)
+
+    def to_pylist(self) -> list[dict]:
+        return [dict(zip(self.column_names, row)) for row in self.rows]
+
+
+def fetcher(fmt: str):
+    """How `replay sql` fetches its result for `fmt`: Arrow only for Parquet output."""
+    return None if fmt == "parquet" else Rows.of
 
 
 def _cell(value, width: int) -> str:
@@ -25,7 +61,7 @@ def _cell(value, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def print_table(table: pa.Table, title: str | None = None, max_width: int = 80) -> None:
+def print_table(table: pa.Table | Rows, title: str | None = None, max_width: int = 80) -> None:
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
@@ -41,7 +77,7 @@ def print_table(table: pa.Table, title: str | None = None, max_width: int = 80) 
         print("(no rows)")
 
 
-def write_result(table: pa.Table, fmt: str, output: str | None) -> None:
+def write_result(table: pa.Table | Rows, fmt: str, output: str | None) -> None:
     """Write `table` in `fmt` to `output` (a file) or stdout."""
     if fmt not in FORMATS:
         raise ReplayError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
@@ -57,7 +93,9 @@ def write_result(table: pa.Table, fmt: str, output: str | None) -> None:
 
         _atomic(output, lambda tmp: pq.write_table(table, tmp))
         return
-    if fmt == "csv":
+    if fmt == "csv" and isinstance(table, Rows):
+        payload = csv_text(table)
+    elif fmt == "csv":
         import pyarrow.csv as pacsv
 
         buffer = io.BytesIO()
@@ -73,7 +111,28 @@ def write_result(table: pa.Table, fmt: str, output: str | None) -> None:
         sys.stdout.write(payload)
 
 
-def markdown_table(table: pa.Table) -> str:
+def csv_text(table: Rows) -> str:
+    """CSV as pyarrow writes it: names and text quoted, numbers, booleans and times bare, NULL empty,
+    lists and structs as JSON text."""
+    def cell(value) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, (list, dict, tuple)):
+            value = json.dumps(value, default=str)
+        elif isinstance(value, bytes):
+            value = value.decode("utf-8", "backslashreplace")
+        elif not isinstance(value, str):
+            return str(value)  # numbers, decimals, dates, times: bare
+        return '"' + value.replace('"', '""') + '"'
+
+    lines = [",".join(cell(name) for name in table.column_names)]
+    lines += [",".join(cell(v) for v in row) for row in table.rows]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_table(table: pa.Table | Rows) -> str:
     """A GitHub-flavoured Markdown table (numbers as in the terminal table, `|` escaped)."""
     def cell(value) -> str:
         if isinstance(value, (list, dict)):
@@ -99,6 +158,8 @@ def _atomic(output: str, write) -> None:
 
 
 def _flatten_lists(table: pa.Table) -> pa.Table:
+    import pyarrow as pa
+
     # CSV has no list type: render list cells as JSON text
     columns = []
     for col in table.columns:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import pyarrow as pa
-
 from .errors import ReplayError
+from .render import Rows
 from .store import Store
 
 STAGES = ("generate", "score", "learn")
@@ -16,29 +15,31 @@ def _round_filter(round: int | None) -> str:
 
 
 def inspect_report(store: Store, what: str, ident: str | None = None, round: int | None = None,
-                   limit: int = 20) -> tuple[str, pa.Table]:
+                   limit: int = 20) -> tuple[str, Rows]:
     """(title, rows) of one canned report."""
+    def query(sql: str, params: list | None = None) -> Rows:
+        return store.read_only_query(sql, params=params, fetch=Rows.of)
+
     if what == "rounds":
-        return "rounds", store.read_only_query("SELECT * FROM rounds")
+        return "rounds", query("SELECT * FROM rounds")
     if what == "negatives":
         sql = (f"SELECT round, prompt_id, level, n, mean_confidence, gold_answer, problem FROM negative_groups "
                f"{_round_filter(round)} ORDER BY round DESC, mean_confidence DESC LIMIT {int(limit)}")
-        return "negative groups (all samples wrong), most confident first", store.read_only_query(sql)
+        return "negative groups (all samples wrong), most confident first", query(sql)
     if what == "mistakes":
         sql = (f"SELECT round, prompt_id, sample_idx, confidence, gold_answer, extracted_answer, completion_text "
                f"FROM confident_mistakes {_round_filter(round)} LIMIT {int(limit)}")
-        return "wrong answers ranked by confidence", store.read_only_query(sql)
+        return "wrong answers ranked by confidence", query(sql)
     if what == "prompt":
         if not ident:
             raise ReplayError("`replay inspect prompt` needs a prompt id (see `replay inspect negatives`)")
         sql = ("SELECT round, sample_idx, correct, status, confidence, extracted_answer, gold_answer, "
                "completion_text FROM samples WHERE prompt_id = ? ORDER BY round, sample_idx")
-        rows = store.read_only_query(sql, params=[ident])
+        rows = query(sql, [ident])
         if rows.num_rows == 0:
             raise ReplayError(f"no rollouts for prompt {ident!r} in {store.root}")
-        problem = store.read_only_query("SELECT any_value(problem) AS p FROM samples WHERE prompt_id = ?",
-                                        params=[ident])
-        return f"prompt {ident}: {problem.column('p')[0].as_py()}", rows
+        problem = query("SELECT any_value(problem) AS p FROM samples WHERE prompt_id = ?", [ident])
+        return f"prompt {ident}: {problem.rows[0][0]}", rows
     raise ReplayError(f"unknown report {what!r}; choose from {', '.join(INSPECT_REPORTS)}")
 
 
@@ -55,12 +56,15 @@ def stage_status(store: Store, round: int, stage: str) -> str:
     return f"complete ({count} shards)" if done == count else f"{done}/{count} shards complete"
 
 
-def status_table(store: Store) -> pa.Table:
+def status_table(store: Store) -> Rows:
     """Per round: which stages have a completion manifest, and the row counts."""
-    counts = {}
-    for table in ("rollouts", "verdicts", "learn_audit"):
-        result = store.query(f"SELECT round, count(*) AS n FROM {table} GROUP BY round")
-        counts[table] = dict(zip(result.column("round").to_pylist(), result.column("n").to_pylist()))
+    tables = ("rollouts", "verdicts", "learn_audit")
+    con = store.connect(names=tables)  # one connection, binding only these three
+    try:
+        counts = {table: dict(con.execute(f"SELECT round, count(*) FROM {table} GROUP BY round").fetchall())
+                  for table in tables}
+    finally:
+        con.close()
     rows = []
     for round in store.rounds():
         row = {"round": round}
@@ -72,4 +76,4 @@ def status_table(store: Store) -> pa.Table:
         row["adapter"] = "yes" if (store.adapter_dir(round) / "adapter_config.json").exists() else "-"
         rows.append(row)
     names = ["round", *STAGES, "rollouts", "verdicts", "learn_rows", "adapter"]
-    return pa.Table.from_pylist(rows) if rows else pa.table({n: [] for n in names})
+    return Rows.from_pylist(rows, names)

@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 import weakref
@@ -19,7 +20,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import duckdb
-import pyarrow as pa
 
 import schemas
 
@@ -42,6 +42,8 @@ def utc_now() -> dt.datetime:
 
 
 def _duckdb_type(typ: pa.DataType) -> str:
+    import pyarrow as pa  # not at the top: the CLI's read commands run without pyarrow
+
     if pa.types.is_list(typ):
         return _duckdb_type(typ.value_type) + "[]"
     if pa.types.is_timestamp(typ):
@@ -53,7 +55,9 @@ def _duckdb_type(typ: pa.DataType) -> str:
 
 def validate(table_name: str, data: pa.Table | Iterable[Mapping]) -> pa.Table:
     """Return `data` as an Arrow table of the table's schema, or raise naming the bad column."""
-    schema = schemas.TABLES[table_name]
+    import pyarrow as pa
+
+    schema = schemas.arrow_schema(table_name)
     if not isinstance(data, pa.Table):
         rows = list(data)
         missing = [f.name for f in schema if rows and f.name not in rows[0]]
@@ -83,7 +87,23 @@ def validate(table_name: str, data: pa.Table | Iterable[Mapping]) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+# Rollouts carry ~4 KB of token lists and text per row. Dictionary encoding only where values
+# repeat and statistics only on scalar columns: the attempts on lists and free text were ~20 % of
+# the write's CPU (bench/store_bench.py, docs/BENCHMARKS.md §1); files grow ~5 %.
+_REPEATING = ("prompt_id", "finish_reason", "policy_adapter", "base_model", "engine", "engine_version",
+              "logprobs_mode")
+
+
+def _parquet_options(table: str) -> dict:
+    if table != "rollouts":
+        return {}
+    scalar = [c.name for c in schemas.COLUMNS[table] if not c.type.startswith("list<") and c.name != "round"]
+    return {"use_dictionary": list(_REPEATING), "write_statistics": scalar}
+
+
 def _relaxed(schema: pa.Schema) -> pa.Schema:
+    import pyarrow as pa
+
     # from_pylist with nullable fields, so that a NULL is reported by validate() by column name
     return pa.schema([f.with_nullable(True) for f in schema])
 
@@ -136,8 +156,8 @@ class Store:
 
     # -- paths -----------------------------------------------------------------------------
     def table_dir(self, table: str, round: int | None = None) -> Path:
-        if table not in schemas.TABLES:
-            raise StoreError(f"unknown table {table!r}; tables: {', '.join(schemas.TABLES)}")
+        if table not in schemas.COLUMNS:
+            raise StoreError(f"unknown table {table!r}; tables: {', '.join(schemas.COLUMNS)}")
         base = self.root / table
         if table in schemas.PARTITIONED:
             if round is None:
@@ -180,6 +200,8 @@ class Store:
         `name` gives the part a fixed name (`part-<name>.parquet`) that a rerun replaces atomically:
         for outputs written once per run (learn audit and metrics), so a crashed run leaves no duplicate.
         """
+        import pyarrow.parquet as pq
+
         arrow = validate(table, data)
         if arrow.num_rows == 0:
             return None
@@ -193,7 +215,7 @@ class Store:
         directory = self.table_dir(table, round)
         final = directory / f"part-{name or uuid.uuid4().hex}.parquet"
         try:
-            self.storage.write_parquet(final, arrow)
+            self.storage.write_parquet(final, arrow, **_parquet_options(table))
         except OSError as exc:
             raise StoreError(f"cannot write {final}: {exc.strerror or exc}") from None
         return final
@@ -248,21 +270,24 @@ class Store:
 
     # -- reads -----------------------------------------------------------------------------
     def _source(self, table: str) -> str:
-        schema = schemas.TABLES[table]
+        columns = schemas.COLUMNS[table]
         if table in schemas.PARTITIONED:
             glob = self.root / table / "round=*" / "part-*.parquet"
             exists = any((self.root / table).glob("round=*/part-*.parquet"))
-            opts = "hive_partitioning = true, hive_types = {'round': INTEGER}, union_by_name = true"
+            opts = "hive_partitioning = true, hive_types = {'round': INTEGER}"
         else:
             glob = self.root / table / "part-*.parquet"
             exists = any((self.root / table).glob("part-*.parquet"))
-            opts = "union_by_name = true"
+            opts = "union_by_name = false"
         if exists:
-            cols = ", ".join(f'"{f.name}"' for f in schema)
+            # columns are matched by name; no union_by_name, which reads every file's footer each
+            # time a view is bound (seconds of start-up at 10 M rollouts). Every file is written with
+            # the table's columns; one that lacks a column fails the query naming it (and doctor).
+            cols = ", ".join(f'"{c.name}"' for c in columns)
             path = str(glob).replace("'", "''")
             return f"SELECT {cols} FROM read_parquet('{path}', {opts})"
         # no files yet: an empty relation with the right columns, so every view still binds
-        cols = ", ".join(f'CAST(NULL AS {_duckdb_type(f.type)}) AS "{f.name}"' for f in schema)
+        cols = ", ".join(f'CAST(NULL AS {schemas.DUCKDB_TYPES[c.type]}) AS "{c.name}"' for c in columns)
         return f"SELECT {cols} WHERE false"
 
     def _stage_runs_source(self) -> str:
@@ -277,20 +302,44 @@ class Store:
         return (f"SELECT {', '.join(columns)}, filename AS path FROM read_json('{path}', "
                 f"columns = {{{typed}}}, hive_partitioning = false, filename = true)")
 
-    def connect(self, threads: int | None = None) -> duckdb.DuckDBPyConnection:
-        """An in-memory DuckDB connection with every table and view of the store registered.
+    def connect(self, threads: int | None = None, names: Iterable[str] | None = None) -> duckdb.DuckDBPyConnection:
+        """An in-memory DuckDB connection with every table and view of the store registered, or
+        only those that `names` read (binding a view costs start-up time; `replay sql` needs few).
 
-        CREATE VIEW reads the footers of the files behind it: a truncated shard fails here."""
+        CREATE VIEW reads the footer of a table's first file: a damaged file fails here or in the
+        query that reads it, both with the hint to run `replay doctor`."""
+        from .summary import view_source
+
         con = duckdb.connect(":memory:")
         try:
             self.storage.attach(con)
+            if not sys.stdout.isatty():  # DuckDB draws its bar on stdout: into CSV output, into logs
+                con.execute("SET enable_progress_bar = false")
+            con.execute("SET parquet_metadata_cache = true")  # views over one file bind once, not per view
             if threads:
                 con.execute(f"SET threads = {int(threads)}")
-            for table in schemas.TABLES:
-                con.execute(f"CREATE VIEW {table} AS {self._source(table)}")
-            con.execute(f"CREATE VIEW stage_runs AS {self._stage_runs_source()}")
+            summary = wanted = None
+            if names is not None:
+                deps = schemas.dependencies()
+                wanted = schemas.needed(set(names), deps)
+                if "group_summary" in wanted:
+                    summary = view_source(self)
+                    if "group_summary_raw" not in summary:  # every round's summary is current
+                        wanted = schemas.needed(set(names), deps | {"group_summary": frozenset()})
+            for table in (t for t in schemas.COLUMNS if t not in schemas.CACHES):
+                if wanted is None or table in wanted:
+                    con.execute(f"CREATE VIEW {table} AS {self._source(table)}")
+            if wanted is None or "stage_runs" in wanted:
+                con.execute(f"CREATE VIEW stage_runs AS {self._stage_runs_source()}")
             for view in schemas.VIEW_FILES:
-                con.execute(schemas.view_sql(view))
+                if wanted is None or view in wanted:
+                    con.execute(f"CREATE VIEW group_summary AS {summary or view_source(self)}"
+                                if view == "group_summary" else schemas.view_sql(view))
+        except duckdb.CatalogException as exc:
+            con.close()
+            if names is None:
+                raise self.query_error(exc) from None
+            return self.connect(threads)  # a view reads one its dependencies missed: bind them all
         except duckdb.Error as exc:
             con.close()
             raise self.query_error(exc) from None
@@ -315,13 +364,15 @@ class Store:
         finally:
             con.close()
 
-    def read_only_connection(self, allow_read: Iterable[str | os.PathLike] = ()) -> duckdb.DuckDBPyConnection:
-        """A connection for user SQL: reads confined to the store (+ allow_read), configuration locked.
+    def read_only_connection(self, allow_read: Iterable[str | os.PathLike] = (),
+                             names: Iterable[str] | None = None) -> duckdb.DuckDBPyConnection:
+        """A connection for user SQL: reads confined to the store (+ allow_read), configuration locked;
+        only the views that `names` read are bound (all when None).
 
         DuckDB adds its temp directory to the allowed ones, so each connection gets a private, empty
         one (removed with the connection) instead of `<cwd>/.tmp`."""
         self._refuse_escaping_links()
-        con = self.connect()
+        con = self.connect(names=names)
         temp = tempfile.mkdtemp(prefix="replay-sql-")
         weakref.finalize(con, shutil.rmtree, temp, ignore_errors=True)
         dirs = self.storage.sql_roots() + [str(Path(p).absolute()) for p in allow_read]
@@ -346,21 +397,28 @@ class Store:
                     raise StoreError(f"refused: {path} is a symbolic link out of the store "
                                      f"(to {path.resolve()}); remove it to query this store")
 
-    def read_only_query(self, sql: str, allow_read: Iterable[str | os.PathLike] = (),
-                        params: list | None = None) -> pa.Table:
-        """Run one user query that may only read (sqlguard); `params` bind `?` placeholders."""
-        con = self.read_only_connection(allow_read)
-        try:
-            checked = check_read_only(con, sql)
-            relation = con.sql(checked.sql, params=params or None)
-            if checked.explain:
-                plan = relation.explain(type=checked.explain)
-                return pa.table({"explain_key": ["physical_plan"], "explain_value": [plan]})
-            return relation.to_arrow_table()
-        except duckdb.Error as exc:
-            raise self.query_error(exc) from None
-        finally:
-            con.close()
+    def read_only_query(self, sql: str, allow_read: Iterable[str | os.PathLike] = (), params: list | None = None,
+                        fetch=None):
+        """Run one user query that may only read (sqlguard); `params` bind `?` placeholders; `fetch`
+        turns the result relation into what is returned (default: an Arrow table).
+
+        Only the views the SQL names are opened; if it reaches another, every view is."""
+        for names in (schemas.references(sql), None):
+            con = self.read_only_connection(allow_read, names)
+            try:
+                checked = check_read_only(con, sql)
+                relation = con.sql(checked.sql, params=params or None)
+                if checked.explain:
+                    relation = con.sql("SELECT 'physical_plan' AS explain_key, ? AS explain_value",
+                                       params=[relation.explain(type=checked.explain)])
+                return fetch(relation) if fetch else relation.to_arrow_table()
+            except duckdb.CatalogException as exc:
+                if names is None:
+                    raise self.query_error(exc) from None
+            except duckdb.Error as exc:
+                raise self.query_error(exc) from None
+            finally:
+                con.close()
 
 
 # errors of reading data, not of the statement (those are Parser/Binder/Catalog/... subclasses)

@@ -8,134 +8,175 @@ DuckDB, pyarrow, Spark and Trino all see it exactly once.
 
 from __future__ import annotations
 
+import functools
+import re
 from importlib import resources
-
-import pyarrow as pa
+from typing import NamedTuple
 
 SCHEMA_VERSION = 1
 
-_ts = pa.timestamp("us", tz="UTC")
-_ids = pa.list_(pa.int32())
+
+class Column(NamedTuple):
+    name: str
+    type: str  # a key of DUCKDB_TYPES
+    nullable: bool
 
 
-def _schema(*fields: tuple) -> pa.Schema:
-    return pa.schema([pa.field(name, typ, nullable=nullable) for name, typ, nullable in fields])
+# Column types by name, so that `import schemas` needs no pyarrow: the CLI's read commands open a
+# store without it (pyarrow and numpy are 0.15 s of a 0.3 s start-up budget). Arrow schemas are
+# built on first use (`TABLES`, `arrow_type`).
+DUCKDB_TYPES = {"string": "VARCHAR", "int32": "INTEGER", "int64": "BIGINT", "float32": "FLOAT",
+                "float64": "DOUBLE", "bool": "BOOLEAN", "timestamp": "TIMESTAMPTZ",
+                "list<int32>": "INTEGER[]", "list<float32>": "FLOAT[]", "list<string>": "VARCHAR[]"}
+
+
+def arrow_type(name: str):
+    import pyarrow as pa
+
+    if name.startswith("list<"):
+        return pa.list_(arrow_type(name[5:-1]))
+    if name == "timestamp":
+        return pa.timestamp("us", tz="UTC")
+    return {"string": pa.string, "bool": pa.bool_}.get(name, getattr(pa, name, None))()
+
+
+def _schema(*fields: tuple) -> tuple[Column, ...]:
+    return tuple(Column(*field) for field in fields)
 
 
 PROMPTS = _schema(
-    ("prompt_id", pa.string(), False),  # stable hash of (source, problem)
-    ("source", pa.string(), False),  # dataset name: "arith", a file name, ...
-    ("split", pa.string(), False),
-    ("problem", pa.string(), False),
-    ("answer", pa.string(), False),  # gold answer as given to the verifier
-    ("level", pa.int32(), True),
-    ("subject", pa.string(), True),
-    ("unique_id", pa.string(), True),
-    ("created_at", _ts, False),
+    ("prompt_id", "string", False),  # stable hash of (source, problem)
+    ("source", "string", False),  # dataset name: "arith", a file name, ...
+    ("split", "string", False),
+    ("problem", "string", False),
+    ("answer", "string", False),  # gold answer as given to the verifier
+    ("level", "int32", True),
+    ("subject", "string", True),
+    ("unique_id", "string", True),
+    ("created_at", "timestamp", False),
 )
 
 ROLLOUTS = _schema(
-    ("round", pa.int32(), False),
-    ("prompt_id", pa.string(), False),
-    ("sample_idx", pa.int32(), False),
-    ("rollout_id", pa.string(), False),  # hashlib of (round, prompt_id, sample_idx)
-    ("prompt_token_ids", _ids, True),  # NULL for imported text-only rows
-    ("completion_token_ids", _ids, True),
-    ("completion_logprobs", pa.list_(pa.float32()), True),  # logprob of each sampled token
-    ("sum_logprob", pa.float64(), True),
-    ("num_completion_tokens", pa.int32(), True),
-    ("completion_text", pa.string(), False),
-    ("finish_reason", pa.string(), False),  # stop | length | unknown (imported)
-    ("policy_round", pa.int32(), True),  # round of the adapter that sampled it; NULL = base model
-    ("policy_adapter", pa.string(), True),  # path of that adapter
-    ("base_model", pa.string(), False),
-    ("engine", pa.string(), False),
-    ("engine_version", pa.string(), False),
-    ("logprobs_mode", pa.string(), False),  # processed | raw | none
-    ("temperature", pa.float32(), True),
-    ("top_p", pa.float32(), True),
-    ("top_k", pa.int32(), True),
-    ("max_tokens", pa.int32(), True),
-    ("seed", pa.int64(), True),
-    ("created_at", _ts, False),
+    ("round", "int32", False),
+    ("prompt_id", "string", False),
+    ("sample_idx", "int32", False),
+    ("rollout_id", "string", False),  # hashlib of (round, prompt_id, sample_idx)
+    ("prompt_token_ids", "list<int32>", True),  # NULL for imported text-only rows
+    ("completion_token_ids", "list<int32>", True),
+    ("completion_logprobs", "list<float32>", True),  # logprob of each sampled token
+    ("sum_logprob", "float64", True),
+    ("num_completion_tokens", "int32", True),
+    ("completion_text", "string", False),
+    ("finish_reason", "string", False),  # stop | length | unknown (imported)
+    ("policy_round", "int32", True),  # round of the adapter that sampled it; NULL = base model
+    ("policy_adapter", "string", True),  # path of that adapter
+    ("base_model", "string", False),
+    ("engine", "string", False),
+    ("engine_version", "string", False),
+    ("logprobs_mode", "string", False),  # processed | raw | none
+    ("temperature", "float32", True),
+    ("top_p", "float32", True),
+    ("top_k", "int32", True),
+    ("max_tokens", "int32", True),
+    ("seed", "int64", True),
+    ("created_at", "timestamp", False),
 )
 
 VERDICTS = _schema(
-    ("round", pa.int32(), False),
-    ("prompt_id", pa.string(), False),
-    ("sample_idx", pa.int32(), False),
-    ("rollout_id", pa.string(), False),
-    ("correct", pa.bool_(), False),
-    ("reward", pa.float32(), False),
-    ("status", pa.string(), False),  # ok | no_answer | gold_unparseable | timeout | error
-    ("extracted_answer", pa.string(), True),
-    ("error", pa.string(), True),
-    ("verifier", pa.string(), False),
-    ("verifier_version", pa.string(), False),
-    ("latency_ms", pa.float32(), False),
-    ("scored_at", _ts, False),
+    ("round", "int32", False),
+    ("prompt_id", "string", False),
+    ("sample_idx", "int32", False),
+    ("rollout_id", "string", False),
+    ("correct", "bool", False),
+    ("reward", "float32", False),
+    ("status", "string", False),  # ok | no_answer | gold_unparseable | timeout | error
+    ("extracted_answer", "string", True),
+    ("error", "string", True),
+    ("verifier", "string", False),
+    ("verifier_version", "string", False),
+    ("latency_ms", "float32", False),
+    ("scored_at", "timestamp", False),
 )
 
 LEARN_AUDIT = _schema(
-    ("round", pa.int32(), False),  # the learn round
-    ("adapter_name", pa.string(), False),
-    ("prompt_id", pa.string(), False),
-    ("sample_idx", pa.int32(), False),
-    ("rollout_round", pa.int32(), False),
-    ("objective", pa.string(), False),
-    ("confidence", pa.float64(), False),
-    ("shaped_reward", pa.float64(), False),
-    ("advantage", pa.float64(), False),  # before any group weight
-    ("weight", pa.float64(), False),  # group loss weight: alpha for LENS negative groups, else 1
-    ("group_kind", pa.string(), False),  # negative | mixed | positive
-    ("num_tokens", pa.int32(), False),
+    ("round", "int32", False),  # the learn round
+    ("adapter_name", "string", False),
+    ("prompt_id", "string", False),
+    ("sample_idx", "int32", False),
+    ("rollout_round", "int32", False),
+    ("objective", "string", False),
+    ("confidence", "float64", False),
+    ("shaped_reward", "float64", False),
+    ("advantage", "float64", False),  # before any group weight
+    ("weight", "float64", False),  # group loss weight: alpha for LENS negative groups, else 1
+    ("group_kind", "string", False),  # negative | mixed | positive
+    ("num_tokens", "int32", False),
 )
 
 LEARN_METRICS = _schema(
-    ("round", pa.int32(), False),
-    ("adapter_name", pa.string(), False),
-    ("objective", pa.string(), False),
-    ("step", pa.int32(), False),
-    ("epoch", pa.int32(), False),
-    ("loss", pa.float64(), False),
-    ("clip_frac", pa.float64(), False),
-    ("dual_clip_frac", pa.float64(), False),
-    ("ratio_mean", pa.float64(), False),
-    ("ratio_max", pa.float64(), False),
-    ("grad_norm", pa.float64(), False),
-    ("tokens", pa.int64(), False),
-    ("nonzero_adv_share", pa.float64(), False),
-    ("negative_group_share", pa.float64(), False),
-    ("lr", pa.float64(), False),
-    ("seconds", pa.float64(), False),
+    ("round", "int32", False),
+    ("adapter_name", "string", False),
+    ("objective", "string", False),
+    ("step", "int32", False),
+    ("epoch", "int32", False),
+    ("loss", "float64", False),
+    ("clip_frac", "float64", False),
+    ("dual_clip_frac", "float64", False),
+    ("ratio_mean", "float64", False),
+    ("ratio_max", "float64", False),
+    ("grad_norm", "float64", False),
+    ("tokens", "int64", False),
+    ("nonzero_adv_share", "float64", False),
+    ("negative_group_share", "float64", False),
+    ("lr", "float64", False),
+    ("seconds", "float64", False),
     # share of the step's Σ|w·A| (per token for token-mean) from each group kind; NULL in older stores
-    ("grad_share_negative", pa.float64(), True),
-    ("grad_share_mixed", pa.float64(), True),
-    ("grad_share_positive", pa.float64(), True),
+    ("grad_share_negative", "float64", True),
+    ("grad_share_mixed", "float64", True),
+    ("grad_share_positive", "float64", True),
 )
 
 EVAL = _schema(
-    ("round", pa.int32(), False),  # round whose policy was evaluated; -1 = base model
-    ("adapter_name", pa.string(), False),
-    ("dataset", pa.string(), False),
-    ("group_by", pa.string(), False),  # all | level | subject
-    ("group_value", pa.string(), False),
-    ("k", pa.int32(), False),
-    ("pass_at_k", pa.float64(), False),
-    ("n_prompts", pa.int32(), False),
-    ("n_samples", pa.int32(), False),
-    ("created_at", _ts, False),
+    ("round", "int32", False),  # round whose policy was evaluated; -1 = base model
+    ("adapter_name", "string", False),
+    ("dataset", "string", False),
+    ("group_by", "string", False),  # all | level | subject
+    ("group_value", "string", False),
+    ("k", "int32", False),
+    ("pass_at_k", "float64", False),
+    ("n_prompts", "int32", False),
+    ("n_samples", "int32", False),
+    ("created_at", "timestamp", False),
+)
+
+# Per round x prompt, what the failure-group views need, written by `replay score` so that they need
+# not re-read every rollout and verdict (views/group_summary_raw.sql computes it; replay/summary.py).
+# The file is named by a fingerprint of the round's rollout and verdict files it was computed from;
+# a summary whose files have changed since is not read (the views aggregate that round's rows).
+GROUP_SUMMARY = _schema(
+    ("round", "int32", False),
+    ("prompt_id", "string", False),
+    ("rollouts", "int64", False),  # rollouts of the group, scored or not
+    ("sum_tokens", "int64", True),  # sum of num_completion_tokens ...
+    ("n_tokens", "int64", False),  # ... over this many rollouts (the others have no count)
+    ("policy_round", "int32", True),  # newest policy that sampled the group
+    ("n", "int64", False),  # scored rollouts (newest verdict each)
+    ("n_correct", "int64", False),
+    ("pass_rate", "float64", True),  # NULL while n = 0
+    ("mean_confidence", "float64", True),
+    ("mean_wrong_confidence", "float64", True),
+    ("kind", "string", True),  # negative | mixed | positive; NULL while n = 0
 )
 
 PROMPT_SETS = _schema(  # prompt sets chosen by SQL (`--prompts`), named by a hash of their ids
-    ("prompt_set_id", pa.string(), False),
-    ("sql", pa.string(), False),
-    ("n_prompts", pa.int32(), False),
-    ("prompt_ids", pa.list_(pa.string()), False),
-    ("created_at", _ts, False),
+    ("prompt_set_id", "string", False),
+    ("sql", "string", False),
+    ("n_prompts", "int32", False),
+    ("prompt_ids", "list<string>", False),
+    ("created_at", "timestamp", False),
 )
 
-TABLES: dict[str, pa.Schema] = {
+COLUMNS: dict[str, tuple[Column, ...]] = {
     "prompts": PROMPTS,
     "rollouts": ROLLOUTS,
     "verdicts": VERDICTS,
@@ -143,11 +184,18 @@ TABLES: dict[str, pa.Schema] = {
     "learn_metrics": LEARN_METRICS,
     "eval": EVAL,
     "prompt_sets": PROMPT_SETS,
+    "group_summary": GROUP_SUMMARY,
 }
 
 # Tables stored under <table>/round=R/; the rest are flat <table>/part-*.parquet.
+PARTITIONED = frozenset({"rollouts", "verdicts", "learn_audit", "learn_metrics", "eval", "group_summary"})
+
+# Tables whose files cache a view: the store registers the view (current files only), not the files.
+CACHES = frozenset({"group_summary"})
+
 # Each table's natural key: no two rows share one (`replay doctor` reports any that do). A re-score
 # adds verdicts of a new verifier version only; an eval run adds rows stamped with its own time.
+# (group_summary is a cache: doctor checks it against the rows instead.)
 KEYS: dict[str, tuple[str, ...]] = {
     "prompts": ("prompt_id",),
     "rollouts": ("round", "prompt_id", "sample_idx"),
@@ -158,14 +206,15 @@ KEYS: dict[str, tuple[str, ...]] = {
     "prompt_sets": ("prompt_set_id",),
 }
 
-PARTITIONED = frozenset({"rollouts", "verdicts", "learn_audit", "learn_metrics", "eval"})
-
 # Keys every stage manifest (<store>/manifests/round=R/<stage>.json) must carry.
 MANIFEST_KEYS = ("stage", "round", "status", "started_at", "finished_at", "config", "counts", "versions")
 
 # Derived views, created in this order after the base table views.
 VIEW_FILES = (
+    "unique_prompts",
     "samples",
+    "group_summary_raw",
+    "group_summary",  # in CACHES: the store builds it (current summary files, else group_summary_raw)
     "groups",
     "negative_groups",
     "confident_mistakes",
@@ -178,3 +227,55 @@ VIEW_FILES = (
 
 def view_sql(name: str) -> str:
     return resources.files(__name__).joinpath("views", f"{name}.sql").read_text(encoding="utf-8")
+
+
+NAMES = frozenset({*COLUMNS, *VIEW_FILES, "stage_runs"})  # every table and view of a connection
+
+
+def references(sql: str) -> set[str]:
+    """The store's tables and views that `sql` may read: every word that is one of their names
+    (a superset: a word in a string or a comment counts too)."""
+    return {w.lower() for w in re.findall(r"[A-Za-z_][A-Za-z0-9_$]*", sql)} & NAMES
+
+
+@functools.cache
+def dependencies() -> dict[str, frozenset[str]]:
+    """view -> the tables and views its SQL reads, i.e. names after FROM or JOIN (the view files
+    join no other way; group_summary: see Store.connect)."""
+    def reads(sql: str) -> frozenset[str]:
+        words = re.findall(r"\b(?:FROM|JOIN)\s+([A-Za-z_][A-Za-z0-9_]*)", re.sub(r"--[^\n]*", "", sql), re.I)
+        return frozenset(w.lower() for w in words) & NAMES
+
+    deps = {view: reads(view_sql(view)) - {view} for view in VIEW_FILES if view not in CACHES}
+    return deps | {"group_summary": frozenset({"group_summary_raw"})}
+
+
+def needed(names: set[str], deps: dict[str, frozenset[str]]) -> set[str]:
+    """`names` and everything they read, transitively."""
+    found, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name not in found:
+            found.add(name)
+            todo.extend(deps.get(name, ()))
+    return found
+
+
+def arrow_schema(table: str):
+    """The pyarrow schema of a table (built once)."""
+    if table not in _ARROW:
+        import pyarrow as pa
+
+        _ARROW[table] = pa.schema([pa.field(c.name, arrow_type(c.type), nullable=c.nullable)
+                                   for c in COLUMNS[table]])
+    return _ARROW[table]
+
+
+_ARROW: dict = {}
+
+
+def __getattr__(name: str):
+    # `schemas.TABLES`: table name -> pyarrow schema, built (and pyarrow imported) on first use
+    if name == "TABLES":
+        return {table: arrow_schema(table) for table in COLUMNS}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

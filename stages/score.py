@@ -5,7 +5,8 @@ rerun scores only what has no verdict yet. `--rescore` re-verifies every rollout
 verdict from the *current* verifier version (e.g. after upgrading math-verify); the views then
 take the newest verdict per rollout. `--shard i/n` scores only the rollouts whose prompt_id falls
 in shard i (the split of `replay generate --shard`), so n workers together score a round exactly
-once. Never imports torch.
+once. Each run ends by writing the round's group summary (replay/summary.py) unless a current one
+exists. Never imports torch.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from replay.locks import locked_stage
 from replay.manifests import finish_manifest, record_run, start_manifest
 from replay.progress import progress_bar
 from replay.store import Store, utc_now
+from replay.summary import refresh as refresh_summary
 from replay.verify import VERIFIER_NAME, VerifierPool, verifier_version
 
 DEFAULT_WORKERS = 2  # bench/score_bench.py on 2 cores: see docs/BENCHMARKS.md
@@ -98,6 +100,8 @@ def run(store_path: str, cfg: ScoreConfig) -> dict:
                     bar.advance(50, f"{rate:.0f} verdicts/s")
             store.write("verdicts", rows, round=cfg.round)
             bar.advance(len(rows) % 50)
+    # the whole round's group summary, also when this run scored nothing (it backfills older stores)
+    refresh_summary(store, cfg.round)
     counts = {"rollouts": total, "scored": len(todo), "correct": correct, "statuses": statuses,
               "already_scored": total - len(todo)}
     record = finish_manifest(record, counts, {"verifier": VERIFIER_NAME, "verifier_version": version})

@@ -15,6 +15,7 @@ from safetensors.numpy import save_file
 from typer.testing import CliRunner
 
 import schemas
+from replay import summary
 from replay.doctor import Problem, check_store, diagnose
 from replay.errors import ReplayError
 from replay.manifests import finish_manifest, start_manifest
@@ -63,6 +64,7 @@ def healthy(tmp_path_factory):
         store.write_manifest(round, "generate", manifest("generate", round, {"prompts": 3, "groups_written": 3},
                                                          {"num_samples": G}))
         store.write_manifest(round, "score", manifest("score", round, {"rollouts": 3 * G, "scored": 3 * G}))
+        summary.refresh(store, round)  # as `replay score` ends
     audit, metrics = learn_rows(0, prompts)
     store.write("learn_audit", audit, round=0, name="main")
     store.write("learn_metrics", metrics, round=0, name="main")
@@ -104,8 +106,8 @@ def test_healthy_store_passes_with_a_summary(healthy):
     result = diagnose(healthy.root, deep=True)
     assert result.problems == []
     assert result.rows["rollouts"] == 2 * 3 * G and result.rows["verdicts"] == 2 * 3 * G
-    assert (result.files, result.manifests, result.adapters) == (9, 5, 1)
-    assert result.summary().startswith(f"ok: {healthy.root}: 9 Parquet files (prompts 3, rollouts 24, verdicts 24")
+    assert (result.files, result.manifests, result.adapters) == (11, 5, 1)  # 2 of them group summaries
+    assert result.summary().startswith(f"ok: {healthy.root}: 11 Parquet files (prompts 3, rollouts 24, verdicts 24")
 
 
 def test_truncated_rollouts_file_is_named(store):
@@ -145,7 +147,7 @@ def test_a_file_of_the_wrong_schema_is_named(store, change, expected):
 
 def test_null_in_a_required_column_is_named(store):
     row = rollout_row(0, store.prompts[0]["prompt_id"], 0) | {"completion_text": None}
-    schema = pa.schema([f.with_nullable(True) for f in schemas.ROLLOUTS if f.name != "round"])
+    schema = pa.schema([f.with_nullable(True) for f in schemas.TABLES["rollouts"] if f.name != "round"])
     path = store.table_dir("rollouts", 2) / "part-nulls.parquet"
     path.parent.mkdir()
     pq.write_table(pa.Table.from_pylist([row], schema=schema), path)

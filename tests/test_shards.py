@@ -13,7 +13,7 @@ from datetime import datetime
 import pytest
 from typer.testing import CliRunner
 
-from replay import keys
+from replay import keys, summary
 from replay.cli import app
 from replay.doctor import diagnose
 from replay.errors import ReplayError
@@ -179,6 +179,10 @@ def test_concurrent_score_shards_give_one_verdict_per_rollout_equal_to_one_run(s
         assert sum(m["counts"]["scored"] for m in records) == rollouts
     assert overlap(manifests(sharded, 0, "score", SCORE_N))  # both began round 0 at once
     assert score_output.count("torch imported: False") == SCORE_N, score_output
+    # the shard that finished last left each round a current group summary, and the views read it
+    assert sorted(summary.split_rounds(sharded)[0]) == [0, 1]
+    groups = "SELECT round, prompt_id, n, n_correct, kind FROM groups ORDER BY ALL"
+    assert sharded.query(groups).to_pylist() == single.query(groups).to_pylist()
     # nothing is left for an unsharded score, nor for a shard run again
     assert "scored 0" in invoke("score", "--store", sharded.root, "--round", 0, "--workers", 1,
                                 "--shard", f"1/{SCORE_N}")

@@ -115,3 +115,75 @@ def test_help_lists_commands_without_importing_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
     result = invoke("--help")
     assert result.exit_code == 0 and "sql" in result.output and "inspect" in result.output
+
+
+HEAVY = ("torch", "transformers", "matplotlib", "pyarrow", "numpy", "pydantic")
+COMMANDS = [["--help"], ["sql", "--help"], ["sql", "select count(*) from groups", "-f", "csv"],
+            ["sql", "select * from rounds", "-f", "json"], ["sql", "select * from confident_mistakes"],
+            ["inspect", "negatives"], ["inspect", "rounds"], ["status"]]
+
+
+@pytest.mark.parametrize("args", COMMANDS, ids=" ".join)
+def test_read_commands_start_without_heavy_modules(store, args):
+    """What `replay sql`, `inspect`, `status` and `--help` import, seen from a fresh interpreter:
+    none of torch, transformers, matplotlib; not even pyarrow, numpy or pydantic (start-up time)."""
+    import subprocess
+    import sys
+
+    code = ("import atexit, sys\n"
+            f"atexit.register(lambda: print('heavy:', [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr))\n"
+            "from replay.cli import main\nsys.argv = ['replay', *sys.argv[1:]]\nmain()\n")
+    store_args = ["--store", str(store.root)] if args[0] != "--help" and "--help" not in args else []
+    proc = subprocess.run([sys.executable, "-c", code, *args, *store_args], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "heavy: []" in proc.stderr, proc.stderr
+
+
+def test_plain_values_keep_their_checks_and_messages(store):
+    result = invoke("inspect", "negatives", "--store", store.root, "--limit", "x")
+    assert result.exit_code == 2 and "Input should be a valid integer" in result.output
+    assert invoke("inspect", "negatives", "--store", store.root, "--limit", "1", "-r", "0").exit_code == 0
+    assert invoke("inspect", "negatives", "--store", store.root, "--limit", "٣").exit_code == 2  # not ASCII digits
+
+
+def test_csv_without_pyarrow_quotes_text_and_writes_numbers_bare(store):
+    sql = ("select 'a \"q\", b' as s, 2 as i, 0.5::double as f, true as b, NULL as n, [1, 2] as l, "
+           "0.25 as d, DATE '2026-01-02' as day")
+    result = invoke("sql", "--store", store.root, sql, "-f", "csv")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == ['"s","i","f","b","n","l","d","day"',
+                                          '"a ""q"", b",2,0.5,true,,"[1, 2]",0.25,2026-01-02']
+
+
+def test_a_view_the_name_scan_misses_is_still_found(store):
+    # a view named only through a string that DuckDB resolves: the scan finds no view, the retry all
+    result = invoke("sql", "--store", store.root, "select count(*) as n from query_table('gro' || 'ups')", "-f", "csv")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == ['"n"', "1"]
+
+
+def test_no_progress_bar_in_piped_output(store):
+    """DuckDB draws its progress bar on stdout once a query runs longer than progress_bar_time;
+    `replay sql` into a pipe or file must not carry it. The control run proves the query is long
+    enough for DuckDB to draw one."""
+    import subprocess
+    import sys
+
+    code = f"""
+import duckdb, sys
+slow = "select count(*) as n from range(300000000) t(i) where i % 7 = 3"  # about a second
+connect = duckdb.connect
+def eager_bar(*a, **k):  # a bar after 0.2 s instead of DuckDB's 2 s: the test need not wait
+    con = connect(*a, **k)
+    con.execute("SET progress_bar_time = 200")
+    return con
+duckdb.connect = eager_bar
+duckdb.connect().sql(slow).fetchall()  # the control: a bar on this (piped) stdout
+print("--- cli ---", flush=True)
+from replay.cli import app
+app(["sql", slow, "--store", {str(store.root)!r}, "-f", "csv"])
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    control, _, cli = proc.stdout.partition("--- cli ---")
+    assert "100% ▕" in control  # DuckDB drew a bar for the control
+    assert cli.split() == ['"n"', "42857143"], proc.stdout + proc.stderr  # and none here

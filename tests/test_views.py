@@ -88,3 +88,21 @@ def test_rounds_summary(store):
     assert rows[0]["accuracy"] == pytest.approx(6 / 12)
     assert rows[1]["rescued"] == 1 and rows[1]["policy_round"] == 0
     assert rows[1]["negative_share"] == pytest.approx(0.5)
+
+
+def test_view_dependencies_match_duckdbs_parser():
+    """A query binds only the views it names and what they read (fast start-up): the FROM/JOIN
+    scan of the view files must find what DuckDB's own parser finds."""
+    import re
+
+    import duckdb
+
+    import schemas
+
+    con = duckdb.connect()
+    for view, deps in schemas.dependencies().items():
+        if view in schemas.CACHES:
+            continue
+        body = re.sub(r"(?is)^.*?CREATE\s+(OR\s+REPLACE\s+)?VIEW\s+\w+\s+AS", "",
+                      re.sub(r"--[^\n]*", "", schemas.view_sql(view))).strip().rstrip(";")
+        assert deps == con.get_table_names(body) & schemas.NAMES, view

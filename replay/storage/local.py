@@ -131,13 +131,13 @@ class LocalStorage:
     def put_if_absent(self, path: Path, payload: bytes) -> bool:
         return create_exclusive(path, payload)
 
-    def write_parquet(self, path: Path, table: pa.Table) -> None:
+    def write_parquet(self, path: Path, table: pa.Table, **options) -> None:
         directory = path.parent
         tmp = directory / temp_name(path.name)
         try:
             directory.mkdir(parents=True, exist_ok=True)
             clean_temp_files(directory)
-            pq.write_table(table, tmp, compression="zstd")
+            pq.write_table(table, tmp, compression="zstd", **options)
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, path)

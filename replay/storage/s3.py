@@ -210,9 +210,9 @@ class S3Storage:
             raise
         return True
 
-    def write_parquet(self, path: S3Path, table: pa.Table) -> None:
+    def write_parquet(self, path: S3Path, table: pa.Table, **options) -> None:
         buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd")
+        pq.write_table(table, buffer, compression="zstd", **options)
         self.put(path, buffer.getvalue())
 
     def get(self, key: str, range_: tuple[int, int] | None = None) -> bytes:

@@ -1,12 +1,12 @@
 -- Per-round summary: sizes, accuracy, group kinds, rescues.
 CREATE OR REPLACE VIEW rounds AS
 WITH r AS (
-    SELECT round, count(*) AS rollouts, count(DISTINCT prompt_id) AS prompts,
-           avg(num_completion_tokens) AS mean_tokens, max(policy_round) AS policy_round
-    FROM rollouts GROUP BY round
+    SELECT round, CAST(sum(rollouts) AS BIGINT) AS rollouts, count(*) AS prompts,
+           sum(sum_tokens) / nullif(sum(n_tokens), 0) AS mean_tokens, max(policy_round) AS policy_round
+    FROM group_summary GROUP BY round
 ),
 grp AS MATERIALIZED (
-    SELECT round, prompt_id, kind, n, n_correct, mean_wrong_confidence FROM groups
+    SELECT round, prompt_id, kind, n, n_correct, mean_wrong_confidence FROM group_summary WHERE n > 0
 ),
 s AS (
     SELECT round, sum(n) AS scored, sum(n_correct) / sum(n) AS accuracy,

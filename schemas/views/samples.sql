@@ -14,9 +14,6 @@ WITH latest_verdicts AS (
            max(scored_at) AS scored_at
     FROM verdicts
     GROUP BY round, prompt_id, sample_idx
-),
-unique_prompts AS (
-    SELECT DISTINCT ON (prompt_id) * FROM prompts ORDER BY prompt_id, created_at
 )
 SELECT
     r.round, r.prompt_id, r.sample_idx, r.rollout_id,

@@ -279,6 +279,13 @@ class Store:
             glob = self.root / table / "part-*.parquet"
             exists = any((self.root / table).glob("part-*.parquet"))
             opts = "union_by_name = false"
+        if exists and table in schemas.GROWN:  # small tables that gained columns: older files show NULL
+            typed = ", ".join(f'CAST(NULL AS {schemas.DUCKDB_TYPES[c.type]}) AS "{c.name}"' for c in columns)
+            path = str(glob).replace("'", "''")
+            opts = opts.replace("union_by_name = false", "union_by_name = true")
+            names = ", ".join(f'"{c.name}"' for c in columns)
+            return (f"SELECT {names} FROM (SELECT {typed} WHERE false "
+                    f"UNION ALL BY NAME SELECT * FROM read_parquet('{path}', {opts}))")
         if exists:
             # columns are matched by name; no union_by_name, which reads every file's footer each
             # time a view is bound (seconds of start-up at 10 M rollouts). Every file is written with

@@ -190,6 +190,10 @@ COLUMNS: dict[str, tuple[Column, ...]] = {
 # Tables stored under <table>/round=R/; the rest are flat <table>/part-*.parquet.
 PARTITIONED = frozenset({"rollouts", "verdicts", "learn_audit", "learn_metrics", "eval", "group_summary"})
 
+# Small tables that gained (nullable) columns within this schema version: read by column name, so
+# files written before a column existed show it as NULL.
+GROWN = frozenset({"learn_metrics"})
+
 # Tables whose files cache a view: the store registers the view (current files only), not the files.
 CACHES = frozenset({"group_summary"})
 

@@ -36,7 +36,8 @@ def learn_rows(round, prompts):
                   group_kind="mixed", num_tokens=2) for p in prompts for i in range(G)]
     metrics = [dict(round=round, adapter_name="main", objective="lens", step=s, epoch=0, loss=0.1, clip_frac=0.0,
                     dual_clip_frac=0.0, ratio_mean=1.0, ratio_max=1.0, grad_norm=1.0, tokens=10,
-                    nonzero_adv_share=1.0, negative_group_share=0.0, lr=1e-5, seconds=0.1) for s in range(2)]
+                    nonzero_adv_share=1.0, negative_group_share=0.0, lr=1e-5, seconds=0.1, grad_share_negative=None,
+                    grad_share_mixed=1.0, grad_share_positive=0.0) for s in range(2)]
     return audit, metrics
 
 

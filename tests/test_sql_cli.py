@@ -155,9 +155,12 @@ def test_csv_without_pyarrow_quotes_text_and_writes_numbers_bare(store):
                                           '"a ""q"", b",2,0.5,true,,"[1, 2]",0.25,2026-01-02']
 
 
-def test_a_view_the_name_scan_misses_is_still_found(store):
-    # a view named only through a string that DuckDB resolves: the scan finds no view, the retry all
-    result = invoke("sql", "--store", store.root, "select count(*) as n from query_table('gro' || 'ups')", "-f", "csv")
+def test_a_view_the_name_scan_misses_is_still_found(store, monkeypatch):
+    # the scan of names finds nothing (as for a view DuckDB would reach some other way): the retry binds all
+    import schemas
+
+    monkeypatch.setattr(schemas, "references", lambda sql: set())
+    result = invoke("sql", "--store", store.root, "select count(*) as n from groups", "-f", "csv")
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == ['"n"', "1"]
 

@@ -116,3 +116,18 @@ def test_prompts_table_is_flat(tmp_path):
     assert store.query("SELECT answer FROM prompts").to_pylist() == [{"answer": "2"}]
     store.write("verdicts", [verdict_row(0, "p", 0, True)])
     assert store.files("verdicts")[0].parent.name == "round=0"
+
+
+def test_learn_metrics_written_before_the_gradient_share_columns_read_as_null(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import schemas
+
+    store = Store.create(tmp_path / "store")
+    old = {c.name: (1 if c.type.startswith("int") else "a" if c.type == "string" else 0.5)
+           for c in schemas.COLUMNS["learn_metrics"] if not c.name.startswith("grad_share") and c.name != "round"}
+    (store.root / "learn_metrics" / "round=0").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([old]), store.root / "learn_metrics" / "round=0" / "part-old.parquet")
+    rows = store.query("SELECT round, step, grad_share_negative, grad_share_mixed FROM learn_metrics").to_pylist()
+    assert rows == [{"round": 0, "step": 1, "grad_share_negative": None, "grad_share_mixed": None}]

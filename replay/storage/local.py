@@ -14,8 +14,6 @@ import socket
 import uuid
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 # temp files name their writer's host: shard workers on several machines share a store directory,
 # and a pid is only meaningful on the machine that issued it
@@ -131,7 +129,9 @@ class LocalStorage:
     def put_if_absent(self, path: Path, payload: bytes) -> bool:
         return create_exclusive(path, payload)
 
-    def write_parquet(self, path: Path, table: pa.Table, **options) -> None:
+    def write_parquet(self, path: Path, table, **options) -> None:
+        import pyarrow.parquet as pq  # not at import: the CLI's read commands run without pyarrow
+
         directory = path.parent
         tmp = directory / temp_name(path.name)
         try:

@@ -7,6 +7,7 @@ Heavy modules (torch, transformers, vLLM) are imported inside the commands that 
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Optional
 
 import typer
@@ -20,14 +21,18 @@ StoreOpt = typer.Option("replay-store", "--store", envvar="REPLAY_STORE",
                         help="Store directory (default: $REPLAY_STORE or ./replay-store).")
 
 
-def command(*args, **kwargs):
-    """app.command plus the error policy: a ReplayError is one line on stderr and exit 1."""
+def command(*args, long_running: bool = False, **kwargs):
+    """app.command plus the error policy: a ReplayError is one line on stderr and exit 1.
+    long_running adds --quiet (no progress) and --verbose (engine logs at INFO) to the command."""
 
     def decorate(fn):
         @functools.wraps(fn)
         def wrapper(*a, **kw):
+            from .logs import output_settings
+
             try:
-                return fn(*a, **kw)
+                with output_settings(quiet=kw.pop("quiet", False), verbose=kw.pop("verbose", False)):
+                    return fn(*a, **kw)
             except ReplayError as exc:
                 typer.echo(f"error: {_printable(str(exc))}", err=True)
                 raise typer.Exit(1) from None
@@ -35,9 +40,20 @@ def command(*args, **kwargs):
                 typer.echo("interrupted: rerun the same command to resume", err=True)
                 raise typer.Exit(130) from None
 
+        if long_running:
+            wrapper.__signature__ = _with_output_options(inspect.signature(fn))
         return app.command(*args, **kwargs)(wrapper)
 
     return decorate
+
+
+def _with_output_options(signature: inspect.Signature) -> inspect.Signature:
+    extra = [inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+                 False, "--quiet", "-q", help="No progress output (bars on a terminal, lines in a log).")),
+             inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+                 False, "--verbose", help="Show the INFO logs of vLLM and transformers."))]
+    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in signature.parameters.values()]
+    return signature.replace(parameters=params + extra)
 
 
 def _printable(text: str) -> str:

@@ -17,7 +17,7 @@ def _levels(text: str) -> tuple[int, ...]:
         raise ReplayError(f"--levels must be comma-separated integers 1-5, got {text!r}") from None
 
 
-@command()
+@command(long_running=True)
 def generate(
     store: str = StoreOpt,
     round: int = typer.Option(0, "--round", "-r", help="Round to sample (policy: base + adapter of round-1)."),
@@ -53,7 +53,7 @@ def generate(
                f"{c['tokens_written']} tokens), {c['groups_already_stored']} already stored")
 
 
-@command()
+@command(long_running=True)
 def score(
     store: str = StoreOpt,
     round: int = typer.Option(0, "--round", "-r"),
@@ -96,7 +96,7 @@ def import_(
         typer.echo(f"note: {record['note']}")
 
 
-@command()
+@command(long_running=True)
 def learn(
     store: str = StoreOpt,
     round: int = typer.Option(0, "--round", "-r", help="Learn round: trains on its scored rollouts."),
@@ -144,7 +144,7 @@ def learn(
                f"({c['trained_samples']} with gradient), {c['optimizer_steps']} steps -> {record['adapter']}")
 
 
-@command("round")
+@command("round", long_running=True)
 def round_(
     store: str = StoreOpt,
     config: Optional[str] = typer.Option(None, "--config", "-c", help="TOML with [generate] [score] [learn] tables."),
@@ -170,7 +170,7 @@ def round_(
     typer.echo(f"finished round(s) {done}" if results else f"nothing to do: round {until} has learned")
 
 
-@command("eval")
+@command("eval", long_running=True)
 def eval_(
     store: str = StoreOpt,
     round: int = typer.Option(-1, "--round", "-r", help="Evaluate base + the adapter learned in this round."),

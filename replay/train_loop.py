@@ -40,8 +40,10 @@ def _mean(rows: list[dict], key: str) -> float:
     return float(sum(r[key] for r in rows) / len(rows)) if rows else 0.0
 
 
-def train(cfg, model_ref, init_adapter, samples, result, adv_metrics) -> tuple[list[dict], dict, object]:
-    """Train the LoRA policy; returns (learn_metrics rows, summary, model)."""
+def train(cfg, model_ref, init_adapter, samples, result, adv_metrics,
+          on_step=None) -> tuple[list[dict], dict, object]:
+    """Train the LoRA policy; returns (learn_metrics rows, summary, model). on_step(row) sees each
+    step's metrics row as it is made (live metrics: replay.metrics_sink)."""
     lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.target_modules))
     model = load_policy(model_ref.path, init_adapter, lora, cfg.gradient_checkpointing)
     model.train()
@@ -55,7 +57,8 @@ def train(cfg, model_ref, init_adapter, samples, result, adv_metrics) -> tuple[l
     started = time.perf_counter()
     lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in samples]
     steps = plan_steps(active, lengths, cfg.micro_batch_size, cfg.grad_accum, cfg.seed, cfg.epochs)
-    with progress_bar(f"learn round {cfg.round} ({cfg.objective})", total=steps_per_epoch * cfg.epochs) as bar:
+    with progress_bar(f"learn round {cfg.round} ({cfg.objective})", total=steps_per_epoch * cfg.epochs,
+                      unit="steps") as bar:
         for epoch, micro_batches in steps:
             pending = []
             step_samples = sum(len(idx) for idx in micro_batches)
@@ -81,8 +84,11 @@ def train(cfg, model_ref, init_adapter, samples, result, adv_metrics) -> tuple[l
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             rows.append(_metrics_row(cfg, len(rows), epoch, pending, float(grad_norm), adv_metrics, started))
+            if on_step is not None:
+                on_step(rows[-1])
+            tokens_per_s = sum(r["tokens"] for r in rows) / max(time.perf_counter() - started, 1e-9)
             bar.advance(1, f"loss {rows[-1]['loss']:+.4f} clip {rows[-1]['clip_frac']:.2f} "
-                           f"|g| {rows[-1]['grad_norm']:.3f}")
+                           f"|g| {rows[-1]['grad_norm']:.3f} {tokens_per_s:.0f} tok/s")
     model.eval()
     summary = {"trained_samples": len(active), "optimizer_steps": len(rows),
                "final_loss": rows[-1]["loss"] if rows else None,

@@ -7,6 +7,7 @@ a rerun skips the prompts whose groups are stored and samples the rest with the 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import time
 from dataclasses import asdict, dataclass, field
@@ -145,10 +146,13 @@ def run(store_path: str, cfg: GenerateConfig, engine=None) -> dict:
 
     new_rows = new_tokens = 0
     if todo:
+        own_engine = engine is None  # built here, so closed here (a clean vLLM shutdown, no warning)
         engine = engine or _build_engine(cfg, model_ref, adapter_path)
         tokenizer = _tokenizer(model_ref)
         started = time.perf_counter()
-        with progress_bar(f"generate round {cfg.round}", total=len(prompts), done=len(prompts) - len(todo)) as bar:
+        label = f"{cfg.stage} round {cfg.round}"
+        with _closing(engine, built=own_engine), \
+                progress_bar(label, total=len(prompts), done=len(prompts) - len(todo), unit="prompts") as bar:
             for start in range(0, len(todo), cfg.batch_size):
                 batch = todo[start:start + cfg.batch_size]
                 prompt_ids = [_prompt_ids(tokenizer, p, cfg) for p in batch]
@@ -165,7 +169,7 @@ def run(store_path: str, cfg: GenerateConfig, engine=None) -> dict:
                 new_rows += len(rows)
                 new_tokens += sum(r["num_completion_tokens"] for r in rows)
                 elapsed = time.perf_counter() - started
-                bar.advance(len(batch), f"{new_tokens / elapsed:.0f} tok/s")
+                bar.advance(len(batch), f"{new_tokens} tokens, {new_tokens / elapsed:.0f} tok/s")
     versions = {"engine": getattr(engine, "name", pick_engine(cfg.engine)),
                 "engine_version": getattr(engine, "version", None)}
     counts = {"prompts": len(prompts), "groups_written": len(todo), "rollouts_written": new_rows,
@@ -173,6 +177,15 @@ def run(store_path: str, cfg: GenerateConfig, engine=None) -> dict:
     record = finish_manifest(record, counts, versions, policy_round=policy_round, adapter=adapter_path,
                              base_model=model_ref.name)
     return record_run(store, cfg.round, stage, record, did_work=bool(todo))
+
+
+@contextlib.contextmanager
+def _closing(engine, built: bool):
+    try:
+        yield engine
+    finally:
+        if built and hasattr(engine, "close"):
+            engine.close()
 
 
 def _build_engine(cfg: GenerateConfig, model_ref, adapter_path):

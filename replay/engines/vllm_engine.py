@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..logs import library_log_environment
 from .base import Completion, SamplingSettings, check_requests, generator_seed
 
 SMALL_MACHINE_CPUS = 4  # at or below this, vLLM's "auto" binding idles too large a share (it reserves a core)
@@ -47,6 +48,7 @@ def set_vllm_environment(environ: dict | None = None) -> None:
     if bind is not None:
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
     env["HF_HUB_OFFLINE"] = "1"  # nothing comes from a hub, ever
+    library_log_environment(env)  # vLLM's INFO lines only with --verbose
 
 
 def lora_rank_slot(rank: int, allowed: Sequence[int]) -> int:

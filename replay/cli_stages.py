@@ -10,6 +10,10 @@ from .cli import StoreOpt, command
 from .errors import ReplayError
 
 
+ReportToOpt = typer.Option("none", "--report-to", help="Live metrics: none | tensorboard (event files under "
+                          "<store>/logs/tb/) | wandb (honours WANDB_MODE, WANDB_PROJECT, WANDB_DIR).")
+
+
 def _levels(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
@@ -122,6 +126,7 @@ def learn(
     gradient_checkpointing: bool = typer.Option(False),
     seed: int = typer.Option(0),
     force: bool = typer.Option(False, help="Retrain a round whose learn is already complete."),
+    report_to: str = ReportToOpt,
 ):
     """Train the round's LoRA adapter on stored rollouts (continues round-1's adapter by default)."""
     from stages.learn import LearnConfig, run
@@ -134,7 +139,7 @@ def learn(
                       max_grad_norm=max_grad_norm, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
                       dual_clip=dual_clip or None, tis_cap=tis_cap, aggregation=aggregation,
                       lens_alpha=lens_alpha, lens_d_imp=lens_d_imp, w_reinforce_lambda=w_reinforce_lambda,
-                      gradient_checkpointing=gradient_checkpointing, seed=seed, force=force)
+                      gradient_checkpointing=gradient_checkpointing, seed=seed, force=force, report_to=report_to)
     record = run(store, cfg)
     if record.get("skipped"):
         typer.echo(f"round {round}: learn already complete ({record['adapter']}); --force retrains")
@@ -153,6 +158,8 @@ def round_(
     until: Optional[int] = typer.Option(None, "--until", help="Instead of a count: run rounds until this "
                                         "round has learned (a rerun only finishes what is missing)."),
     wait: bool = typer.Option(False, help="Wait for a running tick instead of exiting."),
+    report_to: Optional[str] = typer.Option(None, "--report-to", help="Live metrics: none | tensorboard | wandb "
+                                            "(default: [round] report_to of the config, else none)."),
 ):
     """One cron tick: run the next unfinished round's missing stages (generate -> score -> learn).
 
@@ -161,6 +168,8 @@ def round_(
     from stages.round import EXIT_LOCKED, RoundLocked, run
 
     settings = load_settings(config, set_)
+    if report_to is not None:
+        settings["round"]["report_to"] = report_to
     try:
         results = run(store, settings, rounds=rounds, wait=wait, echo=typer.echo, until=until)
     except RoundLocked as exc:
@@ -183,6 +192,7 @@ def eval_(
     temperature: float = typer.Option(1.0), top_p: float = typer.Option(1.0),
     engine: str = typer.Option("auto"), seed: int = typer.Option(1234), batch_size: int = typer.Option(16),
     workers: Optional[int] = typer.Option(None), timeout: float = typer.Option(10.0),
+    report_to: str = ReportToOpt,
 ):
     """pass@k (k = 1, 2, 4, ..., n) of a round's policy on held-out prompts, overall and per level/subject."""
     from replay.render import print_table
@@ -194,7 +204,7 @@ def eval_(
                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, engine=engine,
                          seed=seed, batch_size=batch_size)
     rows = run(store, EvalConfig(round=-1 if base else round, adapter_name=adapter, generate=gen,
-                                 workers=workers, timeout=timeout))
+                                 workers=workers, timeout=timeout, report_to=report_to))
     import pyarrow as pa
 
     table = pa.Table.from_pylist([{"slice": f"{r['group_by']}={r['group_value']}", "k": r["k"],

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from replay.errors import ReplayError
 from replay.learn_data import LearnSample, load_samples
 from replay.manifests import finish_manifest, start_manifest
+from replay.metrics_sink import check_report_to, open_sink
 from replay.store import Store
 
 OBJECTIVES = ("grpo", "lens", "nsr", "psr", "w_reinforce")
@@ -48,6 +49,7 @@ class LearnConfig:
     gradient_checkpointing: bool = False
     seed: int = 0
     force: bool = False
+    report_to: str = "none"  # live metrics: none | tensorboard | wandb (replay.metrics_sink)
     extra: dict = field(default_factory=dict)
 
 
@@ -89,6 +91,7 @@ def run(store_path: str, cfg: LearnConfig) -> dict:
         raise ReplayError(f"unknown --objective {cfg.objective!r}; choose from {', '.join(OBJECTIVES)}")
     if cfg.epochs < 1 or cfg.micro_batch_size < 1 or cfg.grad_accum < 1 or cfg.window < 1:
         raise ReplayError("--epochs, --micro-batch-size, --grad-accum and --window must be at least 1")
+    check_report_to(cfg.report_to)
     store = Store.open(store_path)
     stage = "learn" if cfg.adapter_name == "main" else f"learn.{cfg.adapter_name}"
     out_dir = store.adapter_dir(cfg.round, cfg.adapter_name)
@@ -113,7 +116,12 @@ def run(store_path: str, cfg: LearnConfig) -> dict:
 
     from replay.train_loop import train
 
-    metrics_rows, train_summary, model = train(cfg, model_ref, init, samples, result, adv_metrics)
+    sink = open_sink(cfg.report_to, store.root, f"learn-{cfg.adapter_name}-r{cfg.round}", asdict(cfg))
+    try:
+        metrics_rows, train_summary, model = train(cfg, model_ref, init, samples, result, adv_metrics,
+                                                   on_step=lambda row: sink.log(row["step"], row))
+    finally:
+        sink.close()
     adapters.save(model, out_dir, {"round": cfg.round, "objective": cfg.objective, "adapter_name": cfg.adapter_name,
                                    "base_model": model_ref.name, "init_adapter": str(init) if init else None,
                                    "config": asdict(cfg), "selection": selection, "metrics": train_summary})

@@ -22,6 +22,7 @@ from ..logs import library_log_environment
 from .base import Completion, SamplingSettings, check_requests, generator_seed
 
 SMALL_MACHINE_CPUS = 4  # at or below this, vLLM's "auto" binding idles too large a share (it reserves a core)
+SHUTDOWN_GRACE_S = 60.0  # the engine core exits as soon as it can; this only bounds a hang
 _lora_ids = itertools.count(1)  # vLLM caches adapters by int id: every adapter load gets a fresh one
 
 
@@ -206,7 +207,9 @@ class VLLMEngine:
         if self.llm is None:
             return
         llm, self.llm = self.llm, None
-        llm.llm_engine.engine_core.shutdown()
+        # vLLM's default grace is 5 s, then it force-kills the engine core (with warnings and a leaked
+        # shared-memory block); a busy small machine needs longer to stop it cleanly
+        llm.llm_engine.engine_core.shutdown(timeout=SHUTDOWN_GRACE_S)
         del llm
         from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 

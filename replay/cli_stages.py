@@ -25,9 +25,14 @@ def _levels(text: str) -> tuple[int, ...]:
 def generate(
     store: str = StoreOpt,
     round: int = typer.Option(0, "--round", "-r", help="Round to sample (policy: base + adapter of round-1)."),
-    dataset: str = typer.Option("arith", help="arith (built-in) or a .jsonl/.parquet file (MATH or GSM8K format)."),
+    dataset: str = typer.Option("arith", help="arith (built-in), a .jsonl/.parquet file (MATH or GSM8K format), "
+                                "a datasets save_to_disk directory, or a Hugging Face Hub id (org/name)."),
     num_prompts: Optional[int] = typer.Option(64, help="Number of prompts (files: the first N; all if 0)."),
-    split: str = typer.Option("train", help="Split label (arith: train and test are disjoint streams)."),
+    split: str = typer.Option("train", help="Split label (arith: train and test are disjoint streams; "
+                              "a DatasetDict: the split to read)."),
+    dataset_config: Optional[str] = typer.Option(None, help="Hub dataset configuration (name)."),
+    dataset_split: Optional[str] = typer.Option(None, help="Split to read from a hub dataset / DatasetDict "
+                                                "(default: --split)."),
     problem_key: Optional[str] = typer.Option(None, help="Field holding the problem (default problem/question)."),
     answer_key: Optional[str] = typer.Option(None, help="Field holding the gold answer (default answer)."),
     levels: str = typer.Option("1,2,3,4,5", help="arith difficulty levels, cycled."),
@@ -47,6 +52,7 @@ def generate(
     from stages.generate import GenerateConfig, run
 
     cfg = GenerateConfig(round=round, dataset=dataset, num_prompts=num_prompts or None, split=split,
+                         dataset_config=dataset_config, dataset_split=dataset_split,
                          problem_key=problem_key, answer_key=answer_key, levels=_levels(levels), model=model,
                          engine=engine, adapter=adapter, num_samples=num_samples, temperature=temperature,
                          top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed,
@@ -185,7 +191,9 @@ def eval_(
     round: int = typer.Option(-1, "--round", "-r", help="Evaluate base + the adapter learned in this round."),
     base: bool = typer.Option(False, "--base", help="Evaluate the base model (same as --round -1)."),
     adapter: str = typer.Option("main", "--adapter", help="Adapter name (A/B variants from learn --adapter-name)."),
-    dataset: str = typer.Option("arith"), split: str = typer.Option("test"),
+    dataset: str = typer.Option("arith", help="As for generate: arith, a file, a save_to_disk directory or a hub id."),
+    split: str = typer.Option("test"),
+    dataset_config: Optional[str] = typer.Option(None), dataset_split: Optional[str] = typer.Option(None),
     num_prompts: Optional[int] = typer.Option(128), levels: str = typer.Option("1,2,3,4,5"),
     problem_key: Optional[str] = typer.Option(None), answer_key: Optional[str] = typer.Option(None),
     num_samples: int = typer.Option(8, "--num-samples", "-n"), max_new_tokens: int = typer.Option(256),
@@ -199,7 +207,8 @@ def eval_(
     from stages.eval import EvalConfig, run
     from stages.generate import GenerateConfig
 
-    gen = GenerateConfig(dataset=dataset, split=split, num_prompts=num_prompts or None, levels=_levels(levels),
+    gen = GenerateConfig(dataset=dataset, split=split, dataset_config=dataset_config, dataset_split=dataset_split,
+                         num_prompts=num_prompts or None, levels=_levels(levels),
                          problem_key=problem_key, answer_key=answer_key, num_samples=num_samples,
                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, engine=engine,
                          seed=seed, batch_size=batch_size)

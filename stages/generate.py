@@ -28,6 +28,8 @@ class GenerateConfig:
     split: str = "train"
     problem_key: str | None = None
     answer_key: str | None = None
+    dataset_config: str | None = None  # a hub dataset's configuration (name)
+    dataset_split: str | None = None  # the split to read from a hub dataset / DatasetDict (default: split)
     levels: tuple[int, ...] = (1, 2, 3, 4, 5)
     model: str = "smollm2-135m"
     engine: str = "auto"  # auto = vllm if importable, else transformers
@@ -121,7 +123,7 @@ def run(store_path: str, cfg: GenerateConfig, engine=None) -> dict:
         raise ReplayError(f"--max-new-tokens must be at least 1, got {cfg.max_new_tokens}")
     shard_index, shard_count = keys.parse_shard(cfg.shard)
     prompts = load_prompts(cfg.dataset, cfg.num_prompts, cfg.split, cfg.seed, cfg.problem_key,
-                           cfg.answer_key, tuple(cfg.levels))  # whole input validated before any write
+                           cfg.answer_key, tuple(cfg.levels), cfg.dataset_config, cfg.dataset_split)  # whole input validated before any write
     prompts = [p for p in prompts if keys.in_shard(p.prompt_id, shard_index, shard_count)]
 
     from replay.engines import SamplingSettings

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import duckdb
 
-from . import plots
+from . import plots, report_negatives
 from .errors import ReplayError
 from .store import Store, atomic_write_bytes, utc_now
 
@@ -32,6 +32,8 @@ QUERIES = {
                "FROM rescues ORDER BY rescued_round, negative_round, prompt_id",
     "learn": "SELECT round, adapter_name, objective, step, loss, clip_frac, nonzero_adv_share, grad_norm "
              "FROM learn_metrics ORDER BY round, adapter_name, step",
+    "negatives": report_negatives.QUERY,
+    "negative_totals": report_negatives.TOTALS,
 }
 MAX_TABLE_ROWS = 50
 
@@ -44,6 +46,7 @@ class Section:
     note: str | None = None  # why a figure is missing, or how to read it
     columns: list[str] = field(default_factory=list)
     rows: list[list[str]] = field(default_factory=list)
+    html: str | None = None  # a body of its own (already escaped), after the figures and the table
 
 
 def _pct(x) -> str:
@@ -193,6 +196,15 @@ def learn_section(rows: list[dict]) -> Section:
     return s
 
 
+def negatives_section(rows: list[dict], totals: list[dict]) -> Section:
+    s = Section("negative_groups", "Negative groups: browse every sample")
+    if not rows:
+        s.note = "No negative groups: no scored round has a prompt whose samples were all wrong."
+        return s
+    s.html = report_negatives.browser_html(rows, {t["round"]: t["n"] for t in totals})
+    return s
+
+
 def compare_sections(stores: list[tuple[str, dict]]) -> list[Section]:
     """pass@k and negative-group share across stores (e.g. one store per objective)."""
     evals = [r for _, data in stores for r in data["eval"]]
@@ -249,8 +261,10 @@ def render_html(title: str, facts: list[tuple[str, str]], sections: list[Section
             out.append("<table><tr>" + "".join(f"<th>{esc(c)}</th>" for c in s.columns) + "</tr>"
                        + "".join("<tr>" + "".join(f"<td>{esc(v)}</td>" for v in row) + "</tr>" for row in s.rows)
                        + "</table>")
+        if s.html:
+            out.append(s.html)
         out.append("</section>")
-    out.append("</body></html>")
+    out.append(f"<script>{report_negatives.SORT_JS}</script></body></html>")
     return "\n".join(out)
 
 
@@ -258,7 +272,8 @@ _CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;
         "img{max-width:100%;display:block;margin:1em 0}table{border-collapse:collapse;margin:0.5em 0 1.5em;"
         "font-size:0.9em}th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}"
         "table.facts th,table.facts td{text-align:left}.note{color:#555}"
-        ".banner{background:#fff3cd;border:1px solid #e0c060;padding:0.8em}section{margin-top:2em}")
+        ".banner{background:#fff3cd;border:1px solid #e0c060;padding:0.8em}section{margin-top:2em}"
+        + report_negatives.CSS)
 
 
 def _load(store: Store, label: str) -> dict[str, list[dict]]:
@@ -283,7 +298,8 @@ def write_report(store_path: str | os.PathLike, out_dir: str | os.PathLike,
     label, data = stores[0]
     sections = [passk_section(data["eval"]), adapters_section(data["eval"], data["learn"]),
                 shares_section(data["rounds"]), rescues_section(data["rounds"], data["rescues"]),
-                confidence_section(data["wrong"]), learn_section(data["learn"])]
+                confidence_section(data["wrong"]), learn_section(data["learn"]),
+                negatives_section(data["negatives"], data["negative_totals"])]
     sections += compare_sections(stores) if len(stores) > 1 else []
     facts = [("store", str(opened[0].root)), ("base model", str(opened[0].meta.get("base_model"))),
              ("rounds", ", ".join(str(r["round"]) for r in data["rounds"]) or "none"),

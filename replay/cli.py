@@ -74,15 +74,19 @@ from . import cli_stages  # noqa: E402,F401  (registers generate, score, import,
 def sql(
     query: str = typer.Argument(..., help="A read-only SQL query over the store's views."),
     store: str = StoreOpt,
-    format: str = typer.Option("table", "--format", "-f", help="table | csv | json | markdown | parquet"),
+    format: Optional[str] = typer.Option(None, "--format", "-f", help="table | csv | json (one array) | jsonl "
+                                         "(JSON Lines) | markdown | parquet (default: table, or from -o's extension)"),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the result to this file."),
     allow_read: list[str] = typer.Option([], "--allow-read", help="Also allow reading files under PATH."),
 ):
-    """Run a read-only SQL query (views: rollouts, verdicts, samples, groups, negative_groups,
-    confident_mistakes, rescues, rounds, learn_audit, learn_metrics, eval_passk, prompts)."""
+    """Run one read-only SQL query (views: rollouts, verdicts, samples, groups, negative_groups,
+    confident_mistakes, rescues, rounds, learn_audit, learn_metrics, eval_passk, prompts, stage_runs)."""
     from .render import write_result
 
-    write_result(_open(store).read_only_query(query, allow_read), format, output)
+    table = _open(store).read_only_query(query, allow_read)
+    # DuckDB names an unaliased count(*) column count_star(); show it as written
+    table = table.rename_columns(["count(*)" if c == "count_star()" else c for c in table.column_names])
+    write_result(table, format, output)
 
 
 @command()

@@ -26,7 +26,8 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> list:
     for statement in statements:
         if statement.type not in _ALLOWED:
             kind = statement.type.name.replace("_", " ")
-            raise ReplayError(f"refused: `replay sql` is read-only, and this is a {kind} statement "
+            article = "an" if kind[0] in "AEIOU" else "a"
+            raise ReplayError(f"refused: `replay sql` is read-only, and this is {article} {kind} statement "
                               f"({statement.query.strip()[:60]!r}); only SELECT/WITH/EXPLAIN queries run")
         if statement.type == duckdb.StatementType.EXPLAIN and "analyze" in statement.query.lower():
             # EXPLAIN ANALYZE executes its statement: only allow it around a query

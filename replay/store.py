@@ -374,8 +374,9 @@ class Store:
         con = self.read_only_connection(allow_read)
         try:
             statements = check_read_only(con, sql)
-            for statement in statements[:-1]:
-                con.execute(statement.query)
+            if len(statements) > 1:  # read-only queries: the earlier ones could only be thrown away
+                raise ReplayError(f"one query at a time: got {len(statements)} statements separated by ';' "
+                                  f"(run each with its own `replay sql`, or join them with UNION ALL)")
             return con.sql(statements[-1].query).to_arrow_table()
         except duckdb.Error as exc:
             raise self.query_error(exc) from None

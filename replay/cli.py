@@ -70,7 +70,7 @@ def _open(store: str):
 from . import cli_stages  # noqa: E402,F401  (registers generate, score, import, learn, round, eval)
 
 
-@command()
+@command(short_help="Run a read-only SQL query over the store's views.")
 def sql(
     query: str = typer.Argument(..., help="A read-only SQL query over the store's views."),
     store: str = StoreOpt,
@@ -89,7 +89,7 @@ def sql(
     write_result(table, format, output)
 
 
-@command()
+@command(short_help="Canned reports: rounds, negatives, mistakes, a prompt.")
 def inspect(
     what: str = typer.Argument(..., help="rounds | negatives | mistakes | prompt"),
     ident: Optional[str] = typer.Argument(None, help="Prompt id for `inspect prompt`."),
@@ -115,7 +115,7 @@ def status(store: str = StoreOpt):
     print_table(status_table(opened), title=f"store {opened.root}")
 
 
-@command()
+@command(short_help="Export scored rollouts (TRL rollout_func, JSONL).")
 def export(
     store: str = StoreOpt,
     format: str = typer.Option("jsonl", "--format", "-f", help="trl (prompt_ids, completion_ids, logprobs) | jsonl"),
@@ -129,7 +129,7 @@ def export(
     typer.echo(f"wrote {n} rollouts to {out}")
 
 
-@command()
+@command(short_help="Plots and one self-contained HTML report.")
 def report(
     store: str = StoreOpt,
     out: str = typer.Option("replay-report", "--out", "-o", help="Directory for index.html and the PNG plots."),
@@ -144,7 +144,7 @@ def report(
     typer.echo(f"wrote {paths[-1]} ({len(paths) - 1} plot(s))")
 
 
-@command()
+@command(short_help="Check the store's files, keys and manifests.")
 def doctor(
     store: str = StoreOpt,
     deep: bool = typer.Option(False, "--deep", help="Also decompress every data page (reads all the data)."),

@@ -21,7 +21,7 @@ def _levels(text: str) -> tuple[int, ...]:
         raise ReplayError(f"--levels must be comma-separated integers 1-5, got {text!r}") from None
 
 
-@command(long_running=True)
+@command(long_running=True, short_help="Sample G completions per prompt into the store.")
 def generate(
     store: str = StoreOpt,
     round: int = typer.Option(0, "--round", "-r", help="Round to sample (policy: base + adapter of round-1)."),
@@ -63,7 +63,7 @@ def generate(
                f"{c['tokens_written']} tokens), {c['groups_already_stored']} already stored")
 
 
-@command(long_running=True)
+@command(long_running=True, short_help="Verify a round's rollouts with math-verify.")
 def score(
     store: str = StoreOpt,
     round: int = typer.Option(0, "--round", "-r"),
@@ -82,7 +82,7 @@ def score(
                f"{c['already_scored']} already scored")
 
 
-@command("import")
+@command("import", short_help="Import completions made elsewhere as rollouts.")
 def import_(
     file: str = typer.Argument(..., help="JSONL or Parquet with problem, answer, completion columns."),
     store: str = StoreOpt,
@@ -106,7 +106,7 @@ def import_(
         typer.echo(f"note: {record['note']}")
 
 
-@command(long_running=True)
+@command(long_running=True, short_help="Train the round's LoRA adapter on stored rollouts.")
 def learn(
     store: str = StoreOpt,
     round: int = typer.Option(0, "--round", "-r", help="Learn round: trains on its scored rollouts."),
@@ -155,7 +155,7 @@ def learn(
                f"({c['trained_samples']} with gradient), {c['optimizer_steps']} steps -> {record['adapter']}")
 
 
-@command("round", long_running=True)
+@command("round", long_running=True, short_help="One cron tick: the next round's missing stages.")
 def round_(
     store: str = StoreOpt,
     config: Optional[str] = typer.Option(None, "--config", "-c", help="TOML with [generate] [score] [learn] tables."),
@@ -185,7 +185,7 @@ def round_(
     typer.echo(f"finished round(s) {done}" if results else f"nothing to do: round {until} has learned")
 
 
-@command("eval", long_running=True)
+@command("eval", long_running=True, short_help="pass@k of a round's policy on held-out prompts.")
 def eval_(
     store: str = StoreOpt,
     round: int = typer.Option(-1, "--round", "-r", help="Evaluate base + the adapter learned in this round."),
@@ -216,6 +216,7 @@ def eval_(
                                  workers=workers, timeout=timeout, report_to=report_to))
     import pyarrow as pa
 
-    table = pa.Table.from_pylist([{"slice": f"{r['group_by']}={r['group_value']}", "k": r["k"],
+    table = pa.Table.from_pylist([{"slice": "all" if r["group_by"] == "all" else f"{r['group_by']}={r['group_value']}",
+                                   "k": r["k"],
                                    "pass@k": float(f"{r['pass_at_k']:.4f}"), "prompts": r["n_prompts"]} for r in rows])
     print_table(table, title=f"pass@k, round {rows[0]['round']} ({rows[0]['adapter_name']})")

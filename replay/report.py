@@ -104,7 +104,7 @@ def adapters_section(rows: list[dict], learn: list[dict]) -> Section:
     objective = {(r["round"], r["adapter_name"]): f" ({r['objective']})" for r in learn
                  if r["objective"] != r["adapter_name"]}
     entries = [(r["adapter_name"] + objective.get((r["round"], r["adapter_name"]), "")
-                + (f" · {r['dataset']}" if datasets else ""), r["k"], r["pass_at_k"])
+                + (f" · {r['dataset']}" if datasets else ""), r["k"], r["pass_at_k"], r["n_prompts"])
                for r in sorted(chosen, key=lambda r: (r["round"], r["adapter_name"]))]
     fig = plots.grouped_bars(entries, f"pass@k by adapter, round {rnd}", "adapter (objective)")
     s.figures = [(s.slug, plots.to_png(fig))]
@@ -208,15 +208,16 @@ def negatives_section(rows: list[dict], totals: list[dict]) -> Section:
 def compare_sections(stores: list[tuple[str, dict]]) -> list[Section]:
     """pass@k and negative-group share across stores (e.g. one store per objective)."""
     evals = [r for _, data in stores for r in data["eval"]]
+    names = " vs ".join(label for label, _ in stores)
     lines = Section("compare_passk", "Across stores: pass@k by round")
     finals = Section("compare_final_passk", "Across stores: latest pass@k")
     if evals:
         lines.figures = [(lines.slug, plots.to_png(plots.passk_lines(plots.passk_series(evals),
-                                                                      "pass@k by round, per store")))]
+                                                                      f"pass@k by round: {names}")))]
         chosen = plots.latest_passk(evals)
-        entries = [("base" if r["round"] == plots.BASE_ROUND else f"{r['store']} · {r['adapter_name']} "
-                    f"(round {r['round']})", r["k"], r["pass_at_k"]) for r in chosen]
-        finals.figures = [(finals.slug, plots.to_png(plots.grouped_bars(entries, "Latest pass@k per store")))]
+        entries = [(f"base ({r['store']})" if r["round"] == plots.BASE_ROUND else f"{r['store']} · "
+                    f"{r['adapter_name']} (round {r['round']})", r["k"], r["pass_at_k"], r["n_prompts"]) for r in chosen]
+        finals.figures = [(finals.slug, plots.to_png(plots.grouped_bars(entries, f"Latest pass@k: {names}")))]
         finals.columns, finals.rows = passk_table(chosen)
     else:
         lines.note = finals.note = "None of the stores has an evaluation yet: run `replay eval` in each."
@@ -225,7 +226,7 @@ def compare_sections(stores: list[tuple[str, dict]]) -> list[Section]:
     series = {label: points for label, points in series.items() if points}
     if series:
         shares.figures = [(shares.slug, plots.to_png(plots.round_lines(
-            series, "Negative-group share per round, per store", "negative share")))]
+            series, f"Negative-group share per round: {names}", "negative share")))]
         shares.columns = ["store", "round", "accuracy", "negative share", "rescued"]
         shares.rows = [[label, str(r["round"]), _pct(r["accuracy"]), _pct(r["negative_share"]), str(r["rescued"])]
                        for label, data in stores for r in _scored(data["rounds"])]

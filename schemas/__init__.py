@@ -107,6 +107,8 @@ LEARN_METRICS = _schema(
     ("nonzero_adv_share", pa.float64(), False),
     ("negative_group_share", pa.float64(), False),
     ("lr", pa.float64(), False),
+    # seconds since the learn started, at the end of this step (a running total; one step's time is
+    # seconds - lag(seconds) OVER (PARTITION BY round, adapter_name ORDER BY step))
     ("seconds", pa.float64(), False),
 )
 

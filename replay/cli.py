@@ -7,7 +7,7 @@ Heavy modules (torch, transformers, vLLM) are imported inside the commands that 
 from __future__ import annotations
 
 import functools
-import inspect
+from inspect import Parameter, Signature, signature  # (a command below is named inspect)
 from typing import Optional
 
 import typer
@@ -30,6 +30,11 @@ def command(*args, long_running: bool = False, **kwargs):
         def wrapper(*a, **kw):
             from .logs import output_settings
 
+            if long_running:  # before any torch import: OpenMP reads it when torch loads
+                from .runtime import thread_environment
+
+                thread_environment()
+
             try:
                 with output_settings(quiet=kw.pop("quiet", False), verbose=kw.pop("verbose", False)):
                     return fn(*a, **kw)
@@ -41,19 +46,19 @@ def command(*args, long_running: bool = False, **kwargs):
                 raise typer.Exit(130) from None
 
         if long_running:
-            wrapper.__signature__ = _with_output_options(inspect.signature(fn))
+            wrapper.__signature__ = _with_output_options(signature(fn))
         return app.command(*args, **kwargs)(wrapper)
 
     return decorate
 
 
-def _with_output_options(signature: inspect.Signature) -> inspect.Signature:
-    extra = [inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+def _with_output_options(sig: Signature) -> Signature:
+    extra = [Parameter("quiet", Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
                  False, "--quiet", "-q", help="No progress output (bars on a terminal, lines in a log).")),
-             inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+             Parameter("verbose", Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
                  False, "--verbose", help="Show the INFO logs of vLLM and transformers."))]
-    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in signature.parameters.values()]
-    return signature.replace(parameters=params + extra)
+    params = [p.replace(kind=Parameter.KEYWORD_ONLY) for p in sig.parameters.values()]
+    return sig.replace(parameters=params + extra)
 
 
 def _printable(text: str) -> str:

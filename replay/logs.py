@@ -38,7 +38,8 @@ def apply_to_loaded_libraries() -> None:
     """For vLLM / transformers imported before the environment was set (e.g. tests in one process)."""
     level = logging.INFO if verbose() else logging.WARNING
     if "vllm" in sys.modules:
-        logging.getLogger("vllm").setLevel(os.environ.get("VLLM_LOGGING_LEVEL", logging.getLevelName(level)))
+        name = os.environ.get("VLLM_LOGGING_LEVEL", "").upper()
+        logging.getLogger("vllm").setLevel(name if name in logging.getLevelNamesMapping() else level)
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 

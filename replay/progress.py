@@ -57,6 +57,12 @@ def progress_line(label: str, unit: str, done: int, total: int, start_done: int,
     return ", ".join(parts)
 
 
+def note(label: str, text: str) -> None:
+    """One line about a slow step that has no count (loading a model, starting an engine)."""
+    if not quiet():
+        print(f"[{label}] {text}", file=sys.stderr, flush=True)
+
+
 class _PlainBar:
     """Prints progress_line to `stream` every `every` seconds from a daemon thread, and once at the end."""
 

@@ -16,7 +16,7 @@ from replay import keys
 from replay.datasets import Prompt, load_prompts
 from replay.errors import ReplayError
 from replay.manifests import finish_manifest, record_run, start_manifest
-from replay.progress import progress_bar
+from replay.progress import note, progress_bar
 from replay.store import Store, utc_now
 
 
@@ -122,8 +122,9 @@ def run(store_path: str, cfg: GenerateConfig, engine=None) -> dict:
     if cfg.max_new_tokens < 1:
         raise ReplayError(f"--max-new-tokens must be at least 1, got {cfg.max_new_tokens}")
     shard_index, shard_count = keys.parse_shard(cfg.shard)
+    # the whole input is validated before any write
     prompts = load_prompts(cfg.dataset, cfg.num_prompts, cfg.split, cfg.seed, cfg.problem_key,
-                           cfg.answer_key, tuple(cfg.levels), cfg.dataset_config, cfg.dataset_split)  # whole input validated before any write
+                           cfg.answer_key, tuple(cfg.levels), cfg.dataset_config, cfg.dataset_split)
     prompts = [p for p in prompts if keys.in_shard(p.prompt_id, shard_index, shard_count)]
 
     from replay.engines import SamplingSettings
@@ -148,11 +149,14 @@ def run(store_path: str, cfg: GenerateConfig, engine=None) -> dict:
 
     new_rows = new_tokens = 0
     if todo:
-        own_engine = engine is None  # built here, so closed here (a clean vLLM shutdown, no warning)
-        engine = engine or _build_engine(cfg, model_ref, adapter_path)
-        tokenizer = _tokenizer(model_ref)
-        started = time.perf_counter()
         label = f"{cfg.stage} round {cfg.round}"
+        tokenizer = _tokenizer(model_ref)
+        own_engine = engine is None  # built here, so closed here (a clean vLLM shutdown, no warning)
+        if own_engine:
+            note(label, f"{len(todo)} of {len(prompts)} prompts to sample; starting the {pick_engine(cfg.engine)} "
+                        f"engine")
+        engine = engine or _build_engine(cfg, model_ref, adapter_path)
+        started = time.perf_counter()
         with _closing(engine, built=own_engine), \
                 progress_bar(label, total=len(prompts), done=len(prompts) - len(todo), unit="prompts") as bar:
             for start in range(0, len(todo), cfg.batch_size):

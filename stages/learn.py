@@ -13,6 +13,7 @@ from replay.errors import ReplayError
 from replay.learn_data import LearnSample, load_samples
 from replay.manifests import finish_manifest, start_manifest
 from replay.metrics_sink import check_report_to, open_sink
+from replay.progress import note
 from replay.store import Store
 
 OBJECTIVES = ("grpo", "lens", "nsr", "psr", "w_reinforce")
@@ -116,6 +117,8 @@ def run(store_path: str, cfg: LearnConfig) -> dict:
 
     from replay.train_loop import train
 
+    note(f"learn round {cfg.round} ({cfg.objective})", f"{len(samples)} samples in {selection['groups']} groups; "
+                                                     f"loading the model")
     sink = open_sink(cfg.report_to, store.root, f"learn-{cfg.adapter_name}-r{cfg.round}", asdict(cfg))
     try:
         metrics_rows, train_summary, model = train(cfg, model_ref, init, samples, result, adv_metrics,

@@ -36,7 +36,8 @@ def worker(args) -> None:
 
     ref = resolve_model(args.model)
     tokenizer = load_tokenizer(ref)
-    engine = make_engine("transformers", ref, batch_size=args.prompts * args.samples)
+    options = {"batch_size": args.prompts * args.samples} if args.engine == "transformers" else {}
+    engine = make_engine(args.engine, ref, **options)
     problems = [f"What is {17 * i + 3} + {29 * i + 11}?" for i in range(args.prompts)]
     prompts = [chat_prompt_ids(tokenizer, p) for p in problems for _ in range(args.samples)]
     seeds = list(range(len(prompts)))
@@ -46,6 +47,8 @@ def worker(args) -> None:
     tokens = sum(len(c.token_ids) for c in engine.generate(prompts, seeds, settings))
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     print(json.dumps({"tokens": tokens, "seconds": wall, "cpu": cpu, "threads": torch.get_num_threads()}))
+    if hasattr(engine, "close"):
+        engine.close()
 
 
 def measure(args, threads: int, wait: str, load: int) -> dict:
@@ -58,7 +61,7 @@ def measure(args, threads: int, wait: str, load: int) -> dict:
         time.sleep(0.5 if load else 0)
         out = subprocess.run([sys.executable, __file__, "--worker", "--threads", str(threads), "--model", args.model,
                               "--prompts", str(args.prompts), "--samples", str(args.samples),
-                              "--max-new-tokens", str(args.max_new_tokens)],
+                              "--max-new-tokens", str(args.max_new_tokens), "--engine", args.engine],
                              capture_output=True, text=True, env=env, timeout=1800)
     finally:
         for p in spinners:
@@ -80,6 +83,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--engine", default="transformers", help="transformers | vllm (its threads: "
+                        "VLLM_CPU_OMP_THREADS_BIND; the threads of a config then only set torch's)")
     parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -98,7 +103,7 @@ def main() -> None:
                 print(f"  threads {threads or 'default'} ({r['threads']}), OMP_WAIT_POLICY={wait}, load {load}: "
                       f"{r['tok_s']:.1f} tok/s, cpu {r['cpu']:.1f} s", flush=True)
     print(f"\n{os.cpu_count()} CPUs; {args.prompts} prompts x {args.samples} samples, {args.max_new_tokens} new tokens, "
-          f"transformers engine; best of {args.repeats}")
+          f"{args.engine} engine; best of {args.repeats}")
     print("| threads | OMP_WAIT_POLICY | " + " | ".join(f"tok/s, load {n}" for n in loads)
           + " | " + " | ".join(f"ratio, load {n}" for n in loads) + " |")
     print("|---|---|" + "---|" * (2 * len(loads)))

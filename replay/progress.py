@@ -25,10 +25,12 @@ def quiet() -> bool:
 
 
 def interval() -> float:
+    """Seconds between plain lines: REPLAY_PROGRESS_INTERVAL within [0.05 s, 1 day], else 30."""
     try:
-        return max(0.05, float(os.environ.get(INTERVAL_ENV) or DEFAULT_INTERVAL))
+        seconds = float(os.environ.get(INTERVAL_ENV) or DEFAULT_INTERVAL)
     except ValueError:
         return DEFAULT_INTERVAL
+    return min(max(seconds, 0.05), 86400.0) if seconds == seconds else DEFAULT_INTERVAL  # NaN: default
 
 
 def duration(seconds: float) -> str:

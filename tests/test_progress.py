@@ -24,6 +24,13 @@ def test_progress_line_rate_and_eta_count_only_this_runs_work():
     assert progress.duration(7325) == "2h02m"
 
 
+@pytest.mark.parametrize("value, seconds", [("10", 10.0), ("0", 0.05), ("inf", 86400.0), ("nan", 30.0),
+                                            ("soon", 30.0), ("", 30.0)])
+def test_interval_setting_is_clamped(monkeypatch, value, seconds):
+    monkeypatch.setenv(progress.INTERVAL_ENV, value)
+    assert progress.interval() == seconds
+
+
 def test_plain_lines_keep_coming_while_a_batch_takes_long(monkeypatch, capsys):
     monkeypatch.setenv(progress.INTERVAL_ENV, "0.05")
     monkeypatch.delenv(progress.QUIET_ENV, raising=False)

@@ -69,7 +69,7 @@ def measure(args, threads: int, wait: str, load: int) -> dict:
             p.wait()
     if out.returncode:
         raise SystemExit(out.stderr[-2000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(next(line for line in out.stdout.splitlines()[::-1] if line.startswith('{"tokens"')))
 
 
 def main() -> None:

@@ -35,7 +35,8 @@ def test_vllm_environment_keeps_user_values_and_forces_offline():
     env = {"VLLM_CPU_KVCACHE_SPACE": "8", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "HF_HUB_OFFLINE": "0"}
     set_vllm_environment(env)
     assert env == {"VLLM_CPU_KVCACHE_SPACE": "8", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-                   "HF_HUB_OFFLINE": "1"}
+                   "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING", "TRANSFORMERS_VERBOSITY": "warning",
+                   "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # quiet libraries unless REPLAY_VERBOSE
     env = {"REPLAY_TORCH_THREADS": "1"}
     set_vllm_environment(env)
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2"

@@ -7,6 +7,7 @@ Heavy modules (torch, transformers, vLLM) are imported inside the commands that 
 from __future__ import annotations
 
 import functools
+from inspect import Parameter, Signature, signature  # (a command below is named inspect)
 from typing import Optional
 
 import typer
@@ -22,14 +23,23 @@ StoreOpt = typer.Option("replay-store", "--store", envvar="REPLAY_STORE",
                         help="Store directory (default: $REPLAY_STORE or ./replay-store).")
 
 
-def command(*args, **kwargs):
-    """app.command plus the error policy: a ReplayError is one line on stderr and exit 1."""
+def command(*args, long_running: bool = False, **kwargs):
+    """app.command plus the error policy: a ReplayError is one line on stderr and exit 1.
+    long_running adds --quiet (no progress) and --verbose (engine logs at INFO) to the command."""
 
     def decorate(fn):
         @functools.wraps(fn)
         def wrapper(*a, **kw):
+            from .logs import output_settings
+
+            if long_running:  # before any torch import: OpenMP reads it when torch loads
+                from .runtime import thread_environment
+
+                thread_environment()
+
             try:
-                return fn(*a, **kw)
+                with output_settings(quiet=kw.pop("quiet", False), verbose=kw.pop("verbose", False)):
+                    return fn(*a, **kw)
             except ReplayError as exc:
                 typer.echo(f"error: {_printable(str(exc))}", err=True)
                 raise typer.Exit(1) from None
@@ -37,9 +47,20 @@ def command(*args, **kwargs):
                 typer.echo("interrupted: rerun the same command to resume", err=True)
                 raise typer.Exit(130) from None
 
+        if long_running:
+            wrapper.__signature__ = _with_output_options(signature(fn))
         return app.command(*args, **kwargs)(wrapper)
 
     return decorate
+
+
+def _with_output_options(sig: Signature) -> Signature:
+    extra = [Parameter("quiet", Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+                 False, "--quiet", "-q", help="No progress output (bars on a terminal, lines in a log).")),
+             Parameter("verbose", Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+                 False, "--verbose", help="Show the INFO logs of vLLM and transformers."))]
+    params = [p.replace(kind=Parameter.KEYWORD_ONLY) for p in sig.parameters.values()]
+    return sig.replace(parameters=params + extra)
 
 
 def _printable(text: str) -> str:
@@ -56,25 +77,32 @@ def _open(store: str):
 from . import cli_stages  # noqa: E402,F401  (registers generate, score, import, learn, round, eval)
 
 
-@command()
+@command(short_help="Run a read-only SQL query over the store's views.")
 def sql(
     query: str = typer.Argument(..., help="A read-only SQL query over the store's views."),
     store: str = StoreOpt,
-    format: str = typer.Option("table", "--format", "-f", help="table | csv | json | markdown | parquet"),
+    format: Optional[str] = typer.Option(None, "--format", "-f", help="table | csv | json (one array) | jsonl "
+                                         "(JSON Lines) | markdown | parquet (default: table, or from -o's extension)"),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the result to this file."),
     allow_read: list[str] = typer.Option([], "--allow-read", help="Also allow reading files under PATH."),
 ):
-    """Run a read-only SQL query (views: rollouts, verdicts, samples, groups, negative_groups,
-    confident_mistakes, rescues, rounds, learn_audit, learn_metrics, eval_passk, prompts)."""
-    from .render import fetcher, write_result
+    """Run one read-only SQL query (views: rollouts, verdicts, samples, groups, negative_groups,
+    confident_mistakes, rescues, rounds, learn_audit, learn_metrics, eval_passk, rescue_eval, prompts,
+    prompt_sets, stage_runs)."""
+    from .render import fetcher, format_for, write_result
 
     opened = _open(store)
     if output:
         opened.refuse_inside(output, "--output")
-    write_result(opened.read_only_query(query, allow_read, fetch=fetcher(format)), format, output)
+    fmt = format_for(format, output)
+    table = opened.read_only_query(query, allow_read, fetch=fetcher(fmt))
+    # DuckDB names an unaliased count(*) column count_star(); show it as written
+    names = ["count(*)" if c == "count_star()" else c for c in table.column_names]
+    table = table.rename_columns(names) if hasattr(table, "rename_columns") else type(table)(names, table.rows)
+    write_result(table, fmt, output)
 
 
-@command()
+@command(short_help="Canned reports: rounds, negatives, mistakes, a prompt.")
 def inspect(
     what: str = typer.Argument(..., help="rounds | negatives | mistakes | prompt"),
     ident: Optional[str] = typer.Argument(None, help="Prompt id for `inspect prompt`."),
@@ -100,7 +128,7 @@ def status(store: str = StoreOpt):
     print_table(status_table(opened), title=f"store {opened.root}")
 
 
-@command()
+@command(short_help="Export scored rollouts (TRL rollout_func, JSONL).")
 def export(
     store: str = StoreOpt,
     format: str = typer.Option("jsonl", "--format", "-f", help="trl (prompt_ids, completion_ids, logprobs) | jsonl"),
@@ -114,7 +142,7 @@ def export(
     typer.echo(f"wrote {n} rollouts to {out}")
 
 
-@command()
+@command(short_help="Plots and one self-contained HTML report.")
 def report(
     store: str = StoreOpt,
     out: str = typer.Option("replay-report", "--out", "-o", help="Directory for index.html and the PNG plots."),
@@ -129,7 +157,7 @@ def report(
     typer.echo(f"wrote {paths[-1]} ({len(paths) - 1} plot(s))")
 
 
-@command()
+@command(short_help="Check the store's files, keys and manifests.")
 def doctor(
     store: str = StoreOpt,
     deep: bool = typer.Option(False, "--deep", help="Also decompress every data page (reads all the data)."),

@@ -10,6 +10,10 @@ from .cli import StoreOpt, command
 from .errors import ReplayError
 
 
+ReportToOpt = typer.Option("none", "--report-to", help="Live metrics: none | tensorboard (event files under "
+                          "<store>/logs/tb/) | wandb (honours WANDB_MODE, WANDB_PROJECT, WANDB_DIR).")
+
+
 def _levels(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
@@ -17,13 +21,18 @@ def _levels(text: str) -> tuple[int, ...]:
         raise ReplayError(f"--levels must be comma-separated integers 1-5, got {text!r}") from None
 
 
-@command()
+@command(long_running=True, short_help="Sample G completions per prompt into the store.")
 def generate(
     store: str = StoreOpt,
     round: int = typer.Option(0, "--round", "-r", help="Round to sample (policy: base + adapter of round-1)."),
-    dataset: str = typer.Option("arith", help="arith (built-in) or a .jsonl/.parquet file (MATH or GSM8K format)."),
+    dataset: str = typer.Option("arith", help="arith (built-in), a .jsonl/.parquet file (MATH or GSM8K format), "
+                                "a datasets save_to_disk directory, or a Hugging Face Hub id (org/name)."),
     num_prompts: Optional[int] = typer.Option(64, help="Number of prompts (files: the first N; all if 0)."),
-    split: str = typer.Option("train", help="Split label (arith: train and test are disjoint streams)."),
+    split: str = typer.Option("train", help="Split label (arith: train and test are disjoint streams; "
+                              "a DatasetDict: the split to read)."),
+    dataset_config: Optional[str] = typer.Option(None, help="Hub dataset configuration (name)."),
+    dataset_split: Optional[str] = typer.Option(None, help="Split to read from a hub dataset / DatasetDict "
+                                                "(default: --split)."),
     problem_key: Optional[str] = typer.Option(None, help="Field holding the problem (default problem/question)."),
     answer_key: Optional[str] = typer.Option(None, help="Field holding the gold answer (default answer)."),
     levels: str = typer.Option("1,2,3,4,5", help="arith difficulty levels, cycled."),
@@ -46,6 +55,7 @@ def generate(
     from stages.generate import GenerateConfig, run
 
     cfg = GenerateConfig(round=round, dataset=dataset, num_prompts=num_prompts or None, split=split,
+                         dataset_config=dataset_config, dataset_split=dataset_split,
                          problem_key=problem_key, answer_key=answer_key, levels=_levels(levels), model=model,
                          engine=engine, adapter=adapter, num_samples=num_samples, temperature=temperature,
                          top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed,
@@ -56,7 +66,7 @@ def generate(
                f"{c['tokens_written']} tokens), {c['groups_already_stored']} already stored")
 
 
-@command()
+@command(long_running=True, short_help="Verify a round's rollouts with math-verify.")
 def score(
     store: str = StoreOpt,
     round: int = typer.Option(0, "--round", "-r"),
@@ -75,7 +85,7 @@ def score(
                f"{c['already_scored']} already scored")
 
 
-@command("import")
+@command("import", short_help="Import completions made elsewhere as rollouts.")
 def import_(
     file: str = typer.Argument(..., help="JSONL or Parquet with problem, answer, completion columns."),
     store: str = StoreOpt,
@@ -102,7 +112,7 @@ def import_(
         typer.echo(f"note: {record['note']}")
 
 
-@command()
+@command(long_running=True, short_help="Train the round's LoRA adapter on stored rollouts.")
 def learn(
     store: str = StoreOpt,
     round: int = typer.Option(0, "--round", "-r", help="Learn round: trains on its scored rollouts."),
@@ -135,6 +145,7 @@ def learn(
                                        "normaliser with loss 0, as a fixed global batch (step-matched objectives)."),
     seed: int = typer.Option(0),
     force: bool = typer.Option(False, help="Retrain a round whose learn is already complete."),
+    report_to: str = ReportToOpt,
 ):
     """Train the round's LoRA adapter on stored rollouts (continues round-1's adapter by default)."""
     if nproc > 1:
@@ -153,7 +164,7 @@ def learn(
                       dual_clip=dual_clip or None, tis_cap=tis_cap, aggregation=aggregation,
                       lens_alpha=lens_alpha, lens_d_imp=lens_d_imp, w_reinforce_lambda=w_reinforce_lambda,
                       zero_advantage=zero_advantage,
-                      gradient_checkpointing=gradient_checkpointing, seed=seed, force=force)
+                      gradient_checkpointing=gradient_checkpointing, seed=seed, force=force, report_to=report_to)
     record = run(store, cfg)
     if record.get("rank", 0) != 0:
         return  # under torchrun rank 0 alone reports
@@ -165,7 +176,7 @@ def learn(
                f"({c['trained_samples']} with gradient), {c['optimizer_steps']} steps -> {record['adapter']}")
 
 
-@command("round")
+@command("round", long_running=True, short_help="One cron tick: the next round's missing stages.")
 def round_(
     store: str = StoreOpt,
     config: Optional[str] = typer.Option(None, "--config", "-c", help="TOML with [generate] [score] [learn] tables."),
@@ -174,6 +185,8 @@ def round_(
     until: Optional[int] = typer.Option(None, "--until", help="Instead of a count: run rounds until this "
                                         "round has learned (a rerun only finishes what is missing)."),
     wait: bool = typer.Option(False, help="Wait for a running tick instead of exiting."),
+    report_to: Optional[str] = typer.Option(None, "--report-to", help="Live metrics: none | tensorboard | wandb "
+                                            "(default: [round] report_to of the config, else none)."),
 ):
     """One cron tick: run the next unfinished round's missing stages (generate -> score -> learn).
 
@@ -182,6 +195,8 @@ def round_(
     from stages.round import EXIT_LOCKED, RoundLocked, run
 
     settings = load_settings(config, set_)
+    if report_to is not None:
+        settings["round"]["report_to"] = report_to
     try:
         results = run(store, settings, rounds=rounds, wait=wait, echo=typer.echo, until=until)
     except RoundLocked as exc:
@@ -191,13 +206,15 @@ def round_(
     typer.echo(f"finished round(s) {done}" if results else f"nothing to do: round {until} has learned")
 
 
-@command("eval")
+@command("eval", long_running=True, short_help="pass@k of a round's policy on held-out prompts.")
 def eval_(
     store: str = StoreOpt,
     round: int = typer.Option(-1, "--round", "-r", help="Evaluate base + the adapter learned in this round."),
     base: bool = typer.Option(False, "--base", help="Evaluate the base model (same as --round -1)."),
     adapter: str = typer.Option("main", "--adapter", help="Adapter name (A/B variants from learn --adapter-name)."),
-    dataset: str = typer.Option("arith"), split: str = typer.Option("test"),
+    dataset: str = typer.Option("arith", help="As for generate: arith, a file, a save_to_disk directory or a hub id."),
+    split: str = typer.Option("test"),
+    dataset_config: Optional[str] = typer.Option(None), dataset_split: Optional[str] = typer.Option(None),
     num_prompts: Optional[int] = typer.Option(128), levels: str = typer.Option("1,2,3,4,5"),
     problem_key: Optional[str] = typer.Option(None), answer_key: Optional[str] = typer.Option(None),
     num_samples: int = typer.Option(8, "--num-samples", "-n"), max_new_tokens: int = typer.Option(256),
@@ -207,20 +224,23 @@ def eval_(
     prompts: Optional[str] = typer.Option(None, "--prompts", help="A read-only SQL query choosing prompt ids of "
                                           "this store instead of --dataset, e.g. \"select prompt_id from "
                                           "negative_groups where round = 0\" (view rescue_eval)."),
+    report_to: str = ReportToOpt,
 ):
     """pass@k (k = 1, 2, 4, ..., n) of a round's policy on held-out prompts, overall and per level/subject."""
     from replay.render import print_table
     from stages.eval import EvalConfig, run
     from stages.generate import GenerateConfig
 
-    gen = GenerateConfig(dataset=dataset, split=split, num_prompts=num_prompts or None, levels=_levels(levels),
+    gen = GenerateConfig(dataset=dataset, split=split, dataset_config=dataset_config, dataset_split=dataset_split,
+                         num_prompts=num_prompts or None, levels=_levels(levels),
                          problem_key=problem_key, answer_key=answer_key, num_samples=num_samples,
                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, engine=engine,
                          seed=seed, batch_size=batch_size, prompts=prompts)
     rows = run(store, EvalConfig(round=-1 if base else round, adapter_name=adapter, generate=gen,
-                                 workers=workers, timeout=timeout))
+                                 workers=workers, timeout=timeout, report_to=report_to))
     import pyarrow as pa
 
-    table = pa.Table.from_pylist([{"slice": f"{r['group_by']}={r['group_value']}", "k": r["k"],
+    table = pa.Table.from_pylist([{"slice": "all" if r["group_by"] == "all" else f"{r['group_by']}={r['group_value']}",
+                                   "k": r["k"],
                                    "pass@k": float(f"{r['pass_at_k']:.4f}"), "prompts": r["n_prompts"]} for r in rows])
     print_table(table, title=f"pass@k, round {rows[0]['round']} ({rows[0]['adapter_name']})")

@@ -1,7 +1,7 @@
 """Round settings from a TOML file whose tables mirror the stage flags, plus `--set` overrides.
 
-    [generate]            [score]          [learn]
-    dataset = "arith"     workers = 2      objective = "lens"
+    [generate]            [score]          [learn]              [round]
+    dataset = "arith"     workers = 2      objective = "lens"   report_to = "tensorboard"
     num_prompts = 64      timeout = 10     epochs = 1
 """
 
@@ -15,15 +15,16 @@ from pathlib import Path
 
 from .errors import ReplayError
 
-SECTIONS = ("generate", "score", "learn")
+SECTIONS = ("generate", "score", "learn", "round")
 
 
 def _stage_configs() -> dict[str, type]:
     from stages.generate import GenerateConfig
     from replay.learn.config import LearnConfig
+    from stages.round import RoundSettings
     from stages.score import ScoreConfig
 
-    return {"generate": GenerateConfig, "score": ScoreConfig, "learn": LearnConfig}
+    return {"generate": GenerateConfig, "score": ScoreConfig, "learn": LearnConfig, "round": RoundSettings}
 
 
 def _coerce(where: str, hint, value):

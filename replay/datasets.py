@@ -1,4 +1,5 @@
-"""Prompt sets: the built-in arithmetic task and JSONL/Parquet files (MATH-500 and GSM8K formats).
+"""Prompt sets: the built-in arithmetic task, JSONL/Parquet files (MATH-500 and GSM8K formats) and
+Hugging Face `datasets` (a save_to_disk directory, or a hub id when the hub is reachable).
 
 Every reader validates the whole input before anything is written, and a problem is reported
 with the file, the line (or row) and the field.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -202,11 +204,16 @@ def file_prompts(path: str | Path, num_prompts: int | None = None, split: str = 
     rows = read_rows(path)
     if not rows:
         raise DatasetError(f"{path}: no rows")
+    return rows_prompts(rows, path.stem, num_prompts, split, problem_key, answer_key)
+
+
+def rows_prompts(rows: list[tuple[str, dict]], source: str, num_prompts: int | None, split: str,
+                 problem_key: str | None, answer_key: str | None) -> list[Prompt]:
+    """Prompts from (location, row) pairs of any reader: MATH or GSM8K fields, or the given keys."""
     first = rows[0][1]
     gsm8k = problem_key is None and "problem" not in first and "question" in first
     problem_key = problem_key or ("question" if gsm8k else "problem")
     answer_key = answer_key or "answer"
-    source = path.stem
     prompts, seen_ids, seen_problems = [], {}, {}
     for where, row in rows:
         problem = text_field(where, row, problem_key)
@@ -230,14 +237,82 @@ def file_prompts(path: str | Path, num_prompts: int | None = None, split: str = 
     return prompts[:num_prompts] if num_prompts else prompts
 
 
+FILE_SUFFIXES = (".csv", ".tsv", ".txt", ".arrow", ".gz", ".zip")  # a missing file, not a hub id
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _hf_rows(dataset, where: str) -> list[tuple[str, dict]]:
+    return [(f"{where} row {i + 1}", row) for i, row in enumerate(dataset)]
+
+
+def _pick_split(loaded, where: str, split: str):
+    """A Dataset as is; a DatasetDict's `split`, or a clear list of the splits it has."""
+    if not hasattr(loaded, "keys"):
+        return loaded
+    if split not in loaded:
+        raise DatasetError(f"{where}: no split {split!r}; it has {', '.join(sorted(loaded)) or 'none'} "
+                           f"(choose with --split / --dataset-split)")
+    return loaded[split]
+
+
+def saved_dataset_prompts(path: Path, num_prompts: int | None, split: str, problem_key: str | None,
+                          answer_key: str | None, read_split: str | None = None) -> list[Prompt]:
+    """Prompts from a directory written by Dataset.save_to_disk or DatasetDict.save_to_disk."""
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as exc:  # datasets raises FileNotFoundError, ValueError, arrow errors...
+        raise DatasetError(f"{path}: not a Hugging Face dataset directory (save_to_disk): {exc}") from None
+    read_split = read_split or split
+    dataset = _pick_split(loaded, str(path), read_split)
+    where = f"{path} [{read_split}]" if hasattr(loaded, "keys") else str(path)
+    rows = _hf_rows(dataset, where)
+    if not rows:
+        raise DatasetError(f"{where}: no rows")
+    return rows_prompts(rows, path.name, num_prompts, split, problem_key, answer_key)
+
+
+def hub_dataset_prompts(hub_id: str, config: str | None, hub_split: str, num_prompts: int | None, split: str,
+                        problem_key: str | None, answer_key: str | None) -> list[Prompt]:
+    """Prompts from a Hugging Face Hub dataset (or the local datasets cache when offline)."""
+    import datasets
+
+    where = f"{hub_id}{f' ({config})' if config else ''} [{hub_split}]"
+    try:
+        dataset = datasets.load_dataset(hub_id, config, split=hub_split)
+    except Exception as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or \
+            os.environ.get("HF_DATASETS_OFFLINE", "") not in ("", "0")
+        reason = ("the hub is off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set) and the dataset is not in "
+                  "the local cache" if offline else f"{type(exc).__name__}: {exc}")
+        raise DatasetError(f"cannot load dataset {where} from the Hugging Face Hub: {reason}. Download it "
+                           f"where the hub is reachable and pass the directory of Dataset.save_to_disk "
+                           f"to --dataset") from None
+    rows = _hf_rows(dataset, where)
+    if not rows:
+        raise DatasetError(f"{where}: no rows")
+    return rows_prompts(rows, hub_id + (f":{config}" if config else ""), num_prompts, split, problem_key,
+                        answer_key)
+
+
 def load_prompts(dataset: str, num_prompts: int | None = None, split: str = "train", seed: int = 0,
                  problem_key: str | None = None, answer_key: str | None = None,
-                 levels: tuple[int, ...] = (1, 2, 3, 4, 5)) -> list[Prompt]:
+                 levels: tuple[int, ...] = (1, 2, 3, 4, 5), dataset_config: str | None = None,
+                 dataset_split: str | None = None) -> list[Prompt]:
+    """`dataset`: arith, a .jsonl/.parquet file, a save_to_disk directory or a hub id (org/name).
+    A DatasetDict's split is `dataset_split`, else `split` (which also labels the prompts)."""
     if num_prompts is not None and num_prompts < 1:
         raise DatasetError(f"--num-prompts must be at least 1, got {num_prompts}")
     if dataset == ARITH:
         return arith_prompts(num_prompts or 64, split=split, seed=seed, levels=levels)
     path = Path(dataset)
-    if path.suffix not in (".jsonl", ".json", ".parquet"):
-        raise DatasetError(f"unknown dataset {dataset!r}: use 'arith' or a .jsonl/.parquet file")
-    return file_prompts(path, num_prompts, split, problem_key, answer_key)
+    if path.is_dir():
+        return saved_dataset_prompts(path, num_prompts, split, problem_key, answer_key, dataset_split)
+    if path.suffix in (".jsonl", ".json", ".parquet"):
+        return file_prompts(path, num_prompts, split, problem_key, answer_key)
+    if HUB_ID.match(dataset) and not path.exists() and path.suffix not in FILE_SUFFIXES:
+        return hub_dataset_prompts(dataset, dataset_config, dataset_split or split, num_prompts, split,
+                                   problem_key, answer_key)
+    raise DatasetError(f"unknown dataset {dataset!r}: use 'arith', a .jsonl/.parquet file, a directory written by "
+                       f"datasets' save_to_disk, or a Hugging Face Hub id (org/name)")

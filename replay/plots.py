@@ -130,24 +130,40 @@ def passk_lines(series: dict[tuple[str, int], list[tuple[int, float]]], title: s
     return fig
 
 
-def grouped_bars(entries: list[tuple[str, int, float]], title: str, xlabel: str = "") -> Figure:
-    """Bars of (group, k, pass@k): one cluster per group (adapter or store), one bar per k."""
-    ks = shown_ks(k for _, k, _ in entries)
+def passk_halfwidth(p: float, n_prompts: int) -> float:
+    """Half-width of a 95% interval for a mean of per-prompt pass@k values in [0, 1]: their variance
+    is at most p(1-p), so 1.96·sqrt(p(1-p)/n) bounds the normal interval from above."""
+    return 1.96 * float(np.sqrt(max(p * (1 - p), 0.0) / n_prompts)) if n_prompts else 0.0
+
+
+def grouped_bars(entries: list[tuple], title: str, xlabel: str = "") -> Figure:
+    """Bars of (group, k, pass@k[, prompts]): one cluster per group (adapter or store), one bar per k.
+    With the prompt count, each bar gets its 95% interval and each group its count."""
+    ks = shown_ks(e[1] for e in entries)
     entries = [e for e in entries if e[1] in ks]
-    groups = list(dict.fromkeys(g for g, _, _ in entries))
+    groups = list(dict.fromkeys(e[0] for e in entries))
+    prompts = {e[0]: e[3] for e in entries if len(e) > 3}
     fig, ax = _axes(title, xlabel, "pass@k")
     width = 0.8 / len(ks)
     colors = _colors(len(ks))
     for j, k in enumerate(ks):
-        xs = [groups.index(g) + (j - (len(ks) - 1) / 2) * width for g, kk, _ in entries if kk == k]
-        values = [v for _, kk, v in entries if kk == k]
-        bars = ax.bar(xs, values, width * 0.95, color=colors[j], label=f"pass@{k}")
+        chosen = [e for e in entries if e[1] == k]
+        xs = [groups.index(e[0]) + (j - (len(ks) - 1) / 2) * width for e in chosen]
+        values = [e[2] for e in chosen]
+        errors = [passk_halfwidth(e[2], e[3]) for e in chosen] if prompts else None
+        bars = ax.bar(xs, values, width * 0.95, color=colors[j], label=f"pass@{k}", yerr=errors,
+                      error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "#333"})
         ax.bar_label(bars, fmt="%.2f", fontsize="x-small", padding=1)
-    if len(groups) > 3:
-        ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right", rotation_mode="anchor")
+    if prompts:
+        groups_shown = [f"{g}\n{prompts[g]} prompts" if g in prompts else g for g in groups]
+        ax.set_title(f"{title}\n(bars: 95% interval bound, 1.96·√(p(1−p)/prompts))", fontsize="medium")
     else:
-        ax.set_xticks(range(len(groups)), groups)
-    ax.set_ylim(0, 1.1)
+        groups_shown = groups
+    if len(groups) > 3:
+        ax.set_xticks(range(len(groups)), groups_shown, rotation=20, ha="right", rotation_mode="anchor")
+    else:
+        ax.set_xticks(range(len(groups)), groups_shown)
+    ax.set_ylim(0, 1.15)
     ax.grid(axis="x", visible=False)
     _legend_right(ax)
     return fig
@@ -227,16 +243,15 @@ def learn_panels(rows: list[dict]) -> Figure:
     runs: dict[tuple[int, str], list[dict]] = defaultdict(list)
     for r in rows:
         runs[(r["round"], r["adapter_name"])].append(r)
-    rounds = sorted({rnd for rnd, _ in runs})
     adapters = sorted({a for _, a in runs})
-    colors = _colors(len(rounds))
+    colors = dict(zip(sorted(runs), _colors(len(runs))))  # a colour per run: adapters of one round differ
     few_steps = max(len(v) for v in runs.values()) <= 25
     for ax, (key, title) in zip(axes, LEARN_PANELS):
         for (rnd, adapter), run in sorted(runs.items()):
             run = sorted(run, key=lambda r: r["step"])
             objective = run[0].get("objective") or adapter
             suffix = f" ({objective})" if objective != adapter else ""
-            ax.plot([r["step"] for r in run], [r[key] for r in run], color=colors[rounds.index(rnd)],
+            ax.plot([r["step"] for r in run], [r[key] for r in run], color=colors[(rnd, adapter)],
                     linestyle=STYLES[adapters.index(adapter) % len(STYLES)], marker="o" if few_steps else None,
                     markersize=3, label=f"round {rnd} · {adapter}{suffix}")
         ax.set_title(title)

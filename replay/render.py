@@ -16,7 +16,24 @@ from pathlib import Path
 
 from .errors import ReplayError
 
-FORMATS = ("table", "csv", "json", "markdown", "parquet")
+FORMATS = ("table", "csv", "json", "jsonl", "markdown", "parquet")
+# -o FILE without -f: the format from the file's extension
+EXTENSIONS = {".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".md": "markdown",
+              ".markdown": "markdown", ".parquet": "parquet"}
+
+
+def format_for(fmt: str | None, output: str | None) -> str:
+    """The explicit --format, else the output file's extension, else a terminal table."""
+    if fmt:
+        return fmt
+    if not output:
+        return "table"
+    suffix = Path(output).suffix.lower()
+    if suffix not in EXTENSIONS:
+        raise ReplayError(f"cannot tell the format of {output!r} from its extension: pass --format "
+                          f"({', '.join(f for f in FORMATS if f != 'table')}) or name it "
+                          f"{' / '.join('*' + e for e in EXTENSIONS)}")
+    return EXTENSIONS[suffix]
 
 
 @dataclass
@@ -77,13 +94,15 @@ def print_table(table: pa.Table | Rows, title: str | None = None, max_width: int
         print("(no rows)")
 
 
-def write_result(table: pa.Table | Rows, fmt: str, output: str | None) -> None:
-    """Write `table` in `fmt` to `output` (a file) or stdout."""
+def write_result(table: pa.Table | Rows, fmt: str | None, output: str | None) -> None:
+    """Write `table` in `fmt` (None: from the output's extension) to `output` (a file) or stdout."""
+    fmt = format_for(fmt, output)
     if fmt not in FORMATS:
         raise ReplayError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     if fmt == "table":
         if output:
-            raise ReplayError("--format table prints to the terminal; use csv, json or parquet with --output")
+            raise ReplayError("--format table prints to the terminal; use csv, json, jsonl, markdown or parquet "
+                              "with --output")
         print_table(table)
         return
     if fmt == "parquet":
@@ -103,7 +122,9 @@ def write_result(table: pa.Table | Rows, fmt: str, output: str | None) -> None:
         payload = buffer.getvalue().decode("utf-8")
     elif fmt == "markdown":
         payload = markdown_table(table)
-    else:
+    elif fmt == "json":  # one JSON array of row objects
+        payload = json.dumps(table.to_pylist(), default=str, ensure_ascii=False, indent=1) + "\n"
+    else:  # jsonl: JSON Lines, one row object per line
         payload = "".join(json.dumps(row, default=str, ensure_ascii=False) + "\n" for row in table.to_pylist())
     if output:
         _atomic(output, lambda tmp: Path(tmp).write_text(payload, encoding="utf-8"))

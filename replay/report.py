@@ -17,7 +17,7 @@ from pathlib import Path
 
 import duckdb
 
-from . import plots
+from . import plots, report_negatives
 from .errors import ReplayError
 from .storage import resolve
 from .store import Store, atomic_write_bytes, utc_now
@@ -35,6 +35,8 @@ QUERIES = {
              "FROM learn_metrics ORDER BY round, adapter_name, step",
     "rescue_eval": "SELECT round, adapter_name, prompt_set_id, prompt_set_sql, n_prompts, n_samples, k, pass_at_k, "
                    "solved_share FROM rescue_eval ORDER BY prompt_set_id, round, adapter_name, k",
+    "negatives": report_negatives.QUERY,
+    "negative_totals": report_negatives.TOTALS,
 }
 MAX_TABLE_ROWS = 50
 
@@ -47,6 +49,7 @@ class Section:
     note: str | None = None  # why a figure is missing, or how to read it
     columns: list[str] = field(default_factory=list)
     rows: list[list[str]] = field(default_factory=list)
+    html: str | None = None  # a body of its own (already escaped), after the figures and the table
 
 
 def _pct(x) -> str:
@@ -104,7 +107,7 @@ def adapters_section(rows: list[dict], learn: list[dict]) -> Section:
     objective = {(r["round"], r["adapter_name"]): f" ({r['objective']})" for r in learn
                  if r["objective"] != r["adapter_name"]}
     entries = [(r["adapter_name"] + objective.get((r["round"], r["adapter_name"]), "")
-                + (f" · {r['dataset']}" if datasets else ""), r["k"], r["pass_at_k"])
+                + (f" · {r['dataset']}" if datasets else ""), r["k"], r["pass_at_k"], r["n_prompts"])
                for r in sorted(chosen, key=lambda r: (r["round"], r["adapter_name"]))]
     fig = plots.grouped_bars(entries, f"pass@k by adapter, round {rnd}", "adapter (objective)")
     s.figures = [(s.slug, plots.to_png(fig))]
@@ -161,7 +164,7 @@ def rescue_eval_section(rows: list[dict]) -> Section:
         return s
     many_sets = len({r["prompt_set_id"] for r in rows}) > 1
     entries = [(f"{'base' if r['round'] == plots.BASE_ROUND else r['adapter_name'] + ' r' + str(r['round'])}"
-                + (f" · {r['prompt_set_id']}" if many_sets else ""), r["k"], r["pass_at_k"]) for r in rows]
+                + (f" · {r['prompt_set_id']}" if many_sets else ""), r["k"], r["pass_at_k"], r["n_prompts"]) for r in rows]
     s.figures = [(s.slug, plots.to_png(plots.grouped_bars(entries, "pass@k on the prompt set", "policy")))]
     s.note = ("solved: the share of the set's prompts solved at least once in n samples (pass@n); pass@k is the "
               "unbiased estimate. Sets: " + "; ".join(sorted({f"{r['prompt_set_id']} = {r['prompt_set_sql']}"
@@ -218,18 +221,28 @@ def learn_section(rows: list[dict]) -> Section:
     return s
 
 
+def negatives_section(rows: list[dict], totals: list[dict]) -> Section:
+    s = Section("negative_groups", "Negative groups: browse every sample")
+    if not rows:
+        s.note = "No negative groups: no scored round has a prompt whose samples were all wrong."
+        return s
+    s.html = report_negatives.browser_html(rows, {t["round"]: t["n"] for t in totals})
+    return s
+
+
 def compare_sections(stores: list[tuple[str, dict]]) -> list[Section]:
     """pass@k and negative-group share across stores (e.g. one store per objective)."""
     evals = [r for _, data in stores for r in data["eval"]]
+    names = " vs ".join(label for label, _ in stores)
     lines = Section("compare_passk", "Across stores: pass@k by round")
     finals = Section("compare_final_passk", "Across stores: latest pass@k")
     if evals:
         lines.figures = [(lines.slug, plots.to_png(plots.passk_lines(plots.passk_series(evals),
-                                                                      "pass@k by round, per store")))]
+                                                                      f"pass@k by round: {names}")))]
         chosen = plots.latest_passk(evals)
-        entries = [("base" if r["round"] == plots.BASE_ROUND else f"{r['store']} · {r['adapter_name']} "
-                    f"(round {r['round']})", r["k"], r["pass_at_k"]) for r in chosen]
-        finals.figures = [(finals.slug, plots.to_png(plots.grouped_bars(entries, "Latest pass@k per store")))]
+        entries = [(f"base ({r['store']})" if r["round"] == plots.BASE_ROUND else f"{r['store']} · "
+                    f"{r['adapter_name']} (round {r['round']})", r["k"], r["pass_at_k"], r["n_prompts"]) for r in chosen]
+        finals.figures = [(finals.slug, plots.to_png(plots.grouped_bars(entries, f"Latest pass@k: {names}")))]
         finals.columns, finals.rows = passk_table(chosen)
     else:
         lines.note = finals.note = "None of the stores has an evaluation yet: run `replay eval` in each."
@@ -238,7 +251,7 @@ def compare_sections(stores: list[tuple[str, dict]]) -> list[Section]:
     series = {label: points for label, points in series.items() if points}
     if series:
         shares.figures = [(shares.slug, plots.to_png(plots.round_lines(
-            series, "Negative-group share per round, per store", "negative share")))]
+            series, f"Negative-group share per round: {names}", "negative share")))]
         shares.columns = ["store", "round", "accuracy", "negative share", "rescued"]
         shares.rows = [[label, str(r["round"]), _pct(r["accuracy"]), _pct(r["negative_share"]), str(r["rescued"])]
                        for label, data in stores for r in _scored(data["rounds"])]
@@ -274,8 +287,10 @@ def render_html(title: str, facts: list[tuple[str, str]], sections: list[Section
             out.append("<table><tr>" + "".join(f"<th>{esc(c)}</th>" for c in s.columns) + "</tr>"
                        + "".join("<tr>" + "".join(f"<td>{esc(v)}</td>" for v in row) + "</tr>" for row in s.rows)
                        + "</table>")
+        if s.html:
+            out.append(s.html)
         out.append("</section>")
-    out.append("</body></html>")
+    out.append(f"<script>{report_negatives.SORT_JS}</script></body></html>")
     return "\n".join(out)
 
 
@@ -283,7 +298,8 @@ _CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;
         "img{max-width:100%;display:block;margin:1em 0}table{border-collapse:collapse;margin:0.5em 0 1.5em;"
         "font-size:0.9em}th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}"
         "table.facts th,table.facts td{text-align:left}.note{color:#555}"
-        ".banner{background:#fff3cd;border:1px solid #e0c060;padding:0.8em}section{margin-top:2em}")
+        ".banner{background:#fff3cd;border:1px solid #e0c060;padding:0.8em}section{margin-top:2em}"
+        + report_negatives.CSS)
 
 
 def _load(store: Store, label: str) -> dict[str, list[dict]]:
@@ -309,7 +325,8 @@ def write_report(store_path: str | os.PathLike, out_dir: str | os.PathLike,
     sections = [passk_section(data["eval"]), adapters_section(data["eval"], data["learn"]),
                 shares_section(data["rounds"]), rescues_section(data["rounds"], data["rescues"]),
                 rescue_eval_section(data["rescue_eval"]),
-                confidence_section(data["wrong"]), learn_section(data["learn"])]
+                confidence_section(data["wrong"]), learn_section(data["learn"]),
+                negatives_section(data["negatives"], data["negative_totals"])]
     sections += compare_sections(stores) if len(stores) > 1 else []
     facts = [("store", str(opened[0].root)), ("base model", str(opened[0].meta.get("base_model"))),
              ("rounds", ", ".join(str(r["round"]) for r in data["rounds"]) or "none"),

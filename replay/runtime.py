@@ -5,6 +5,16 @@ from __future__ import annotations
 import os
 
 
+def thread_environment(environ: dict | None = None) -> None:
+    """OpenMP threads sleep instead of spinning while they wait (OMP_WAIT_POLICY=PASSIVE) unless the
+    user chose otherwise. libgomp spins by default; on a small machine where another process is
+    busy, spinning threads steal the core the busy one needs and generate fell from 8.0 to 0.7
+    tok/s, while on a machine without that load passive was as fast or faster (docs/BENCHMARKS.md,
+    bench/threads_bench.py). Read when torch loads libgomp: call before importing torch."""
+    env = os.environ if environ is None else environ
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def configure_torch() -> None:
     """REPLAY_TORCH_THREADS=N pins torch's thread count. On a 2-core machine shared with another
     busy process, 1 thread is far faster than 2 (OpenMP threads spin-wait on each other)."""

@@ -50,7 +50,9 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> CheckedQuery:
         _check_tree(con, inner)
         return CheckedQuery(inner, "analyze" if analyze else "standard")
     if statement.type != duckdb.StatementType.SELECT:
-        raise ReplayError(f"refused: `replay sql` is read-only, and this is a {_kind(statement)} statement; "
+        kind = _kind(statement)
+        raise ReplayError(f"refused: `replay sql` is read-only, and this is {'an' if kind[0] in 'AEIOU' else 'a'} "
+                          f"{kind} statement; "
                           "only queries (SELECT, WITH, FROM, DESCRIBE, SUMMARIZE, EXPLAIN) run")
     _check_tree(con, sql)
     return CheckedQuery(sql)

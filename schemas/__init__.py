@@ -129,6 +129,8 @@ LEARN_METRICS = _schema(
     ("nonzero_adv_share", "float64", False),
     ("negative_group_share", "float64", False),
     ("lr", "float64", False),
+    # seconds since the learn started, at the end of this step (a running total; one step's time is
+    # seconds - lag(seconds) OVER (PARTITION BY round, adapter_name ORDER BY step))
     ("seconds", "float64", False),
     # share of the step's Σ|w·A| (per token for token-mean) from each group kind; NULL in older stores
     ("grad_share_negative", "float64", True),

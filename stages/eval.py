@@ -16,6 +16,7 @@ import numpy as np
 
 from replay.core.passk import default_ks, mean_pass_at_k
 from replay.errors import ReplayError
+from replay.metrics_sink import check_report_to, log_once
 from replay.prompt_sets import record_prompt_set, select_prompt_set
 from replay.store import Store, utc_now
 from stages import generate, score
@@ -30,6 +31,7 @@ class EvalConfig:
     generate: generate.GenerateConfig = None  # dataset, split, num_prompts, num_samples, ...
     workers: int | None = None
     timeout: float = 10.0
+    report_to: str = "none"  # live metrics (replay.metrics_sink): pass@k at step = round
 
 
 def eval_store_path(store: Store, round: int, adapter_name: str, prompt_set_id: str | None = None) -> Path:
@@ -59,6 +61,7 @@ def passk_rows(groups: list[dict], round: int, adapter_name: str, dataset: str, 
 
 
 def run(store_path: str, cfg: EvalConfig) -> list[dict]:
+    check_report_to(cfg.report_to)
     store = Store.open(store_path)
     if cfg.round == BASE_ROUND:
         adapter = "none"
@@ -83,7 +86,15 @@ def run(store_path: str, cfg: EvalConfig) -> list[dict]:
     rows = passk_rows(groups, cfg.round, cfg.adapter_name if cfg.round != BASE_ROUND else "base", label,
                       cfg.generate.num_samples)
     store.write("eval", rows, round=cfg.round)
+    # the base model is run eval-base at step 0 (steps count rounds; dashboards want them >= 0)
+    log_once(cfg.report_to, store.root, f"eval-{rows[0]['adapter_name']}", max(cfg.round, 0), passk_metrics(rows))
     return rows
+
+
+def passk_metrics(rows: list[dict]) -> dict[str, float]:
+    """pass@k overall as `pass@k`, per slice as `level=3/pass@k`."""
+    return {("" if r["group_by"] == "all" else f"{r['group_by']}={r['group_value']}/") + f"pass@{r['k']}":
+            r["pass_at_k"] for r in rows}
 
 
 def _dataset_label(g: generate.GenerateConfig) -> str:

@@ -43,5 +43,5 @@ def run(store_path: str, fmt: str, out: str, round: int | None = None) -> int:
     from replay.render import write_result
 
     path = Path(out)
-    write_result(table, "parquet" if path.suffix == ".parquet" else "json", str(path))
+    write_result(table, "parquet" if path.suffix == ".parquet" else "jsonl", str(path))
     return table.num_rows

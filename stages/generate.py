@@ -7,6 +7,7 @@ a rerun skips the prompts whose groups are stored and samples the rest with the 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import time
@@ -18,7 +19,7 @@ from replay.datasets import Prompt, load_prompts
 from replay.errors import ReplayError
 from replay.locks import locked_stage, table_lock
 from replay.manifests import finish_manifest, record_run, start_manifest
-from replay.progress import progress_bar
+from replay.progress import note, progress_bar
 from replay.prompt_sets import PromptSet, record_prompt_set, select_prompt_set
 from replay.store import Store, utc_now
 
@@ -31,6 +32,8 @@ class GenerateConfig:
     split: str = "train"
     problem_key: str | None = None
     answer_key: str | None = None
+    dataset_config: str | None = None  # a hub dataset's configuration (name)
+    dataset_split: str | None = None  # the split to read from a hub dataset / DatasetDict (default: split)
     levels: tuple[int, ...] = (1, 2, 3, 4, 5)
     model: str = "smollm2-135m"
     engine: str = "auto"  # auto = vllm if importable, else transformers
@@ -129,7 +132,7 @@ def run(store_path: str, cfg: GenerateConfig, engine=None) -> dict:
     prompt_set = select_prompt_set(Store.open(cfg.prompts_from or store_path), cfg.prompts) if cfg.prompts else None
     prompts = list(prompt_set.prompts) if prompt_set else load_prompts(
         cfg.dataset, cfg.num_prompts, cfg.split, cfg.seed, cfg.problem_key, cfg.answer_key,
-        tuple(cfg.levels))  # whole input validated before any write
+        tuple(cfg.levels), cfg.dataset_config, cfg.dataset_split)  # whole input validated before any write
     prompts = [p for p in prompts if keys.in_shard(p.prompt_id, shard_index, shard_count)]
 
     from replay.engines import SamplingSettings
@@ -162,9 +165,15 @@ def run(store_path: str, cfg: GenerateConfig, engine=None) -> dict:
 
     new_rows = new_tokens = 0
     if todo:
+        label = f"{cfg.stage} round {cfg.round}"
+        own_engine = engine is None  # built here, so closed here (a clean vLLM shutdown, no warning)
+        if own_engine:
+            note(label, f"{len(todo)} of {len(prompts)} prompts to sample; starting the {pick_engine(cfg.engine)} "
+                        f"engine")
         engine = engine or _build_engine(cfg, model_ref, adapter_path)
         started = time.perf_counter()
-        with progress_bar(f"generate round {cfg.round}", total=len(prompts), done=len(prompts) - len(todo)) as bar:
+        with _closing(engine, built=own_engine), \
+                progress_bar(label, total=len(prompts), done=len(prompts) - len(todo), unit="prompts") as bar:
             for start in range(0, len(todo), cfg.batch_size):
                 batch = todo[start:start + cfg.batch_size]
                 requests = [prompt_ids[p.prompt_id] for p, indices in batch for _ in indices]
@@ -179,7 +188,7 @@ def run(store_path: str, cfg: GenerateConfig, engine=None) -> dict:
                 new_rows += len(rows)
                 new_tokens += sum(r["num_completion_tokens"] for r in rows)
                 elapsed = time.perf_counter() - started
-                bar.advance(len(batch), f"{new_tokens / elapsed:.0f} tok/s")
+                bar.advance(len(batch), f"{new_tokens} tokens, {new_tokens / elapsed:.0f} tok/s")
     versions = {"engine": getattr(engine, "name", pick_engine(cfg.engine)),
                 "engine_version": getattr(engine, "version", None)}
     counts = {"prompts": len(prompts), "groups_written": len(todo), "rollouts_written": new_rows,
@@ -220,6 +229,15 @@ def missing_samples(store: Store, round: int, prompts: list[Prompt], plan: dict[
         if indices:
             todo.append((prompt, indices))
     return todo
+
+
+@contextlib.contextmanager
+def _closing(engine, built: bool):
+    try:
+        yield engine
+    finally:
+        if built and hasattr(engine, "close"):
+            engine.close()
 
 
 def _build_engine(cfg: GenerateConfig, model_ref, adapter_path):

@@ -13,6 +13,8 @@ from replay.learn.config import LearnConfig
 from replay.learn.selection import LearnSample, load_samples
 from replay.locks import locked_stage
 from replay.manifests import finish_manifest, start_manifest
+from replay.metrics_sink import check_report_to, open_sink
+from replay.progress import note
 from replay.store import Store
 
 __all__ = ["LearnConfig", "run"]
@@ -54,6 +56,7 @@ def audit_rows(cfg: LearnConfig, samples, result, kinds) -> list[dict]:
 @locked_stage(lambda cfg: f"learn.{cfg.adapter_name}", "learn")
 def run(store_path: str, cfg: LearnConfig) -> dict:
     cfg.validate()
+    check_report_to(cfg.report_to)
     store = Store.open(store_path)
     stage = "learn" if cfg.adapter_name == "main" else f"learn.{cfg.adapter_name}"
     out_dir = store.adapter_dir(cfg.round, cfg.adapter_name)
@@ -82,10 +85,18 @@ def run(store_path: str, cfg: LearnConfig) -> dict:
         samples, selection = load_samples(store, cfg, model_ref, device=device, dtype=cfg.dtype)
         result, kinds, adv_metrics = compute_advantages(cfg, samples)
         init = adapters.previous_adapter(store, cfg.round, cfg.adapter_name) if cfg.init_from_previous else None
+        note(f"learn round {cfg.round} ({cfg.objective})", f"{len(samples)} samples in {selection['groups']} "
+                                                         f"groups; loading the model")
         lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.target_modules))
         local_init = adapters.local_copy(init)  # peft loads from a local directory; S3 adapters are fetched
         model = load_policy(model_ref, local_init, lora, cfg.gradient_checkpointing, device=device, dtype=cfg.dtype)
-        metrics_rows, train_summary = train(model, samples, result, cfg, adv_metrics, ranks)
+        sink = open_sink(cfg.report_to, store.root, f"learn-{cfg.adapter_name}-r{cfg.round}", asdict(cfg)) \
+            if ranks.is_writer else open_sink("none", store.root, "", {})
+        try:
+            metrics_rows, train_summary = train(model, samples, result, cfg, adv_metrics, ranks,
+                                                on_step=lambda row: sink.log(row["step"], row))
+        finally:
+            sink.close()
         if ranks.is_writer:  # one writer; the others wait at the barrier below
             adapters.save(model, out_dir, {"round": cfg.round, "objective": cfg.objective,
                                            "adapter_name": cfg.adapter_name, "base_model": model_ref.name,

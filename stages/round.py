@@ -34,6 +34,13 @@ class RoundLocked(Exception):
 
 
 @dataclass
+class RoundSettings:
+    """The [round] table: settings of the tick itself."""
+
+    report_to: str = "none"  # live metrics of every stage (replay.metrics_sink); [learn] report_to wins for learn
+
+
+@dataclass
 class RoundResult:
     round: int
     stages: dict  # stage -> manifest record
@@ -115,10 +122,33 @@ def run_one(store_path: str, settings: dict[str, dict], echo=print) -> RoundResu
     records["score"] = score.run(str(root), score.ScoreConfig(round=r, **settings.get("score", {})))
     log.info("round %d: score %s", r, records["score"]["counts"])
     echo(f"round {r}: score {records['score']['counts']}")
-    records["learn"] = learn.run(str(root), learn.LearnConfig(round=r, **learn_cfg_fields))
+    report_to = RoundSettings(**settings.get("round", {})).report_to
+    log_round_metrics(report_to, root, r)
+    learn_cfg = learn.LearnConfig(round=r, **({"report_to": report_to} | learn_cfg_fields))
+    records["learn"] = learn.run(str(root), learn_cfg)
     log.info("round %d: learn %s", r, records["learn"]["counts"])
     echo(f"round {r}: learn {records['learn']['counts']} -> {records['learn'].get('adapter')}")
     return RoundResult(r, records)
+
+
+def round_metrics(store: Store, round: int) -> dict:
+    """Accuracy, group shares and rescues of one scored round (the `rounds` view)."""
+    rows = store.query("SELECT * FROM rounds WHERE round = ?", [round]).to_pylist()
+    if not rows or not rows[0]["scored"]:
+        return {}
+    r = rows[0]
+    groups = r["negative_groups"] + r["mixed_groups"] + r["positive_groups"]
+    return {"accuracy": r["accuracy"], "negative_share": r["negative_groups"] / groups,
+            "mixed_share": r["mixed_groups"] / groups, "positive_share": r["positive_groups"] / groups,
+            "rescued": r["rescued"], "mean_wrong_confidence": r["mean_wrong_confidence"],
+            "mean_tokens": r["mean_tokens"]}
+
+
+def log_round_metrics(report_to: str, root: Path, round: int) -> None:
+    if report_to != "none":
+        from replay.metrics_sink import log_once
+
+        log_once(report_to, root, "rounds", round, round_metrics(Store.open(root), round))
 
 
 def run(store_path: str, settings: dict[str, dict], rounds: int = 1, wait: bool = False,
@@ -131,6 +161,9 @@ def run(store_path: str, settings: dict[str, dict], rounds: int = 1, wait: bool 
         raise ReplayError(f"--until must be a round number (0 or more), got {until}")
     root = resolve(store_path)
     adapter_name = settings.get("learn", {}).get("adapter_name", "main")
+    from replay.metrics_sink import check_report_to
+
+    check_report_to(settings.get("round", {}).get("report_to", "none"))
     results = []
     with store_lock(root, wait=wait):
         while _wants_another(root, adapter_name, len(results), rounds, until):

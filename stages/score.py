@@ -11,7 +11,6 @@ exists. Never imports torch.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 
 from replay import keys
@@ -84,8 +83,7 @@ def run(store_path: str, cfg: ScoreConfig) -> dict:
     todo = pending_rollouts(store, cfg.round, version, cfg.rescore, shard)
     statuses: dict[str, int] = {}
     correct = 0
-    started = time.perf_counter()
-    with progress_bar(f"score round {cfg.round}", total=total, done=total - len(todo)) as bar, \
+    with progress_bar(f"{cfg.stage} round {cfg.round}", total=total, done=total - len(todo), unit="verdicts") as bar, \
             VerifierPool(workers=workers, timeout=cfg.timeout) as pool:
         for start in range(0, len(todo), cfg.chunk_size):
             chunk = todo[start:start + cfg.chunk_size]
@@ -95,11 +93,8 @@ def run(store_path: str, cfg: ScoreConfig) -> dict:
                 rows.append(verdict_row(chunk[verdict.key], verdict, version))
                 statuses[verdict.status] = statuses.get(verdict.status, 0) + 1
                 correct += bool(verdict.correct)
-                if len(rows) % 50 == 0:
-                    rate = (start + len(rows)) / (time.perf_counter() - started)
-                    bar.advance(50, f"{rate:.0f} verdicts/s")
+                bar.advance(1, f"{correct} correct")
             store.write("verdicts", rows, round=cfg.round)
-            bar.advance(len(rows) % 50)
     # the whole round's group summary, also when this run scored nothing (it backfills older stores)
     refresh_summary(store, cfg.round)
     counts = {"rollouts": total, "scored": len(todo), "correct": correct, "statuses": statuses,

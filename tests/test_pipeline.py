@@ -145,7 +145,8 @@ def test_eval_base_and_adapter_give_passk_tables(store):
     common = ("--store", store.root, "--num-prompts", 3, "--num-samples", 4, "--max-new-tokens", 4,
               "--levels", "1", "--engine", "transformers", "--workers", 1)
     out = invoke("eval", "--base", *common)
-    assert "pass@k" in out and "all=all" in out
+    assert "pass@k" in out and "all=all" not in out and "level=1" in out
+    assert any(line.split("│")[1].strip() == "all" for line in out.splitlines() if line.count("│") > 2)
     invoke("eval", "--round", 0, *common)
     rows = store.query("SELECT round, adapter_name, group_by, k, pass_at_k, n_prompts FROM eval_passk "
                        "WHERE group_by = 'all' ORDER BY round, k").to_pylist()

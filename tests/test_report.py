@@ -214,3 +214,32 @@ def test_rescue_eval_section_from_rows():
     assert section.rows == [["ps-1", "base", "base", "4", "2", "25.0%", "0.125"],
                             ["ps-1", "0", "main", "4", "2", "50.0%", "0.250"]]
     assert "ps-1 = select 1" in section.note
+def test_learn_panels_give_each_adapter_of_a_round_its_own_colour():
+    rows = [metrics_row(1, adapter, objective, s) for adapter, objective in (("main", "lens"), ("grpo", "grpo"))
+            for s in range(3)]
+    fig = plots.learn_panels(rows)
+    colors = [line.get_color() for line in fig.axes[0].get_lines()]
+    assert len(colors) == 2 and colors[0] != colors[1]
+
+
+def test_adapter_bars_carry_intervals_and_prompt_counts():
+    assert plots.passk_halfwidth(0.5, 16) == pytest.approx(0.245)  # 1.96 * sqrt(0.25 / 16)
+    assert plots.passk_halfwidth(1.0, 16) == 0.0
+    fig = plots.grouped_bars([("main", 1, 0.5, 16), ("grpo", 1, 0.25, 16)], "pass@k by adapter")
+    ax = fig.axes[0]
+    (bars,) = [c for c in ax.containers if hasattr(c, "errorbar")]
+    segments = bars.errorbar.lines[2][0].get_segments()
+    assert [round(float(s[1][1] - s[0][1]) / 2, 4) for s in segments] == [0.245, round(1.96 * (3 / 256) ** 0.5, 4)]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["main\n16 prompts", "grpo\n16 prompts"]
+
+
+def test_compare_plots_name_their_stores(monkeypatch, tmp_path):
+    from replay import report as report_module
+
+    titles = []
+    monkeypatch.setattr(plots, "to_png", lambda fig: titles.append(fig.axes[0].get_title()) or b"")
+    data = {"eval": [dict(eval_row(0, "main", 1, 0.5), store=name) for name in ("lens", "grpo")],
+            "rounds": [dict(round=0, negative_groups=1, mixed_groups=1, positive_groups=0, accuracy=0.2,
+                            negative_share=0.5, rescued=0)]}
+    report_module.compare_sections([("lens", data), ("grpo", data)])
+    assert len(titles) == 3 and all("lens vs grpo" in t for t in titles), titles

@@ -49,3 +49,22 @@ def test_freed_blocks_return_to_the_os_only_when_applied():
     assert applied == "None" and kept < 50, kept  # glibc's default keeps the freed heap
     applied, kept = released_mib("on", REPLAY_MALLOC_TUNING="0")
     assert applied == "None" and kept < 50, kept
+
+
+def test_stage_commands_make_openmp_threads_wait_passively(tmp_path):
+    """Spinning OpenMP threads starve a busy neighbour's core (generate 0.7 vs 8.0 tok/s in
+    bench/threads_bench.py): a stage command sets OMP_WAIT_POLICY=PASSIVE before torch loads,
+    and a value the user exported wins. libgomp itself reports what it read (OMP_DISPLAY_ENV)."""
+    probe = ("import sys, typer\nfrom replay.cli import command\n"
+             "@command('probe', long_running=True)\n"
+             "def probe():\n    import torch\n    torch.ones(10000).sum()\n"
+             "from replay.cli import app\nsys.argv = ['replay', 'probe']\napp()\n")
+    # libgomp shows an unset policy as PASSIVE too; its spin count tells them apart (300000 unset, 0 passive)
+    for exported, expected in ((None, "GOMP_SPINCOUNT = '0'"), ("ACTIVE", "OMP_WAIT_POLICY = 'ACTIVE'")):
+        env = dict(os.environ, OMP_DISPLAY_ENV="verbose")
+        env.pop("OMP_WAIT_POLICY", None)
+        if exported:
+            env["OMP_WAIT_POLICY"] = exported
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert expected in done.stdout + done.stderr, done.stderr[-2000:]

@@ -65,6 +65,8 @@ def test_group_kinds_query_and_formats(store, tmp_path):
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == ['"kind","n"', '"negative",1']
     result = invoke("sql", "--store", store.root, "select sample_idx from rollouts order by 1", "-f", "json")
+    assert json.loads(result.output) == [{"sample_idx": 0}, {"sample_idx": 1}]  # one array
+    result = invoke("sql", "--store", store.root, "select sample_idx from rollouts order by 1", "-f", "jsonl")
     assert [json.loads(line) for line in result.output.splitlines()] == [{"sample_idx": 0}, {"sample_idx": 1}]
     result = invoke("sql", "--store", store.root, "select kind, count(*) as n, 0.25 as share, 'a|b' as s "
                     "from groups group by kind", "-f", "markdown")
@@ -190,3 +192,35 @@ app(["sql", slow, "--store", {str(store.root)!r}, "-f", "csv"])
     control, _, cli = proc.stdout.partition("--- cli ---")
     assert "100% ▕" in control  # DuckDB drew a bar for the control
     assert cli.split() == ['"n"', "42857143"], proc.stdout + proc.stderr  # and none here
+def test_output_format_follows_the_extension(store, tmp_path):
+    query = "select sample_idx from rollouts order by 1"
+    for name, read in (("q.csv", lambda p: p.read_text().splitlines()),
+                       ("q.json", lambda p: json.loads(p.read_text())),
+                       ("q.jsonl", lambda p: [json.loads(x) for x in p.read_text().splitlines()]),
+                       ("q.md", lambda p: p.read_text().splitlines()[0])):
+        result = invoke("sql", "--store", store.root, query, "-o", tmp_path / name)
+        assert result.exit_code == 0, result.output
+        assert read(tmp_path / name) == {"q.csv": ['"sample_idx"', "0", "1"],
+                                         "q.json": [{"sample_idx": 0}, {"sample_idx": 1}],
+                                         "q.jsonl": [{"sample_idx": 0}, {"sample_idx": 1}],
+                                         "q.md": "| sample_idx |"}[name]
+    result = invoke("sql", "--store", store.root, query, "-o", tmp_path / "q.xlsx")
+    assert result.exit_code == 1 and "from its extension" in result.output and "markdown" in result.output
+    assert not (tmp_path / "q.xlsx").exists()
+    result = invoke("sql", "--store", store.root, query, "-f", "csv", "-o", tmp_path / "forced.json")
+    assert (tmp_path / "forced.json").read_text().splitlines()[0] == '"sample_idx"'  # -f wins
+
+
+def test_several_statements_get_a_clear_message(store):
+    result = invoke("sql", "--store", store.root, "select 1; select 2")
+    assert result.exit_code == 1 and "one query at a time: got 2 statements" in result.output
+    assert "unfinished result" not in result.output
+    assert invoke("sql", "--store", store.root, "select 1;", "-f", "csv").output.splitlines() == ['"1"', "1"]
+
+
+def test_count_star_header_and_article(store):
+    result = invoke("sql", "--store", store.root, "select count(*) from rollouts", "-f", "csv")
+    assert result.output.splitlines()[0] == '"count(*)"'
+    result = invoke("sql", "--store", store.root, "attach 'x.db' as x")
+    assert "this is an ATTACH statement" in result.output
+    assert "stage_runs" in invoke("sql", "--help").output

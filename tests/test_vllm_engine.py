@@ -35,7 +35,8 @@ def test_vllm_environment_keeps_user_values_and_forces_offline():
     env = {"VLLM_CPU_KVCACHE_SPACE": "8", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "HF_HUB_OFFLINE": "0"}
     set_vllm_environment(env)
     assert env == {"VLLM_CPU_KVCACHE_SPACE": "8", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-                   "HF_HUB_OFFLINE": "1"}
+                   "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING", "TRANSFORMERS_VERBOSITY": "warning",
+                   "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # quiet libraries unless REPLAY_VERBOSE
     env = {"REPLAY_TORCH_THREADS": "1"}
     set_vllm_environment(env)
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2"
@@ -253,3 +254,47 @@ def test_adapter_larger_than_the_engine_reserved_is_refused(engine, tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 16}))
     with pytest.raises(ValueError, match="max_lora_rank >= 16"):
         engine.set_lora(tmp_path)
+
+
+@pytest.mark.slow
+@slow_vllm
+def test_generate_through_vllm_is_quiet_and_shuts_down_cleanly(smollm2, tmp_path):
+    """vLLM logs at WARNING unless --verbose (no INFO flood), and the stage closes its engine so vLLM
+    never reports its engine core as dead or force-killed at exit."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", REPLAY_TORCH_THREADS="1")
+    for key in ("VLLM_LOGGING_LEVEL", "REPLAY_VERBOSE", "REPLAY_QUIET"):
+        env.pop(key, None)
+    done = subprocess.run([sys.executable, "-m", "replay", "generate", "--store", str(tmp_path / "store"),
+                           "--engine", "vllm", "--model", str(smollm2[0].path), "--num-prompts", "2", "-G", "2",
+                           "--max-new-tokens", "8"], capture_output=True, text=True, env=env, timeout=900)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "2 groups written (4 rollouts" in output
+    assert not re.search(r"\bINFO\b", output), output
+    for noise in ("exited unexpectedly", "force killing", "leaked shared_memory"):
+        assert noise not in output, output
+
+
+def test_verbose_turns_engine_logs_back_to_info(monkeypatch):
+    from replay.logs import output_settings
+
+    for key in ("VLLM_LOGGING_LEVEL", "TRANSFORMERS_VERBOSITY", "REPLAY_VERBOSE"):
+        monkeypatch.delenv(key, raising=False)
+    env = {}
+    set_vllm_environment(env)
+    assert env["VLLM_LOGGING_LEVEL"] == "WARNING" and env["TRANSFORMERS_VERBOSITY"] == "warning"
+    with output_settings(verbose=True):
+        import os
+
+        env = {"REPLAY_VERBOSE": os.environ["REPLAY_VERBOSE"]}
+        set_vllm_environment(env)
+        assert env["VLLM_LOGGING_LEVEL"] == "INFO"
+    assert "REPLAY_VERBOSE" not in os.environ  # restored after the command
+    env = {"VLLM_LOGGING_LEVEL": "DEBUG"}
+    set_vllm_environment(env)
+    assert env["VLLM_LOGGING_LEVEL"] == "DEBUG"  # the user's own choice wins

@@ -18,9 +18,11 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..logs import library_log_environment
 from .base import Completion, SamplingSettings, check_requests, generator_seed
 
 SMALL_MACHINE_CPUS = 4  # at or below this, vLLM's "auto" binding idles too large a share (it reserves a core)
+SHUTDOWN_GRACE_S = 60.0  # the engine core exits as soon as it can; this only bounds a hang
 _lora_ids = itertools.count(1)  # vLLM caches adapters by int id: every adapter load gets a fresh one
 
 
@@ -47,6 +49,7 @@ def set_vllm_environment(environ: dict | None = None) -> None:
     if bind is not None:
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
     env["HF_HUB_OFFLINE"] = "1"  # nothing comes from a hub, ever
+    library_log_environment(env)  # vLLM's INFO lines only with --verbose
 
 
 def lora_rank_slot(rank: int, allowed: Sequence[int]) -> int:
@@ -204,7 +207,9 @@ class VLLMEngine:
         if self.llm is None:
             return
         llm, self.llm = self.llm, None
-        llm.llm_engine.engine_core.shutdown()
+        # vLLM's default grace is 5 s, then it force-kills the engine core (with warnings and a leaked
+        # shared-memory block); a busy small machine needs longer to stop it cleanly
+        llm.llm_engine.engine_core.shutdown(timeout=SHUTDOWN_GRACE_S)
         del llm
         from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 

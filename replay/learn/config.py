@@ -45,6 +45,7 @@ class LearnConfig:
     zero_advantage: str = "skip"  # skip: no compute, not in the plan | keep: in the plan and the normaliser, loss 0
     seed: int = 0
     force: bool = False
+    report_to: str = "none"  # live metrics: none | tensorboard | wandb (replay.metrics_sink)
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:

@@ -56,9 +56,10 @@ def _mean(rows: list[dict], key: str) -> float:
 
 
 def train(model, samples, advantages, cfg, adv_metrics: dict | None = None,
-          ranks: Ranks | None = None) -> tuple[list[dict], dict]:
+          ranks: Ranks | None = None, on_step=None) -> tuple[list[dict], dict]:
     """Train `model`'s trainable (LoRA) parameters in place on `samples` with `advantages`
-    (.advantage, .weight per sample); returns (learn_metrics rows, summary)."""
+    (.advantage, .weight per sample); returns (learn_metrics rows, summary). on_step(row) sees each
+    step's metrics row as soon as it exists (live metrics)."""
     ranks = ranks or Ranks()
     adv_metrics = adv_metrics or {}
     advantage = advantages.advantage.to(torch.float32)
@@ -121,6 +122,8 @@ def train(model, samples, advantages, cfg, adv_metrics: dict | None = None,
             optimizer.zero_grad(set_to_none=True)
             rows.append(_metrics_row(cfg, len(rows), epoch, sums, ratio_max, float(grad_norm), adv_metrics, started)
                         | shares)
+            if on_step is not None:
+                on_step(rows[-1])
             if bar is not None:
                 bar.advance(1, f"loss {rows[-1]['loss']:+.4f} clip {rows[-1]['clip_frac']:.2f} "
                                f"|g| {rows[-1]['grad_norm']:.3f}")

@@ -7,6 +7,7 @@ backend, nothing to close, safe to call from any thread.
 from __future__ import annotations
 
 import io
+import math
 from collections import defaultdict
 
 import matplotlib
@@ -23,7 +24,10 @@ KIND_COLORS = {"negative": "#d62728", "mixed": "#ff9f1c", "positive": "#2ca02c"}
 MARKERS = "osD^v<>ph*"
 STYLES = ("-", "--", ":", "-.")
 LEARN_PANELS = (("loss", "loss"), ("clip_frac", "clip fraction"),
-                ("nonzero_adv_share", "share of samples with non-zero advantage"), ("grad_norm", "grad norm"))
+                ("nonzero_adv_share", "share of samples with non-zero advantage"), ("grad_norm", "grad norm"),
+                ("grad_share_negative", "share of the step's Σ|w·A| from negative groups"),
+                ("grad_share_mixed", "share of the step's Σ|w·A| from mixed groups"))
+SHARE_PANELS = ("nonzero_adv_share", "grad_share_negative", "grad_share_mixed")
 
 
 def round_label(round: int) -> str:
@@ -237,9 +241,10 @@ def round_lines(series: dict[str, list[tuple[int, float]]], title: str, ylabel: 
 
 
 def learn_panels(rows: list[dict]) -> Figure:
-    """Loss, clip fraction, non-zero-advantage share and grad norm per step; a line per (round, adapter)."""
-    fig = Figure(figsize=(11, 6.5), dpi=DPI, layout="constrained")
-    axes = fig.subplots(2, 2, sharex=True).ravel()
+    """Loss, clip fraction, non-zero-advantage share, grad norm and the share of each step's loss
+    weight from negative and mixed groups, per step; a line per (round, adapter)."""
+    fig = Figure(figsize=(11, 9), dpi=DPI, layout="constrained")
+    axes = fig.subplots(3, 2, sharex=True).ravel()
     runs: dict[tuple[int, str], list[dict]] = defaultdict(list)
     for r in rows:
         runs[(r["round"], r["adapter_name"])].append(r)
@@ -251,15 +256,16 @@ def learn_panels(rows: list[dict]) -> Figure:
             run = sorted(run, key=lambda r: r["step"])
             objective = run[0].get("objective") or adapter
             suffix = f" ({objective})" if objective != adapter else ""
-            ax.plot([r["step"] for r in run], [r[key] for r in run], color=colors[(rnd, adapter)],
+            values = [math.nan if r.get(key) is None else r[key] for r in run]  # NULL: older stores
+            ax.plot([r["step"] for r in run], values, color=colors[(rnd, adapter)],
                     linestyle=STYLES[adapters.index(adapter) % len(STYLES)], marker="o" if few_steps else None,
                     markersize=3, label=f"round {rnd} · {adapter}{suffix}")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        if key == "nonzero_adv_share":
+        if key in SHARE_PANELS:
             ax.set_ylim(-0.02, 1.02)
             ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
-    for ax in axes[2:]:
+    for ax in axes[4:]:
         ax.set_xlabel("optimizer step")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes[0].set_ylabel("loss")

@@ -31,8 +31,8 @@ QUERIES = {
              "WHERE s.correct = false AND g.kind IN ('negative', 'mixed') AND s.confidence IS NOT NULL",
     "rescues": "SELECT prompt_id, negative_round, rescued_round, rescued_kind, rescued_pass_rate, problem "
                "FROM rescues ORDER BY rescued_round, negative_round, prompt_id",
-    "learn": "SELECT round, adapter_name, objective, step, loss, clip_frac, nonzero_adv_share, grad_norm "
-             "FROM learn_metrics ORDER BY round, adapter_name, step",
+    "learn": "SELECT round, adapter_name, objective, step, loss, clip_frac, nonzero_adv_share, grad_norm, "
+             "grad_share_negative, grad_share_mixed FROM learn_metrics ORDER BY round, adapter_name, step",
     "rescue_eval": "SELECT round, adapter_name, prompt_set_id, prompt_set_sql, n_prompts, n_samples, k, pass_at_k, "
                    "solved_share FROM rescue_eval ORDER BY prompt_set_id, round, adapter_name, k",
     "negatives": report_negatives.QUERY,

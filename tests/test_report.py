@@ -36,7 +36,9 @@ def metrics_row(round, adapter, objective, step):
     return dict(round=round, adapter_name=adapter, objective=objective, step=step, epoch=0,
                 loss=0.5 / (step + 1) + 0.1 * round + share / 10, clip_frac=0.02 * step * share, dual_clip_frac=0.0,
                 ratio_mean=1.0, ratio_max=1.2, grad_norm=1.0 + 0.1 * step + share, tokens=512,
-                nonzero_adv_share=share, negative_group_share=0.4, lr=1e-5, seconds=0.5)
+                nonzero_adv_share=share, negative_group_share=0.4, lr=1e-5, seconds=0.5,
+                grad_share_negative=None if round == 0 else 0.1 * (objective != "grpo"),
+                grad_share_mixed=None if round == 0 else 1 - 0.1 * (objective != "grpo"), grad_share_positive=0.0)
 
 
 def build_store(path, outcomes=OUTCOMES, passk=PASSK, learn=True):
@@ -214,6 +216,16 @@ def test_rescue_eval_section_from_rows():
     assert section.rows == [["ps-1", "base", "base", "4", "2", "25.0%", "0.125"],
                             ["ps-1", "0", "main", "4", "2", "50.0%", "0.250"]]
     assert "ps-1 = select 1" in section.note
+def test_learn_panels_plot_the_gradient_share_and_leave_older_rounds_blank():
+    rows = [metrics_row(r, "main", "lens", s) for r in (0, 1) for s in range(3)]
+    fig = plots.learn_panels(rows)
+    titles = [ax.get_title() for ax in fig.axes]
+    negative = fig.axes[titles.index("share of the step's Σ|w·A| from negative groups")]
+    lines = {line.get_label(): list(line.get_ydata()) for line in negative.get_lines()}
+    assert all(v != v for v in lines["round 0 · main (lens)"])  # NaN: written before the column existed
+    assert lines["round 1 · main (lens)"] == pytest.approx([0.1] * 3)
+
+
 def test_learn_panels_give_each_adapter_of_a_round_its_own_colour():
     rows = [metrics_row(1, adapter, objective, s) for adapter, objective in (("main", "lens"), ("grpo", "grpo"))
             for s in range(3)]

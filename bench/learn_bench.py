@@ -9,7 +9,7 @@ A variant is `ours` | `naive` | `trl`, optionally `:M` for micro-batches of M (d
 gradient accumulation is batch / M, so every variant makes one optimizer step over the whole batch).
   ours   replay.learn.policy.token_logprobs (hidden states at completion positions only, chunked vocab
          projection) + replay.core.loss.policy_loss + backward + clip + AdamW, as replay/learn/loop.py,
-         in a process with replay.runtime.return_freed_memory applied, as stages/learn.py does
+         in a process with replay.runtime.return_freed_memory applied (malloc_trim after each backward), as stages/learn.py and replay/learn/loop.py do
   naive  the same, but logprobs from model(input_ids).logits [B, L, V] -> log_softmax -> gather
   trl    trl.GRPOTrainer.train() (same LoRA via peft_config, loss_type="grpo", beta=0, same micro-batch
          and accumulation); its generation is replaced by a function returning the fixed batch, so a
@@ -126,6 +126,7 @@ def replay_child(args, data, micro: int, logprob_fn) -> dict:
     from replay.learn.loop import plan_steps
     from replay.learn.policy import LoraSettings, load_policy, make_batch
     from replay.models import resolve_model
+    from replay.runtime import trim_freed_memory
 
     model = load_policy(resolve_model(args.model), None, LoraSettings(), args.gradient_checkpointing,
                         device="cpu", dtype="float32")
@@ -152,6 +153,8 @@ def replay_child(args, data, micro: int, logprob_fn) -> dict:
                                   dual_clip=None, aggregation="seq-mean-token-mean")
             (loss * share).backward()
             total += float(loss.detach()) * share
+            del loss
+            trim_freed_memory()  # as replay/learn/loop.py does (a no-op unless the stage's default applies)
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -2,7 +2,8 @@
 
 advantages  group kinds, GRPO, LENS, NSR/PSR/W-REINFORCE advantages over a flat batch (torch)
 loss        token-level PPO clipped surrogate with dual clip and loss aggregation (torch)
-logprobs    sampled-token logprobs without full-vocabulary logits for the whole batch (torch)
+logprobs    sampled-token logprobs on the sampling distribution (final logits, T, top-k/top-p), chunked (torch)
+sampling    which distribution a stored logprob is under, from the row's settings; refusals (pure Python)
 passk       unbiased pass@k (numpy only)
 
 Nothing is imported here, so `replay.core.passk` stays usable without torch.

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .errors import ReplayError
+from .storage import log_dir, resolve
 
 REPORT_TO = ("none", "tensorboard", "wandb")
 _EXTRA = {"tensorboard": "tensorboard", "wandb": "wandb"}
@@ -111,9 +112,11 @@ def check_report_to(report_to: str) -> None:
 
 def open_sink(report_to: str, store_root: str | Path, run: str, config: dict | None = None) -> MetricsSink:
     check_report_to(report_to)
-    root = Path(store_root).absolute()
+    if report_to == "none":
+        return NullSink()
+    root = resolve(store_root)
     if report_to == "tensorboard":
-        return TensorBoardSink(root / "logs" / "tb" / run)
+        return TensorBoardSink(log_dir(root) / "tb" / run)  # under the store, or the local cache for s3://
     if report_to == "wandb":
         return WandbSink(root, run, config)
     return NullSink()

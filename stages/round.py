@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from replay.errors import ReplayError
-from replay.storage import is_remote, resolve
+from replay.storage import is_remote, log_dir, resolve
 from replay.store import Store
 
 LOCK_FILE = ".round.lock"
@@ -85,19 +85,11 @@ def next_round(store: Store, adapter_name: str = "main") -> int:
     return r
 
 
-def _log_dir(root) -> Path:
-    """<store>/logs, or for an s3:// store (no appends there) a local one under the replay cache."""
-    if is_remote(root):
-        cache = Path(os.environ.get("REPLAY_CACHE", Path.home() / ".cache" / "replay"))
-        return cache / "logs" / root.storage.bucket / root.key
-    return root / "logs"
-
-
 def _logger(root: Path) -> logging.Logger:
-    _log_dir(root).mkdir(parents=True, exist_ok=True)
+    log_dir(root).mkdir(parents=True, exist_ok=True)
     log = logging.getLogger(f"replay.round.{root}")
     if not log.handlers:
-        handler = logging.FileHandler(_log_dir(root) / "rounds.log")
+        handler = logging.FileHandler(log_dir(root) / "rounds.log")
         handler.setFormatter(logging.Formatter("%(asctime)s pid=%(process)d %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)

@@ -56,7 +56,7 @@ def test_gsm8k_fields_in_a_saved_dataset(tmp_path):
 
 
 @pytest.mark.parametrize("rows, message", [
-    ([ROWS[0], {"problem": "x", "answer": None}], r"gsm \[train\] row 2: missing field 'answer'"),
+    ([ROWS[0], {"problem": "x", "answer": None}], r"gsm \[train\] row 2: field 'answer' is null"),
     ([ROWS[0], ROWS[1], {"problem": "  ", "answer": "1"}], r"gsm \[train\] row 3: field 'problem' is empty"),
     ([ROWS[0], {"problem": "x", "answer": "1", "level": "hard"}], r"row 2: field 'level' must be an integer"),
 ])

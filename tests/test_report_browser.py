@@ -43,7 +43,7 @@ def test_index_lists_every_negative_group_most_confident_first(page_path):
     path, store, pid = page_path
     page = path.read_text(encoding="utf-8")
     expected = store.query("SELECT round, prompt_id, mean_confidence FROM negative_groups "
-                           "ORDER BY round, mean_confidence DESC").to_pylist()
+                           "ORDER BY round, mean_confidence DESC, prompt_id").to_pylist()  # ties: by id, as the page
     rows = _index_rows(page)
     assert len(rows) == len(expected) == 4  # round 0: P0, P1 and the hostile one; round 1: P1
     assert [int(r[0]) for r in rows] == [e["round"] for e in expected]

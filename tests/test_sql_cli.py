@@ -213,7 +213,7 @@ def test_output_format_follows_the_extension(store, tmp_path):
 
 def test_several_statements_get_a_clear_message(store):
     result = invoke("sql", "--store", store.root, "select 1; select 2")
-    assert result.exit_code == 1 and "one query at a time: got 2 statements" in result.output
+    assert result.exit_code == 1 and "give one statement at a time (this text holds 2)" in result.output
     assert "unfinished result" not in result.output
     assert invoke("sql", "--store", store.root, "select 1;", "-f", "csv").output.splitlines() == ['"1"', "1"]
 

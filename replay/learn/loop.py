@@ -87,7 +87,7 @@ def train(model, samples, advantages, cfg, adv_metrics: dict | None = None,
     steps = plan_steps(planned, lengths, cfg.micro_batch_size, cfg.grad_accum * ranks.world, cfg.seed, cfg.epochs)
     rows: list[dict] = []
     started = time.perf_counter()
-    bar_context = progress_bar(f"learn round {cfg.round} ({cfg.objective})", total=len(steps)) \
+    bar_context = progress_bar(f"learn round {cfg.round} ({cfg.objective})", total=len(steps), unit="steps") \
         if ranks.is_writer else contextlib.nullcontext()
     with bar_context as bar:
         for epoch, micro_batches in steps:
@@ -125,8 +125,9 @@ def train(model, samples, advantages, cfg, adv_metrics: dict | None = None,
             if on_step is not None:
                 on_step(rows[-1])
             if bar is not None:
+                tokens_per_s = sum(r["tokens"] for r in rows) / max(time.perf_counter() - started, 1e-9)
                 bar.advance(1, f"loss {rows[-1]['loss']:+.4f} clip {rows[-1]['clip_frac']:.2f} "
-                               f"|g| {rows[-1]['grad_norm']:.3f}")
+                               f"|g| {rows[-1]['grad_norm']:.3f} {tokens_per_s:.0f} tok/s")
     model.eval()
     summary = {"trained_samples": len(active), "planned_samples": len(planned), "optimizer_steps": len(rows),
                "final_loss": rows[-1]["loss"] if rows else None,

@@ -69,3 +69,11 @@ def storage_of(root):
 
 def is_remote(root) -> bool:
     return not isinstance(root, Path)
+
+
+def log_dir(root) -> Path:
+    """<store>/logs, or for an s3:// store (no appends there) a local one under the replay cache."""
+    if is_remote(root):
+        cache = Path(os.environ.get("REPLAY_CACHE", Path.home() / ".cache" / "replay"))
+        return cache / "logs" / root.storage.bucket / root.key
+    return Path(root) / "logs"

@@ -98,7 +98,7 @@ def sql(
     table = opened.read_only_query(query, allow_read, fetch=fetcher(fmt))
     # DuckDB names an unaliased count(*) column count_star(); show it as written
     names = ["count(*)" if c == "count_star()" else c for c in table.column_names]
-    table = table.rename_columns(names) if hasattr(table, "rename_columns") else type(table)(names, table.rows)
+    table = table.rename_columns(names)
     write_result(table, fmt, output)
 
 

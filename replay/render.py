@@ -52,6 +52,9 @@ class Rows:
     def from_pylist(cls, rows: list[dict], names: list[str]) -> "Rows":
         return cls(list(names), [tuple(row[n] for n in names) for row in rows])
 
+    def rename_columns(self, names: list[str]) -> "Rows":
+        return Rows(list(names), self.rows)
+
     @property
     def num_rows(self) -> int:
         return len(self.rows)

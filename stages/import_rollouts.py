@@ -7,7 +7,6 @@ The whole file is validated before anything is written; re-importing skips group
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from replay.errors import ReplayError
 from replay.locks import locked_stage
 from replay.manifests import finish_manifest, record_run, start_manifest
 from replay.storage import resolve
-from replay.store import Store, utc_now
+from replay.store import STORE_FILE, Store, utc_now
 from stages.generate import register_prompts
 
 FLOAT32_MAX = 3.4028234663852886e38  # completion_logprobs are stored as float32
@@ -137,8 +136,7 @@ def complete_token_ids(store_path: str, cfg: ImportConfig, prompts: list[Prompt]
     from replay.models import DEFAULT_MODEL, load_tokenizer, resolve_model
     from replay.prompting import chat_prompt_ids
 
-    meta = resolve(store_path) / "store.json"
-    stored_model = json.loads(meta.read_text()).get("base_model") if meta.exists() else None
+    stored_model = Store.open(store_path).meta.get("base_model") if (resolve(store_path) / STORE_FILE).exists() else None
     model_ref = resolve_model(cfg.tokenizer or stored_model or DEFAULT_MODEL)
     tokenizer = load_tokenizer(model_ref)
     vocab = len(tokenizer)

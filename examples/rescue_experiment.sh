@@ -23,24 +23,33 @@ step replay generate --store "$S" --round 0 --dataset arith --num-prompts 64 --l
   --seed 0 "${COMMON[@]}"
 step replay score --store "$S" --round 0
 
-# --- arms: name objective extra-flags... (seed appended) ------------------------------------------
-arm() {  # name seed objective flags...
+# --- arms: the primary outcome first (learn, then resample the round-0 negatives with G = 16) -------
+# Ordered so that an interrupted run has answered the decision rule (A vs B, every seed) first, then
+# the step-matched GRPO arm, the dose and reference arms, and only then the held-out evals.
+learn_arm() {  # name seed objective flags...
   local name=$1 seed=$2 objective=$3; shift 3
   step replay learn --store "$S" --round 0 --adapter-name "$name" --objective "$objective" --seed "$seed" \
     "${LEARN[@]}" "$@"
   step replay eval --store "$S" --round 0 --adapter "$name" "${RESCUE[@]}"
-  step replay eval --store "$S" --round 0 --adapter "$name" "${HELD_OUT[@]}"
 }
+ARMS=()
 step replay eval --store "$S" --base "${RESCUE[@]}"
-step replay eval --store "$S" --base "${HELD_OUT[@]}"
 for seed in 0 1 2; do
-  arm "A-lens-s$seed" "$seed" lens --lens-alpha 0.25 --zero-advantage keep
-  arm "B-lens0-s$seed" "$seed" lens --lens-alpha 0 --zero-advantage keep
-  arm "D-grpokeep-s$seed" "$seed" grpo --zero-advantage keep
+  learn_arm "A-lens-s$seed" "$seed" lens --lens-alpha 0.25 --zero-advantage keep; ARMS+=("A-lens-s$seed")
+  learn_arm "B-lens0-s$seed" "$seed" lens --lens-alpha 0 --zero-advantage keep; ARMS+=("B-lens0-s$seed")
 done
-arm C-lens1-s0 0 lens --lens-alpha 1.0 --zero-advantage keep
-arm E-grposkip-s0 0 grpo --zero-advantage skip
-arm N-nsr-s0 0 nsr
+for seed in 0 1 2; do
+  learn_arm "D-grpokeep-s$seed" "$seed" grpo --zero-advantage keep; ARMS+=("D-grpokeep-s$seed")
+done
+learn_arm C-lens1-s0 0 lens --lens-alpha 1.0 --zero-advantage keep; ARMS+=(C-lens1-s0)
+learn_arm E-grposkip-s0 0 grpo --zero-advantage skip; ARMS+=(E-grposkip-s0)
+learn_arm N-nsr-s0 0 nsr; ARMS+=(N-nsr-s0)
+
+# --- secondary: held-out pass@k of every policy ---------------------------------------------------
+step replay eval --store "$S" --base "${HELD_OUT[@]}"
+for name in "${ARMS[@]}"; do
+  step replay eval --store "$S" --round 0 --adapter "$name" "${HELD_OUT[@]}"
+done
 
 # --- multi-round pair: A vs D, 3 rounds each in their own stores, rescue rate after every round ----
 step replay round --store "$OUT/mr-lens" --config "$CFG" --set learn.zero_advantage=keep --until 2

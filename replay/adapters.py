@@ -16,6 +16,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from schemas import MAIN_ADAPTER
+
 from .storage import is_remote, resolve
 from .store import Store, clean_temp_files, temp_name
 
@@ -27,7 +29,7 @@ def exists(path: Path) -> bool:
     return (path / MARKER).exists()
 
 
-def previous_adapter(store: Store, round: int, name: str = "main") -> Path | None:
+def previous_adapter(store: Store, round: int, name: str = MAIN_ADAPTER) -> Path | None:
     """The adapter round `round` continues from: round-1's of the same name, else round-1's main one
     (the policy that sampled round `round`'s data), else None (a fresh LoRA)."""
     if round < 1:

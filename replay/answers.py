@@ -104,11 +104,14 @@ def gold_latex(gold: str) -> str:
 
 
 def split_gsm8k_answer(answer_field: str) -> tuple[str, str]:
-    """GSM8K `answer` field -> (worked solution without the marker line, final answer)."""
+    """GSM8K `answer` field -> (worked solution without the marker line, final answer). The one GSM8K
+    parse: datasets reads gold answers with it and the verifier bench measures it. Thousands commas
+    go ("1,000" -> "1000"): math-verify would read "1,000" as a tuple."""
     head, sep, final = answer_field.rpartition("####")
-    if not sep:
-        raise ValueError("GSM8K answer has no '#### N' line")
-    return head.rstrip(), final.strip()
+    final = final.strip().replace(",", "")
+    if not sep or not final:
+        raise ValueError("no final '#### N' line (GSM8K format)")
+    return head.rstrip(), final
 
 
 def boxed_gsm8k_completion(answer_field: str) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import keys
+from .answers import split_gsm8k_answer
 from .errors import ReplayError
 
 ARITH = "arith"
@@ -28,7 +29,6 @@ ARITH_LEVELS = {
     4: (3, 2, "+-*"),
     5: (4, 3, "+-*"),
 }
-_GSM8K_GOLD = re.compile(r"####\s*(.+?)\s*$", re.S)
 INT32 = (-(2**31), 2**31 - 1)  # the stored integer columns (level, sample_idx) are int32
 
 
@@ -191,10 +191,10 @@ def _gold(where: str, row: dict, answer_key: str, gsm8k: bool) -> str:
     answer = text_field(where, row, answer_key)
     if not gsm8k:
         return answer
-    match = _GSM8K_GOLD.search(answer)
-    if not match:
-        raise DatasetError(f"{where}: field {answer_key!r} has no final '#### N' (GSM8K format)")
-    return match.group(1).replace(",", "")
+    try:
+        return split_gsm8k_answer(answer)[1]
+    except ValueError as exc:
+        raise DatasetError(f"{where}: field {answer_key!r} has {exc}") from None
 
 
 def file_prompts(path: str | Path, num_prompts: int | None = None, split: str = "train",

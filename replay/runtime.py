@@ -5,6 +5,14 @@ from __future__ import annotations
 import os
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: taskset, cgroup cpusets), not the host's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
+
+
 def thread_environment(environ: dict | None = None) -> None:
     """OpenMP threads sleep instead of spinning while they wait (OMP_WAIT_POLICY=PASSIVE) unless the
     user chose otherwise. libgomp spins by default; on a small machine where another process is

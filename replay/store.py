@@ -1,6 +1,9 @@
 """The store: a directory of Hive-partitioned Parquet files plus JSON manifests.
 
-This is the only module that touches Parquet files or DuckDB. Writes are append-only and atomic
+Every stage reads and writes the store's tables through this module. Three others touch Parquet or
+DuckDB for their own reasons: `read/doctor.py` opens files one by one (it must name a file the
+store's views would fail on), `read/formats.py` writes `-o result.parquet`, `datasets.py` reads
+input Parquet files. Writes are append-only and atomic
 (replay/storage: locally a temp file in the same directory, fsync, rename; on S3 one PUT of the
 whole object); rows are never updated in place. Readers only
 ever glob `part-*.parquet`, so a half-written `.tmp-*` file is invisible to them.
@@ -18,34 +21,34 @@ import uuid
 import weakref
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 
 import schemas
 
 from . import __version__
-from .errors import ReplayError
+from .errors import StoreError
 from .sqlguard import check_read_only
 from .storage import resolve, storage_of
 from .storage.local import (  # noqa: F401  (the local write primitives, used by other modules too)
-    HOST_TAG, _pid_alive, atomic_write_bytes, clean_temp_files, left_by_dead_writer, temp_name)
+    HOST_TAG, atomic_write_bytes, clean_temp_files, left_by_dead_writer, pid_alive, temp_name)
+
+if TYPE_CHECKING:  # annotations only: the CLI's read commands run without pyarrow
+    import pyarrow as pa
 
 STORE_FILE = "store.json"
-
-
-class StoreError(ReplayError):
-    """A store that is missing, of another schema version, or given data it cannot hold."""
 
 
 def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def _duckdb_type(typ: pa.DataType) -> str:
+def duckdb_type(typ: pa.DataType) -> str:
     import pyarrow as pa  # not at the top: the CLI's read commands run without pyarrow
 
     if pa.types.is_list(typ):
-        return _duckdb_type(typ.value_type) + "[]"
+        return duckdb_type(typ.value_type) + "[]"
     if pa.types.is_timestamp(typ):
         return "TIMESTAMPTZ" if typ.tz else "TIMESTAMP"
     names = {pa.int32(): "INTEGER", pa.int64(): "BIGINT", pa.float32(): "FLOAT",
@@ -170,9 +173,9 @@ class Store:
             return sorted((self.root / table).glob("round=*/part-*.parquet"))
         return sorted(self.table_dir(table, round).glob("part-*.parquet"))
 
-    def adapter_dir(self, round: int, name: str = "main") -> Path:
+    def adapter_dir(self, round: int, name: str = schemas.MAIN_ADAPTER) -> Path:
         """adapters/round=R for the round's policy; adapters/name=NAME/round=R for A/B variants."""
-        if name == "main":
+        if name == schemas.MAIN_ADAPTER:
             return self.root / "adapters" / f"round={int(round)}"
         if not name.replace("-", "").replace("_", "").isalnum():
             raise StoreError(f"adapter name {name!r}: use letters, digits, - and _ only")
@@ -200,8 +203,6 @@ class Store:
         `name` gives the part a fixed name (`part-<name>.parquet`) that a rerun replaces atomically:
         for outputs written once per run (learn audit and metrics), so a crashed run leaves no duplicate.
         """
-        import pyarrow.parquet as pq
-
         arrow = validate(table, data)
         if arrow.num_rows == 0:
             return None

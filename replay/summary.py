@@ -19,10 +19,13 @@ import hashlib
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from .errors import StoreError
 from .storage import is_remote
 
-from .store import Store, StoreError
+if TYPE_CHECKING:  # a Store is passed in; importing store here would close a cycle (store -> summary)
+    from .store import Store
 
 TABLE = "group_summary"
 INPUTS = ("rollouts", "verdicts")  # the tables a round's summary is computed from

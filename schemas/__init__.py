@@ -212,6 +212,22 @@ KEYS: dict[str, tuple[str, ...]] = {
     "prompt_sets": ("prompt_set_id",),
 }
 
+# -- facts the code, the manifests and the adapter layout share -----------------------------------
+BASE_ROUND = -1  # the `round` of eval rows for the base model (no adapter)
+STAGES = ("generate", "score", "learn")  # a round's stages, in order: manifests/round=R/<stage>.json
+MAIN_ADAPTER = "main"  # the adapter each round continues; any other name is a side adapter (A/B)
+
+
+def learn_stage(adapter_name: str) -> str:
+    """The learn manifest's stage name: `learn` for the main adapter, `learn.NAME` for a side one."""
+    return "learn" if adapter_name == MAIN_ADAPTER else f"learn.{adapter_name}"
+
+
+def adapter_of_learn_stage(stage: str) -> str:
+    """The inverse of learn_stage."""
+    return stage.split(".", 1)[1] if "." in stage else MAIN_ADAPTER
+
+
 # Keys every stage manifest (<store>/manifests/round=R/<stage>.json) must carry.
 MANIFEST_KEYS = ("stage", "round", "status", "started_at", "finished_at", "config", "counts", "versions")
 

@@ -14,20 +14,20 @@ from pathlib import Path
 
 import numpy as np
 
+from replay import adapters
 from replay.core.passk import default_ks, mean_pass_at_k
 from replay.errors import ReplayError
 from replay.metrics_sink import check_report_to, log_once
 from replay.prompt_sets import record_prompt_set, select_prompt_set
 from replay.store import Store, utc_now
+from schemas import BASE_ROUND, MAIN_ADAPTER
 from stages import generate, score
-
-BASE_ROUND = -1
 
 
 @dataclass
 class EvalConfig:
     round: int = BASE_ROUND
-    adapter_name: str = "main"
+    adapter_name: str = MAIN_ADAPTER
     generate: generate.GenerateConfig = None  # dataset, split, num_prompts, num_samples, ...
     workers: int | None = None
     timeout: float = 10.0
@@ -67,7 +67,7 @@ def run(store_path: str, cfg: EvalConfig) -> list[dict]:
         adapter = "none"
     else:
         path = store.adapter_dir(cfg.round, cfg.adapter_name)
-        if not (path / "adapter_config.json").exists():
+        if not adapters.exists(path):
             raise ReplayError(f"no adapter {cfg.adapter_name!r} for round {cfg.round} at {path}: "
                               f"run `replay learn --round {cfg.round}` first (or --base for the base model)")
         adapter = str(path)

@@ -11,16 +11,17 @@ import contextlib
 import importlib.util
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from replay import keys
+from replay import adapters, keys
 from replay.datasets import Prompt, load_prompts
 from replay.errors import ReplayError
-from replay.locks import locked_stage, table_lock
+from replay.locks import locked_stage
 from replay.manifests import finish_manifest, record_run, start_manifest
 from replay.progress import note, progress_bar
 from replay.prompt_sets import PromptSet, record_prompt_set, select_prompt_set
+from replay.rows import register_prompts, rollout_row
 from replay.store import Store, utc_now
 
 
@@ -50,7 +51,6 @@ class GenerateConfig:
     stage: str = "generate"  # manifest name; eval writes its own
     prompts: str | None = None  # SQL choosing prompt ids (instead of dataset); adds K samples to stored groups
     prompts_from: str | None = None  # store the --prompts query runs on (default: this store; eval: the main one)
-    extra: dict = field(default_factory=dict)
 
 
 def pick_engine(name: str) -> str:
@@ -65,15 +65,15 @@ def policy_adapter(store: Store, round: int, adapter: str) -> tuple[int | None, 
         return None, None
     if adapter == "auto":
         path = store.adapter_dir(round - 1)
-        if not (path / "adapter_config.json").exists():
+        if not adapters.exists(path):
             raise ReplayError(f"round {round} samples with the adapter of round {round - 1}, but {path} "
                               f"has none: run `replay learn --round {round - 1}` first, or pass --adapter none")
         return round - 1, str(path)
     from replay.storage import resolve
 
     path = resolve(adapter)  # a directory or an s3:// URI
-    if not (path / "adapter_config.json").exists():
-        raise ReplayError(f"--adapter {adapter}: not a peft adapter directory (no adapter_config.json)")
+    if not adapters.exists(path):
+        raise ReplayError(f"--adapter {adapter}: not a peft adapter directory (no {adapters.MARKER})")
     manifest = path / "manifest.json"
     policy_round = None
     if manifest.exists():
@@ -93,32 +93,19 @@ def stored_groups(store: Store, round: int, num_samples: int) -> set[str]:
     return set(sizes)
 
 
-def register_prompts(store: Store, prompts: list[Prompt]) -> int:
-    with table_lock(store.root, "prompts"):  # prompts are not per round: writers of any round meet here
-        known = set(store.query("SELECT DISTINCT prompt_id FROM prompts").column("prompt_id").to_pylist())
-        new = [dict(asdict(p), created_at=utc_now()) for p in prompts if p.prompt_id not in known]
-        store.write("prompts", new)
-    return len(new)
-
-
 def rollout_rows(cfg: GenerateConfig, engine, settings, prompt: Prompt, prompt_ids: list[int],
                  completions, policy_round, adapter_path, base_model: str,
                  indices: list[int] | None = None) -> list[dict]:
     now = utc_now()
-    rows = []
-    for idx, completion in zip(indices if indices is not None else range(len(completions)), completions):
-        rows.append(dict(
-            round=cfg.round, prompt_id=prompt.prompt_id, sample_idx=idx,
-            rollout_id=keys.rollout_id(cfg.round, prompt.prompt_id, idx),
-            prompt_token_ids=prompt_ids, completion_token_ids=completion.token_ids,
-            completion_logprobs=completion.logprobs, sum_logprob=completion.logprob_sum,
-            num_completion_tokens=len(completion.token_ids), completion_text=completion.text,
-            finish_reason=completion.finish_reason, policy_round=policy_round, policy_adapter=adapter_path,
-            base_model=base_model, engine=engine.name, engine_version=engine.version,
-            logprobs_mode=engine.logprobs_mode, temperature=settings.temperature, top_p=settings.top_p,
-            top_k=settings.top_k, max_tokens=settings.max_new_tokens,
-            seed=keys.sample_seed(cfg.seed, cfg.round, prompt.prompt_id, idx), created_at=now))
-    return rows
+    return [rollout_row(cfg.round, prompt.prompt_id, idx, prompt_token_ids=prompt_ids,
+                        completion_token_ids=completion.token_ids, completion_logprobs=completion.logprobs,
+                        completion_text=completion.text, finish_reason=completion.finish_reason,
+                        policy_round=policy_round, policy_adapter=adapter_path, base_model=base_model,
+                        engine=engine.name, engine_version=engine.version, logprobs_mode=engine.logprobs_mode,
+                        temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+                        max_tokens=settings.max_new_tokens,
+                        seed=keys.sample_seed(cfg.seed, cfg.round, prompt.prompt_id, idx), created_at=now)
+            for idx, completion in zip(indices if indices is not None else range(len(completions)), completions)]
 
 
 @locked_stage("rollouts", "generate", creates_store=True)

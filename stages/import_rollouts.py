@@ -16,9 +16,9 @@ from replay.datasets import DatasetError, Prompt, int32_field, read_rows, storab
 from replay.errors import ReplayError
 from replay.locks import locked_stage
 from replay.manifests import finish_manifest, record_run, start_manifest
+from replay.rows import register_prompts, rollout_row
 from replay.storage import resolve
 from replay.store import STORE_FILE, Store, utc_now
-from stages.generate import register_prompts
 
 FLOAT32_MAX = 3.4028234663852886e38  # completion_logprobs are stored as float32
 
@@ -114,19 +114,14 @@ def parse_rows(path: Path, cfg: ImportConfig) -> tuple[list[Prompt], list[dict]]
     return list(prompts.values()), [r for rows in by_prompt.values() for r in rows]
 
 
-def rollout_row(cfg: ImportConfig, r: dict, now) -> dict:
+def imported_row(cfg: ImportConfig, r: dict, now) -> dict:
+    """A rollout row of an imported completion: no sampling settings, seed or policy are known."""
     logprobs = r["completion_logprobs"]
-    token_ids = r["completion_token_ids"]
-    return dict(round=cfg.round, prompt_id=r["prompt_id"], sample_idx=r["sample_idx"],
-                rollout_id=keys.rollout_id(cfg.round, r["prompt_id"], r["sample_idx"]),
-                prompt_token_ids=r["prompt_token_ids"],
-                completion_token_ids=token_ids, completion_logprobs=logprobs,
-                sum_logprob=None if logprobs is None else float(sum(logprobs)),
-                num_completion_tokens=None if token_ids is None else len(token_ids),
-                completion_text=r["completion_text"], finish_reason="unknown", policy_round=None,
-                policy_adapter=None, base_model=cfg.model, engine="import", engine_version="0",
-                logprobs_mode="none" if logprobs is None else "unknown", temperature=None, top_p=None,
-                top_k=None, max_tokens=None, seed=None, created_at=now)
+    return rollout_row(cfg.round, r["prompt_id"], r["sample_idx"], prompt_token_ids=r["prompt_token_ids"],
+                       completion_token_ids=r["completion_token_ids"], completion_logprobs=logprobs,
+                       completion_text=r["completion_text"], finish_reason="unknown", base_model=cfg.model,
+                       engine="import", engine_version="0", logprobs_mode="none" if logprobs is None else "unknown",
+                       created_at=now)
 
 
 def complete_token_ids(store_path: str, cfg: ImportConfig, prompts: list[Prompt], rows: list[dict]) -> tuple[str, int]:
@@ -171,7 +166,7 @@ def run(store_path: str, cfg: ImportConfig) -> dict:
                  .column("prompt_id").to_pylist())
     register_prompts(store, prompts)
     now = utc_now()
-    new = [rollout_row(cfg, r, now) for r in rows if r["prompt_id"] not in stored]
+    new = [imported_row(cfg, r, now) for r in rows if r["prompt_id"] not in stored]
     batch: list[dict] = []
     for i, row in enumerate(new):  # flush only at group boundaries: a half group never lands
         batch.append(row)

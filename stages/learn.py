@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+from schemas import learn_stage
+
+from replay import adapters
 from replay.learn.config import LearnConfig
 from replay.learn.selection import LearnSample, load_samples
 from replay.locks import locked_stage
@@ -58,15 +61,14 @@ def run(store_path: str, cfg: LearnConfig) -> dict:
     cfg.validate()
     check_report_to(cfg.report_to)
     store = Store.open(store_path)
-    stage = "learn" if cfg.adapter_name == "main" else f"learn.{cfg.adapter_name}"
+    stage = learn_stage(cfg.adapter_name)
     out_dir = store.adapter_dir(cfg.round, cfg.adapter_name)
     done = store.read_manifest(cfg.round, stage)
-    if done and done.get("status") == "complete" and (out_dir / "adapter_config.json").exists() and not cfg.force:
+    if done and done.get("status") == "complete" and adapters.exists(out_dir) and not cfg.force:
         return done | {"skipped": True}
 
     import torch
 
-    from replay import adapters
     from replay.learn import distributed
     from replay.learn.loop import train
     from replay.learn.policy import LoraSettings, load_policy

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from schemas import MAIN_ADAPTER, learn_stage
+
 from replay.errors import ReplayError
 from replay.storage import is_remote, log_dir, resolve
 from replay.store import Store
@@ -77,8 +79,8 @@ def store_lock(root: Path, wait: bool = False) -> Iterator[None]:
         os.close(fd)  # closing releases the lock; the kernel also releases it if we are killed
 
 
-def next_round(store: Store, adapter_name: str = "main") -> int:
-    stage = "learn" if adapter_name == "main" else f"learn.{adapter_name}"
+def next_round(store: Store, adapter_name: str = MAIN_ADAPTER) -> int:
+    stage = learn_stage(adapter_name)
     r = 0
     while (m := store.read_manifest(r, stage)) and m.get("status") == "complete":
         r += 1
@@ -104,7 +106,7 @@ def run_one(store_path: str, settings: dict[str, dict], echo=print) -> RoundResu
     log = _logger(root)
     learn_cfg_fields = settings.get("learn", {})
     # a new store is created by generate, which records the base model in store.json
-    r = next_round(Store.open(root), learn_cfg_fields.get("adapter_name", "main")) if (root / "store.json").exists() else 0
+    r = next_round(Store.open(root), learn_cfg_fields.get("adapter_name", MAIN_ADAPTER)) if (root / "store.json").exists() else 0
     log.info("round %d: start", r)
     records = {}
     gen_cfg.round = r
@@ -152,7 +154,7 @@ def run(store_path: str, settings: dict[str, dict], rounds: int = 1, wait: bool 
     if until is not None and until < 0:
         raise ReplayError(f"--until must be a round number (0 or more), got {until}")
     root = resolve(store_path)
-    adapter_name = settings.get("learn", {}).get("adapter_name", "main")
+    adapter_name = settings.get("learn", {}).get("adapter_name", MAIN_ADAPTER)
     from replay.metrics_sink import check_report_to
 
     check_report_to(settings.get("round", {}).get("report_to", "none"))

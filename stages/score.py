@@ -19,21 +19,18 @@ from replay.locks import locked_stage
 from replay.manifests import finish_manifest, record_run, start_manifest
 from replay.progress import progress_bar
 from replay.store import Store, utc_now
+from replay.runtime import usable_cpus
 from replay.summary import refresh as refresh_summary
 from replay.verify import VERIFIER_NAME, VerifierPool, verifier_version
-
-DEFAULT_WORKERS = 2  # bench/score_bench.py on 2 cores: see docs/BENCHMARKS.md
-
 
 @dataclass
 class ScoreConfig:
     round: int = 0
-    workers: int | None = None  # None: the measured default for this machine
+    workers: int | None = None  # None: one per usable CPU (replay.runtime.usable_cpus)
     timeout: float = 10.0  # hard wall-clock backstop per answer, seconds
     rescore: bool = False
     chunk_size: int = 2000  # verdicts per written part file
     stage: str = "score"
-    table: str = "rollouts"
     shard: str = "0/1"  # i/n: only the rollouts of prompts in shard i (keys.shard_of)
 
 
@@ -73,7 +70,7 @@ def run(store_path: str, cfg: ScoreConfig) -> dict:
     stage = keys.shard_stage(cfg.stage, *shard)
     store = Store.open(store_path)
     version = verifier_version()
-    workers = cfg.workers or DEFAULT_WORKERS
+    workers = cfg.workers or usable_cpus()
     record = start_manifest(stage, cfg.round, asdict(cfg) | {"workers": workers})
     counts_by_prompt = rollout_counts(store, cfg.round)
     if not counts_by_prompt:  # the whole round, not the shard: few prompts can leave a shard empty

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 import schemas
 from replay import summary
-from replay.doctor import Problem, check_store, diagnose
+from replay.read.doctor import Problem, check_store, diagnose
 from replay.errors import ReplayError
 from replay.manifests import finish_manifest, start_manifest
 from replay.store import Store

@@ -24,7 +24,7 @@ from replay.core.loss import policy_loss
 from replay.datasets import DatasetError, file_prompts
 from replay.errors import ReplayError
 from replay.store import Store, utc_now, validate
-from stages.import_rollouts import ImportConfig, parse_rows, rollout_row
+from stages.import_rollouts import ImportConfig, imported_row, parse_rows
 from tests._store_rows import prompt_row, rollout_row as store_rollout_row, verdict_row
 
 READERS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -138,7 +138,7 @@ def test_import_parser_returns_storable_rollouts_or_a_dataset_error(workdir, row
         assert str(path) in str(exc)
         return
     now = utc_now()
-    stored = validate("rollouts", [rollout_row(ImportConfig(), r, now) for r in parsed])
+    stored = validate("rollouts", [imported_row(ImportConfig(), r, now) for r in parsed])
     validate("prompts", [dict(vars(p), created_at=now) for p in prompts])
     keys = list(zip(stored.column("prompt_id").to_pylist(), stored.column("sample_idx").to_pylist()))
     assert len(keys) == len(set(keys)) == len(rows)

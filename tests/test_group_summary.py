@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from replay import summary
-from replay.doctor import check_store
+from replay.read.doctor import check_store
 from replay.store import Store
 from stages.import_rollouts import ImportConfig
 from stages.import_rollouts import run as import_run

@@ -47,3 +47,28 @@ def test_imported_rows_are_marked_for_learn_and_score_reruns_add_nothing(scored)
     assert marked == 2 * len(rows)
     out = invoke("score", "--store", store.root, "--round", 0)
     assert "scored 0" in out and f"{len(rows)} already scored" in out
+
+
+def test_an_import_rerun_that_adds_nothing_keeps_the_manifest_of_the_run_that_did(scored, tmp_path):
+    store, rows = scored
+    manifest = store.manifest_path(0, "import")
+    before = manifest.read_bytes()
+    own = tmp_path / "own.jsonl"  # same name, same source label, same prompt ids
+    own.write_text("".join(json.dumps({"problem": r["problem"], "answer": r["answer"], "completion": r["solution"]})
+                           + "\n" for r in (json.loads(line) for line in FIXTURE.read_text().splitlines())))
+    out = invoke("import", own, "--store", store.root, "--round", 0)
+    assert "imported 0 rollouts" in out and f"{len(rows)} groups already stored" in out
+    assert manifest.read_bytes() == before  # when and how long the import took stays on record
+
+
+def test_score_defaults_to_one_worker_per_usable_cpu(scored, tmp_path, monkeypatch):
+    import stages.score
+
+    store, rows = scored
+    own = tmp_path / "own.jsonl"
+    own.write_text("".join(json.dumps({"problem": r["problem"], "answer": r["answer"], "completion": r["solution"]})
+                           + "\n" for r in (json.loads(line) for line in FIXTURE.read_text().splitlines()[:3])))
+    invoke("import", own, "--store", store.root, "--round", 5)
+    monkeypatch.setattr(stages.score, "usable_cpus", lambda: 1)
+    invoke("score", "--store", store.root, "--round", 5)
+    assert store.read_manifest(5, "score")["config"]["workers"] == 1

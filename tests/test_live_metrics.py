@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from replay.config import load_settings
+from replay.cli.settings import load_settings
 from replay.errors import ReplayError
 from replay.metrics_sink import check_report_to, scalars
 from replay.store import Store

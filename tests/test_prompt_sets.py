@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from replay.doctor import diagnose
+from replay.read.doctor import diagnose
 from replay.prompt_sets import set_id
 from replay.store import Store
 from tests._cli import invoke, invoke_ok

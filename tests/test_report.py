@@ -6,9 +6,9 @@ import re
 import matplotlib.image
 import pytest
 
-from replay import plots
+from replay.read import plots
 from replay.errors import ReplayError
-from replay.report import passk_table, store_labels, write_report
+from replay.read.report import passk_table, store_labels, write_report
 from replay.store import Store
 from tests._store_rows import NOW, prompt_row, rollout_row, verdict_row
 
@@ -185,10 +185,15 @@ def test_plots_show_at_most_four_ks_spread_from_first_to_last():
     assert plots.shown_ks([1, 2, 4, 8, 16, 32, 64]) == [1, 4, 16, 64]
     assert plots.shown_ks([1, 2, 4, 8, 16]) == [1, 2, 8, 16]
     series = {(label, k): [(-1, 0.1), (0, 0.2)] for label in ("lens", "grpo") for k in (1, 2, 4, 8, 16, 32, 64)}
-    ax = plots.passk_lines(series, "t").axes[0]
-    assert sorted(line.get_label() for line in ax.get_lines()) == sorted(
-        f"{label} pass@{k}" for label in ("lens", "grpo") for k in (1, 4, 16, 64))
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["base", "0"]
+    fig = plots.passk_lines(series, "t")
+    assert fig.get_suptitle() == "t"
+    assert [ax.get_title() for ax in fig.axes] == ["pass@1", "pass@4", "pass@16", "pass@64"]  # one panel per k
+    for ax in fig.axes:  # one line per policy, each policy the same colour in every panel
+        assert sorted(line.get_label() for line in ax.get_lines()) == ["grpo", "lens"]
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["base", "0"]
+    colours = {(ax.get_title(), line.get_label()): line.get_color() for ax in fig.axes for line in ax.get_lines()}
+    assert len({c for (_, label), c in colours.items() if label == "lens"}) == 1
+    assert colours[("pass@1", "lens")] != colours[("pass@1", "grpo")]
 
 
 def test_passk_table_pivots_k_into_columns():
@@ -205,7 +210,7 @@ def test_store_labels_use_the_parent_when_names_clash(tmp_path):
 
 
 def test_rescue_eval_section_from_rows():
-    from replay.report import rescue_eval_section
+    from replay.read.report import rescue_eval_section
 
     assert "replay eval --prompts" in rescue_eval_section([]).note
     rows = [dict(round=r, adapter_name=a, prompt_set_id="ps-1", prompt_set_sql="select 1", n_prompts=4,
@@ -246,10 +251,10 @@ def test_adapter_bars_carry_intervals_and_prompt_counts():
 
 
 def test_compare_plots_name_their_stores(monkeypatch, tmp_path):
-    from replay import report as report_module
+    from replay.read import report as report_module
 
     titles = []
-    monkeypatch.setattr(plots, "to_png", lambda fig: titles.append(fig.axes[0].get_title()) or b"")
+    monkeypatch.setattr(plots, "to_png", lambda fig: titles.append(fig.get_suptitle() or fig.axes[0].get_title()) or b"")
     data = {"eval": [dict(eval_row(0, "main", 1, 0.5), store=name) for name in ("lens", "grpo")],
             "rounds": [dict(round=0, negative_groups=1, mixed_groups=1, positive_groups=0, accuracy=0.2,
                             negative_share=0.5, rescued=0)]}

@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from replay.report import write_report
-from replay.report_negatives import group_anchor
+from replay.read.report import write_report
+from replay.read.report_negatives import group_anchor
 from replay.store import Store
 from tests._store_rows import prompt_row, rollout_row, verdict_row
 from tests.test_report import build_store

@@ -55,7 +55,7 @@ def test_stage_commands_make_openmp_threads_wait_passively(tmp_path):
     """Spinning OpenMP threads starve a busy neighbour's core (generate 0.7 vs 8.0 tok/s in
     bench/threads_bench.py): a stage command sets OMP_WAIT_POLICY=PASSIVE before torch loads,
     and a value the user exported wins. libgomp itself reports what it read (OMP_DISPLAY_ENV)."""
-    probe = ("import sys, typer\nfrom replay.cli import command\n"
+    probe = ("import sys, typer\nfrom replay.cli.app import command\n"
              "@command('probe', long_running=True)\n"
              "def probe():\n    import torch\n    torch.ones(10000).sum()\n"
              "from replay.cli import app\nsys.argv = ['replay', 'probe']\napp()\n")
@@ -68,3 +68,13 @@ def test_stage_commands_make_openmp_threads_wait_passively(tmp_path):
         done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
         assert done.returncode == 0, done.stderr
         assert expected in done.stdout + done.stderr, done.stderr[-2000:]
+
+
+def test_usable_cpus_follows_the_affinity_mask_not_the_host():
+    code = ("import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})\n"
+            "from replay.runtime import usable_cpus; print(usable_cpus())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "1"
+    from replay.runtime import usable_cpus
+
+    assert usable_cpus() == len(os.sched_getaffinity(0))

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("boto3")
 pytest.importorskip("moto.server")
 
-from replay.doctor import diagnose  # noqa: E402
+from replay.read.doctor import diagnose  # noqa: E402
 from replay.errors import ReplayError  # noqa: E402
 from replay.storage import StorageError, resolve  # noqa: E402
 from replay.storage.s3 import LeaseHeld, S3Lease, StoreFileSystem, client  # noqa: E402

@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 
 from replay import keys, summary
 from replay.cli import app
-from replay.doctor import diagnose
+from replay.read.doctor import diagnose
 from replay.errors import ReplayError
-from replay.reports import stage_status
+from replay.read.inspect import stage_status
 from replay.store import HOST_TAG, Store, clean_temp_files
 from tests._tiny_model import save_tiny_model
 

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from replay.doctor import diagnose
+from replay.read.doctor import diagnose
 from replay.locks import stage_lock
 from replay.store import Store
 from tests._cli import invoke, invoke_ok

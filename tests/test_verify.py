@@ -103,6 +103,20 @@ def test_gsm8k_helpers():
     assert boxed_gsm8k_completion(answer).endswith("The answer is $\\boxed{24}$.")
     with pytest.raises(ValueError):
         split_gsm8k_answer("no marker")
+    with pytest.raises(ValueError):
+        split_gsm8k_answer("work\n####  ")
+
+
+def test_gsm8k_gold_is_parsed_once_the_same_way_for_the_tool_and_the_bench(tmp_path):
+    """Thousands commas go (math-verify reads "1,080" as a tuple): datasets and bench share this parse."""
+    from replay.datasets import file_prompts
+
+    answer = "12 * 90 = <<12*90=1080>>1,080 cents.\n#### 1,080"
+    assert split_gsm8k_answer(answer) == ("12 * 90 = <<12*90=1080>>1,080 cents.", "1080")
+    assert boxed_gsm8k_completion(answer).endswith("$\\boxed{1080}$.")
+    path = tmp_path / "gsm.jsonl"
+    path.write_text('{"question": "How many cents?", "answer": "12 * 90 = 1,080.\\n#### 1,080"}\n')
+    assert [p.answer for p in file_prompts(path)] == ["1080"]
 
 
 # ---- the judge, in this process --------------------------------------------------------------

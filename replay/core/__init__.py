@@ -6,5 +6,10 @@ logprobs    sampled-token logprobs on the sampling distribution (final logits, T
 sampling    which distribution a stored logprob is under, from the row's settings; refusals (pure Python)
 passk       unbiased pass@k (numpy only)
 
-Nothing is imported here, so `replay.core.passk` stays usable without torch.
+Nothing is imported here, so `replay.core.passk` stays usable without torch; the names below are
+plain strings for the same reason: the CLI lists and checks them without loading torch.
 """
+
+OBJECTIVES = ("grpo", "lens", "nsr", "psr", "w_reinforce")  # advantages.compute_advantages dispatches on them
+D_IMP_MODES = ("confidence", "off", "sequence")  # LENS's importance term (advantages.lens_advantages)
+AGGREGATIONS = ("seq-mean-token-mean", "token-mean")  # loss.policy_loss

@@ -13,10 +13,10 @@ from typing import NamedTuple
 
 import torch
 
+from . import D_IMP_MODES, OBJECTIVES
+
 KIND_NEGATIVE, KIND_MIXED, KIND_POSITIVE = 0, 1, 2
 KIND_NAMES = ("negative", "mixed", "positive")
-OBJECTIVES = ("grpo", "lens", "nsr", "psr", "w_reinforce")
-D_IMP_MODES = ("confidence", "off", "sequence")
 _TINY = 1e-300  # floor for probabilities we divide by (float64)
 
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-AGGREGATIONS = ("seq-mean-token-mean", "token-mean")
+from . import AGGREGATIONS
+
 # log ρ is clamped to ±20 (verl does the same) so exp never overflows; beyond it the ratio is
 # treated as constant (zero gradient), which for every clipped branch is the true gradient anyway
 LOG_RATIO_LIMIT = 20.0

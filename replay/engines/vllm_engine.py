@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..adapters import MARKER
 from ..logs import library_log_environment
 from .base import Completion, SamplingSettings, check_requests, generator_seed
 
@@ -62,9 +63,9 @@ def lora_rank_slot(rank: int, allowed: Sequence[int]) -> int:
 
 def adapter_rank(adapter_dir: str | Path) -> int:
     """Largest LoRA rank in a peft adapter directory (global r and any per-module ranks)."""
-    config_path = Path(adapter_dir) / "adapter_config.json"
+    config_path = Path(adapter_dir) / MARKER
     if not config_path.is_file():
-        raise FileNotFoundError(f"no peft adapter in {adapter_dir} (adapter_config.json missing)")
+        raise FileNotFoundError(f"no peft adapter in {adapter_dir} ({MARKER} missing)")
     config = json.loads(config_path.read_text())
     return max([int(config["r"]), *(int(r) for r in (config.get("rank_pattern") or {}).values())])
 

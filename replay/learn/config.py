@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from schemas import MAIN_ADAPTER
+
+from replay.core import AGGREGATIONS, D_IMP_MODES, OBJECTIVES
 from replay.errors import ReplayError
 
 DEVICES = "auto | cpu | cuda | cuda:N"
 DTYPES = ("auto", "float32", "bfloat16")
 ZERO_ADVANTAGE = ("skip", "keep")
+# every attention and MLP projection of a Llama-style block (SmolLM2, Qwen, Mistral name them alike)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
 class LearnConfig:
     round: int = 0
-    objective: str = "lens"  # one of replay.core.advantages.OBJECTIVES
-    adapter_name: str = "main"
+    objective: str = "lens"  # one of replay.core.OBJECTIVES
+    adapter_name: str = MAIN_ADAPTER
     window: int = 1  # train on rounds [round-window+1, round]
     where: str | None = None  # SQL predicate over the `samples` view; a group is kept if any sample matches
     recompute_old_logprobs: bool = False
@@ -26,7 +31,7 @@ class LearnConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    target_modules: tuple[str, ...] = LORA_TARGETS
     lr: float = 1e-5
     epochs: int = 1
     micro_batch_size: int = 4
@@ -46,18 +51,16 @@ class LearnConfig:
     seed: int = 0
     force: bool = False
     report_to: str = "none"  # live metrics: none | tensorboard | wandb (replay.metrics_sink)
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
-        from replay.core.advantages import OBJECTIVES
-        from replay.core.loss import AGGREGATIONS
-
         if self.objective not in OBJECTIVES:
             raise ReplayError(f"unknown --objective {self.objective!r}; choose from {', '.join(OBJECTIVES)}")
         if self.aggregation not in AGGREGATIONS:
             raise ReplayError(f"unknown --aggregation {self.aggregation!r}; choose from {', '.join(AGGREGATIONS)}")
         if self.epochs < 1 or self.micro_batch_size < 1 or self.grad_accum < 1 or self.window < 1:
             raise ReplayError("--epochs, --micro-batch-size, --grad-accum and --window must be at least 1")
+        if self.lens_d_imp not in D_IMP_MODES:
+            raise ReplayError(f"unknown --lens-d-imp {self.lens_d_imp!r}; choose from {', '.join(D_IMP_MODES)}")
         if self.zero_advantage not in ZERO_ADVANTAGE:
             raise ReplayError(f"unknown --zero-advantage {self.zero_advantage!r}; choose from "
                               f"{', '.join(ZERO_ADVANTAGE)}")

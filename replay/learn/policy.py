@@ -15,16 +15,16 @@ import torch
 from replay.core.logprobs import FinalLogits, sampled_token_logprobs
 from replay.core.sampling import RAW, Distribution
 from replay.errors import ReplayError
+from replay.learn.config import LearnConfig
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
-class LoraSettings:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+class LoraSettings:  # defaults: LearnConfig's
+    r: int = LearnConfig.lora_r
+    alpha: int = LearnConfig.lora_alpha
+    dropout: float = LearnConfig.lora_dropout
+    target_modules: tuple[str, ...] = LearnConfig.target_modules
 
 
 @dataclass

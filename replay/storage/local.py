@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -28,7 +29,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -47,25 +48,33 @@ def _is_host_tag(text: str) -> bool:
     return len(text) == 9 and text[0] == "h" and all(c in "0123456789abcdef" for c in text[1:])
 
 
-def _write_temp(path: Path, payload: bytes) -> Path:
+def _write_temp(path: Path, write: Callable[[Path], object]) -> Path:
+    """A temp file beside `path`, filled by `write(tmp)` and fsynced (on disk before any rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(temp_name(f"{uuid.uuid4().hex}-{path.name}"))
-    with open(tmp, "wb") as fh:
-        fh.write(payload)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return tmp
 
 
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    tmp = None
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """The one way this project replaces a local file: `write(tmp)` fills a temp file beside `path`,
+    fsync, rename, fsync the directory. Readers, a crash or a power cut see the old file or the new."""
+    tmp = _write_temp(path, write)
     try:
-        tmp = _write_temp(path, payload)
         os.replace(tmp, path)
     finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(payload))
 
 
 def create_exclusive(path: Path, payload: bytes) -> bool:
@@ -73,7 +82,7 @@ def create_exclusive(path: Path, payload: bytes) -> bool:
     on an existing name), so a racing creator either wins or leaves the winner's file untouched."""
     tmp = None
     try:
-        tmp = _write_temp(path, payload)
+        tmp = _write_temp(path, lambda tmp: tmp.write_bytes(payload))
         try:
             os.link(tmp, path)
         except FileExistsError:
@@ -99,7 +108,7 @@ def left_by_dead_writer(name: str) -> bool:
         return False
     if len(parts) > 2 and _is_host_tag(parts[2]) and parts[2] != HOST_TAG:
         return False
-    return not _pid_alive(pid)
+    return not pid_alive(pid)
 
 
 def clean_temp_files(directory: Path) -> int:
@@ -132,18 +141,9 @@ class LocalStorage:
     def write_parquet(self, path: Path, table, **options) -> None:
         import pyarrow.parquet as pq  # not at import: the CLI's read commands run without pyarrow
 
-        directory = path.parent
-        tmp = directory / temp_name(path.name)
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            clean_temp_files(directory)
-            pq.write_table(table, tmp, compression="zstd", **options)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-            _fsync_dir(directory)
-        finally:
-            tmp.unlink(missing_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_temp_files(path.parent)
+        atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd", **options))
 
     def attach(self, con) -> None:
         """Nothing to register: DuckDB reads local files itself."""

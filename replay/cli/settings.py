@@ -13,9 +13,11 @@ import types
 import typing
 from pathlib import Path
 
-from .errors import ReplayError
+from schemas import STAGES
 
-SECTIONS = ("generate", "score", "learn", "round")
+from ..errors import ReplayError
+
+SECTIONS = (*STAGES, "round")
 
 
 def _stage_configs() -> dict[str, type]:
@@ -60,7 +62,7 @@ def load_settings(path: str | None, overrides: list[str] = ()) -> dict[str, dict
     for section, cls in configs.items():
         hints = typing.get_type_hints(cls)
         fields[section] = {f.name: hints[f.name] for f in dataclasses.fields(cls)
-                           if f.name not in ("round", "stage", "extra", "table")}
+                           if f.name not in ("round", "stage")}
     raw: dict[str, dict] = {s: {} for s in SECTIONS}
     if path:
         try:

@@ -9,12 +9,15 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .errors import ReplayError
+from ..errors import ReplayError
+
+if TYPE_CHECKING:  # annotations only: sql, inspect and status print without importing pyarrow
+    import pyarrow as pa
 
 FORMATS = ("table", "csv", "json", "jsonl", "markdown", "parquet")
 # -o FILE without -f: the format from the file's extension
@@ -169,16 +172,13 @@ def markdown_table(table: pa.Table | Rows) -> str:
 
 
 def _atomic(output: str, write) -> None:
-    """Write through a temp file beside `output`, then rename: no half-written result file."""
-    target = Path(output)
-    tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
+    """No half-written result file, even after a crash (replay.storage.local.atomic_write)."""
+    from ..storage.local import atomic_write
+
     try:
-        write(str(tmp))
-        os.replace(tmp, target)
+        atomic_write(Path(output), lambda tmp: write(str(tmp)))
     except OSError as exc:
-        raise ReplayError(f"cannot write {target}: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+        raise ReplayError(f"cannot write {output}: {exc.strerror or exc}") from None
 
 
 def _flatten_lists(table: pa.Table) -> pa.Table:

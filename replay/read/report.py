@@ -17,10 +17,12 @@ from pathlib import Path
 
 import duckdb
 
+from schemas import BASE_ROUND
+
 from . import plots, report_negatives
-from .errors import ReplayError
-from .storage import resolve
-from .store import Store, atomic_write_bytes, utc_now
+from ..errors import ReplayError
+from ..storage import resolve
+from ..store import Store, atomic_write_bytes, utc_now
 
 QUERIES = {
     "eval": "SELECT round, adapter_name, dataset, k, pass_at_k, n_prompts, n_samples FROM eval_passk "
@@ -94,7 +96,7 @@ def adapters_section(rows: list[dict], learn: list[dict]) -> Section:
     s = Section("passk_by_adapter", "pass@k by adapter (objective)")
     per_round = defaultdict(set)
     for r in rows:
-        if r["round"] != plots.BASE_ROUND:
+        if r["round"] != BASE_ROUND:
             per_round[r["round"]].add(r["adapter_name"])
     several = [rnd for rnd, names in per_round.items() if len(names) > 1]
     if not several:
@@ -102,7 +104,7 @@ def adapters_section(rows: list[dict], learn: list[dict]) -> Section:
                   "`replay learn --adapter-name NAME --objective OBJ` and evaluate them to compare here.")
         return s
     rnd = max(several)
-    chosen = [r for r in rows if r["round"] in (rnd, plots.BASE_ROUND)]
+    chosen = [r for r in rows if r["round"] in (rnd, BASE_ROUND)]
     datasets = len({r["dataset"] for r in chosen}) > 1
     objective = {(r["round"], r["adapter_name"]): f" ({r['objective']})" for r in learn
                  if r["objective"] != r["adapter_name"]}
@@ -163,7 +165,7 @@ def rescue_eval_section(rows: list[dict]) -> Section:
                   "where round = 0\"` measures how many once-negative prompts each policy now solves.")
         return s
     many_sets = len({r["prompt_set_id"] for r in rows}) > 1
-    entries = [(f"{'base' if r['round'] == plots.BASE_ROUND else r['adapter_name'] + ' r' + str(r['round'])}"
+    entries = [(f"{'base' if r['round'] == BASE_ROUND else r['adapter_name'] + ' r' + str(r['round'])}"
                 + (f" · {r['prompt_set_id']}" if many_sets else ""), r["k"], r["pass_at_k"], r["n_prompts"]) for r in rows]
     s.figures = [(s.slug, plots.to_png(plots.grouped_bars(entries, "pass@k on the prompt set", "policy")))]
     s.note = ("solved: the share of the set's prompts solved at least once in n samples (pass@n); pass@k is the "
@@ -240,7 +242,7 @@ def compare_sections(stores: list[tuple[str, dict]]) -> list[Section]:
         lines.figures = [(lines.slug, plots.to_png(plots.passk_lines(plots.passk_series(evals),
                                                                       f"pass@k by round: {names}")))]
         chosen = plots.latest_passk(evals)
-        entries = [(f"base ({r['store']})" if r["round"] == plots.BASE_ROUND else f"{r['store']} · "
+        entries = [(f"base ({r['store']})" if r["round"] == BASE_ROUND else f"{r['store']} · "
                     f"{r['adapter_name']} (round {r['round']})", r["k"], r["pass_at_k"], r["n_prompts"]) for r in chosen]
         finals.figures = [(finals.slug, plots.to_png(plots.grouped_bars(entries, f"Latest pass@k: {names}")))]
         finals.columns, finals.rows = passk_table(chosen)

@@ -1,4 +1,5 @@
-"""The stage commands of the CLI: generate, score, import, learn, round, eval (see cli.py)."""
+"""The stage commands: generate, score, import, learn, round, eval. Each builds its stage's config and
+calls the stage's `run`; heavy imports happen inside the command."""
 
 from __future__ import annotations
 
@@ -6,12 +7,23 @@ from typing import Optional
 
 import typer
 
-from .cli import StoreOpt, command
-from .errors import ReplayError
+from .app import StoreOpt, command
+from ..core import AGGREGATIONS, D_IMP_MODES, OBJECTIVES
+from ..errors import ReplayError
+from ..learn.config import DEVICES, DTYPES, LearnConfig
 
 
 ReportToOpt = typer.Option("none", "--report-to", help="Live metrics: none | tensorboard (event files under "
                           "<store>/logs/tb/) | wandb (honours WANDB_MODE, WANDB_PROJECT, WANDB_DIR).")
+
+
+def config_from(cls, values: dict, **converted):
+    """A stage config from a command's parameters: each field of `cls` taken from the parameter of the
+    same name (`converted` for those the CLI spells differently), so no field is restated by hand."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names} | converted)
 
 
 def _levels(text: str) -> tuple[int, ...]:
@@ -70,7 +82,8 @@ def generate(
 def score(
     store: str = StoreOpt,
     round: int = typer.Option(0, "--round", "-r"),
-    workers: Optional[int] = typer.Option(None, help="Verifier worker processes (default: measured best here)."),
+    workers: Optional[int] = typer.Option(None, help="Verifier worker processes (default: one per CPU this "
+                                           "process may use; 2 on 2 cores measured best, docs/BENCHMARKS.md)."),
     timeout: float = typer.Option(10.0, help="Hard wall-clock limit per answer, seconds (then status=timeout)."),
     rescore: bool = typer.Option(False, help="Re-verify rollouts lacking a verdict of the current verifier version."),
     shard: str = typer.Option("0/1", help="i/n: this worker's share of the rollouts (by prompt_id, as generate)."),
@@ -112,39 +125,48 @@ def import_(
         typer.echo(f"note: {record['note']}")
 
 
+L = LearnConfig()  # the defaults below are the dataclass's: written once, there
+
+
 @command(long_running=True, short_help="Train the round's LoRA adapter on stored rollouts.")
 def learn(
     store: str = StoreOpt,
-    round: int = typer.Option(0, "--round", "-r", help="Learn round: trains on its scored rollouts."),
-    objective: str = typer.Option("lens", help="grpo | lens | nsr | psr | w_reinforce"),
-    adapter_name: str = typer.Option("main", help="Another name trains a side adapter (same-data A/B)."),
-    window: int = typer.Option(1, help="Train on the last K rounds of rollouts (whole groups)."),
-    where: Optional[str] = typer.Option(None, help="SQL predicate over the samples view (group kept if any matches)."),
-    recompute_old_logprobs: bool = typer.Option(False, help="Recompute behaviour logprobs with each row's policy."),
-    fresh: bool = typer.Option(False, help="Start a new LoRA instead of continuing round-1's adapter."),
-    model: Optional[str] = typer.Option(None, help="Base model (default: the store's)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (auto: CUDA when available)."),
-    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 (auto: bf16 on a GPU that has it). "
-                                           "LoRA weights and optimizer state stay float32."),
+    round: int = typer.Option(L.round, "--round", "-r", help="Learn round: trains on its scored rollouts."),
+    objective: str = typer.Option(L.objective, help=" | ".join(OBJECTIVES)),
+    adapter_name: str = typer.Option(L.adapter_name, help="Another name trains a side adapter (same-data A/B)."),
+    window: int = typer.Option(L.window, help="Train on the last K rounds of rollouts (whole groups)."),
+    where: Optional[str] = typer.Option(L.where, help="SQL predicate over the samples view (group kept if any "
+                                        "matches)."),
+    recompute_old_logprobs: bool = typer.Option(L.recompute_old_logprobs, help="Recompute behaviour logprobs with "
+                                                "each row's policy."),
+    fresh: bool = typer.Option(not L.init_from_previous, help="Start a new LoRA instead of continuing round-1's "
+                               "adapter."),
+    model: Optional[str] = typer.Option(L.model, help="Base model (default: the store's)."),
+    device: str = typer.Option(L.device, help=f"{DEVICES} (auto: CUDA when available)."),
+    dtype: str = typer.Option(L.dtype, help=" | ".join(DTYPES) + " (auto: bf16 on a GPU that has it). "
+                              "LoRA weights and optimizer state stay float32."),
     nproc: int = typer.Option(1, help="Processes (one per GPU): >1 re-runs this command under torchrun."),
-    lora_r: int = typer.Option(16), lora_alpha: int = typer.Option(32), lora_dropout: float = typer.Option(0.0),
-    target_modules: str = typer.Option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"),
-    lr: float = typer.Option(1e-5), epochs: int = typer.Option(1),
-    micro_batch_size: int = typer.Option(4), grad_accum: int = typer.Option(4),
-    max_grad_norm: float = typer.Option(1.0),
-    clip_eps: float = typer.Option(0.2), clip_eps_high: Optional[float] = typer.Option(None),
-    dual_clip: Optional[float] = typer.Option(3.0, help="Dual-clip bound for negative advantages (0: off)."),
-    tis_cap: Optional[float] = typer.Option(None, help="Truncated importance weight cap (off by default)."),
-    aggregation: str = typer.Option("seq-mean-token-mean", help="seq-mean-token-mean | token-mean"),
-    lens_alpha: float = typer.Option(0.25, help="LENS loss weight of negative groups."),
-    lens_d_imp: str = typer.Option("confidence", help="confidence | off | sequence"),
-    w_reinforce_lambda: float = typer.Option(0.1, help="W-REINFORCE weight of correct samples."),
-    gradient_checkpointing: bool = typer.Option(False),
-    zero_advantage: str = typer.Option("skip", help="skip: rows with zero advantage or weight leave the step plan "
-                                       "(fewer steps, no compute) | keep: they stay in it and count in each step's "
-                                       "normaliser with loss 0, as a fixed global batch (step-matched objectives)."),
-    seed: int = typer.Option(0),
-    force: bool = typer.Option(False, help="Retrain a round whose learn is already complete."),
+    lora_r: int = typer.Option(L.lora_r), lora_alpha: int = typer.Option(L.lora_alpha),
+    lora_dropout: float = typer.Option(L.lora_dropout),
+    target_modules: str = typer.Option(",".join(L.target_modules), help="Comma-separated module names."),
+    lr: float = typer.Option(L.lr), epochs: int = typer.Option(L.epochs),
+    micro_batch_size: int = typer.Option(L.micro_batch_size), grad_accum: int = typer.Option(L.grad_accum),
+    max_grad_norm: float = typer.Option(L.max_grad_norm),
+    clip_eps: float = typer.Option(L.clip_eps), clip_eps_high: Optional[float] = typer.Option(L.clip_eps_high),
+    dual_clip: Optional[float] = typer.Option(L.dual_clip, help="Dual-clip bound for negative advantages (0: off)."),
+    tis_cap: Optional[float] = typer.Option(L.tis_cap, help="Truncated importance weight cap (off by default)."),
+    aggregation: str = typer.Option(L.aggregation, help=" | ".join(AGGREGATIONS)),
+    lens_alpha: float = typer.Option(L.lens_alpha, help="LENS loss weight of negative groups."),
+    lens_d_imp: str = typer.Option(L.lens_d_imp, help=" | ".join(D_IMP_MODES)),
+    lens_inv_group_size: bool = typer.Option(L.lens_inv_group_size, help="LENS: scale negative groups by 1/G."),
+    w_reinforce_lambda: float = typer.Option(L.w_reinforce_lambda, help="W-REINFORCE weight of correct samples."),
+    gradient_checkpointing: bool = typer.Option(L.gradient_checkpointing),
+    zero_advantage: str = typer.Option(L.zero_advantage, help="skip: rows with zero advantage or weight leave the "
+                                       "step plan (fewer steps, no compute) | keep: they stay in it and count in "
+                                       "each step's normaliser with loss 0, as a fixed global batch (step-matched "
+                                       "objectives)."),
+    seed: int = typer.Option(L.seed),
+    force: bool = typer.Option(L.force, help="Retrain a round whose learn is already complete."),
     report_to: str = ReportToOpt,
 ):
     """Train the round's LoRA adapter on stored rollouts (continues round-1's adapter by default)."""
@@ -152,19 +174,10 @@ def learn(
         from replay.learn.distributed import exec_torchrun
 
         exec_torchrun(nproc)  # does not return
-    from stages.learn import LearnConfig, run
+    from stages.learn import run
 
-    cfg = LearnConfig(round=round, objective=objective, adapter_name=adapter_name, window=window, where=where,
-                      recompute_old_logprobs=recompute_old_logprobs, init_from_previous=not fresh, model=model,
-                      device=device, dtype=dtype,
-                      lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                      target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()),
-                      lr=lr, epochs=epochs, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
-                      max_grad_norm=max_grad_norm, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
-                      dual_clip=dual_clip or None, tis_cap=tis_cap, aggregation=aggregation,
-                      lens_alpha=lens_alpha, lens_d_imp=lens_d_imp, w_reinforce_lambda=w_reinforce_lambda,
-                      zero_advantage=zero_advantage,
-                      gradient_checkpointing=gradient_checkpointing, seed=seed, force=force, report_to=report_to)
+    cfg = config_from(LearnConfig, locals(), init_from_previous=not fresh, dual_clip=dual_clip or None,
+                      target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()))
     record = run(store, cfg)
     if record.get("rank", 0) != 0:
         return  # under torchrun rank 0 alone reports
@@ -191,7 +204,7 @@ def round_(
     """One cron tick: run the next unfinished round's missing stages (generate -> score -> learn).
 
     Exit codes: 0 done, or another tick holds the store lock (message says so); 1 error."""
-    from replay.config import load_settings
+    from .settings import load_settings
     from stages.round import EXIT_LOCKED, RoundLocked, run
 
     settings = load_settings(config, set_)
@@ -227,7 +240,7 @@ def eval_(
     report_to: str = ReportToOpt,
 ):
     """pass@k (k = 1, 2, 4, ..., n) of a round's policy on held-out prompts, overall and per level/subject."""
-    from replay.render import print_table
+    from ..read.formats import print_table
     from stages.eval import EvalConfig, run
     from stages.generate import GenerateConfig
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from replay.errors import ReplayError
-from replay.store import Store
+from ..errors import ReplayError
+from ..store import Store
 
 FORMATS = ("trl", "jsonl")
 
@@ -40,7 +40,7 @@ def run(store_path: str, fmt: str, out: str, round: int | None = None) -> int:
         if missing:
             raise ReplayError(f"{missing} rollouts have no token ids/logprobs (imported text): "
                               f"use --format jsonl for them")
-    from replay.render import write_result
+    from .formats import write_result
 
     path = Path(out)
     write_result(table, "parquet" if path.suffix == ".parquet" else "jsonl", str(path))

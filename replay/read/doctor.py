@@ -21,8 +21,10 @@ import pyarrow.parquet as pq
 
 import schemas
 
-from .storage import is_remote, resolve, storage_of
-from .store import STORE_FILE, _duckdb_type, _pid_alive
+from ..adapters import MARKER
+from ..storage import is_remote, resolve, storage_of
+from ..storage.local import pid_alive
+from ..store import STORE_FILE, duckdb_type
 
 EXAMPLES = 5  # duplicate keys listed one per line; the total is always given
 # (what, SQL yielding filename, count, example): one problem per file
@@ -193,7 +195,7 @@ def _read_pages(path: Path) -> str | None:
 # -- cross-file checks (DuckDB) -----------------------------------------------------------------
 def _register(con: duckdb.DuckDBPyConnection, table: str, files: list[Path]) -> None:
     if not files:  # an empty relation of the same columns, so every check still binds
-        cols = [f'CAST(NULL AS {_duckdb_type(f.type)}) AS "{f.name}"' for f in schemas.TABLES[table]]
+        cols = [f'CAST(NULL AS {duckdb_type(f.type)}) AS "{f.name}"' for f in schemas.TABLES[table]]
         con.execute(f"CREATE VIEW {table} AS SELECT {', '.join(cols)}, NULL::VARCHAR AS filename WHERE false")
         return
     listed = ", ".join("'" + str(p).replace("'", "''") + "'" for p in files)
@@ -327,8 +329,8 @@ def _manifest_counts(result: Diagnosis, con, manifests) -> None:
                 result.add(path, f"complete {stage} recorded {counts[key]} {key}, but the files of round {round} "
                                  f"hold {held.get(round, 0)} {'groups' if key == 'prompts' else 'scored rollouts'}")
         elif record["status"] == "complete" and kind == "learn":
-            name = stage.split(".", 1)[1] if "." in stage else "main"
-            adapter = result.root / "adapters" / ("" if name == "main" else f"name={name}") / f"round={round}"
+            name = schemas.adapter_of_learn_stage(stage)
+            adapter = result.root / "adapters" / ("" if name == schemas.MAIN_ADAPTER else f"name={name}") / f"round={round}"
             if not adapter.is_dir():
                 result.add(path, f"complete {stage}, but its adapter directory {adapter} is missing")
             for table, key in (("learn_audit", "samples"), ("learn_metrics", "optimizer_steps")):
@@ -341,8 +343,8 @@ def _manifest_counts(result: Diagnosis, con, manifests) -> None:
 
 def _group_summaries(result: Diagnosis) -> None:
     """A current group summary must equal the aggregation of its round's rows (replay/summary.py)."""
-    from . import summary
-    from .store import Store, StoreError
+    from .. import summary
+    from ..store import Store, StoreError
 
     try:
         problems = summary.check(Store.open(result.root))
@@ -358,7 +360,7 @@ def _adapters(result: Diagnosis) -> None:
     base = result.root / "adapters"
     for directory in sorted(d for d in [*base.glob("round=*"), *base.glob("name=*/round=*")] if d.is_dir()):
         result.adapters += 1
-        config = directory / "adapter_config.json"
+        config = directory / MARKER
         try:
             record = json.loads(config.read_text(encoding="utf-8"))
             if not isinstance(record, dict) or "peft_type" not in record:
@@ -407,7 +409,7 @@ def _temp_files(result: Diagnosis) -> None:
     for directory, subdirs, names in os.walk(result.root):
         for name in [n for n in (*subdirs, *names) if n.startswith(".tmp-")]:
             pid = name.split("-")[1]
-            if not (pid.isdigit() and _pid_alive(int(pid))):
+            if not (pid.isdigit() and pid_alive(int(pid))):
                 result.add(Path(directory) / name, f"left by pid {pid or '?'}, not running on this machine: "
                                                    "safe to delete unless a writer elsewhere owns it", "warning")
         subdirs[:] = [d for d in subdirs if not d.startswith(".tmp-") and Path(directory, d) != result.root / "evals"]

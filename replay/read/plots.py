@@ -16,12 +16,12 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from schemas import BASE_ROUND
+
 SIZE = (8, 4.5)
 DPI = 110
-BASE_ROUND = -1
 KINDS = ("negative", "mixed", "positive")
 KIND_COLORS = {"negative": "#d62728", "mixed": "#ff9f1c", "positive": "#2ca02c"}
-MARKERS = "osD^v<>ph*"
 STYLES = ("-", "--", ":", "-.")
 LEARN_PANELS = (("loss", "loss"), ("clip_frac", "clip fraction"),
                 ("nonzero_adv_share", "share of samples with non-zero advantage"), ("grad_norm", "grad norm"),
@@ -117,20 +117,27 @@ def shown_ks(ks, most: int = 4) -> list[int]:
 
 
 def passk_lines(series: dict[tuple[str, int], list[tuple[int, float]]], title: str) -> Figure:
-    """One line per (series, k): colour per series (per k when there is one series), marker per k."""
-    fig, ax = _axes(title, "round (policy after learning that round)", "pass@k")
+    """Small multiples: one panel per k (at most four, `shown_ks`), one line and colour per policy,
+    the same colour in every panel and a shared y axis, so panels compare at a glance."""
     ks = shown_ks(k for _, k in series)
-    series = {key: points for key, points in series.items() if key[1] in ks}
-    labels = sorted({label for label, _ in series})
-    colors = _colors(len(labels) if len(labels) > 1 else len(ks))
-    for (label, k), points in series.items():
-        i, j = labels.index(label), ks.index(k)
-        rounds, values = zip(*points)
-        ax.plot(rounds, values, marker=MARKERS[j % len(MARKERS)], linestyle=STYLES[j % len(STYLES)] if len(labels) > 1
-                else "-", color=colors[i if len(labels) > 1 else j], label=f"{label} pass@{k}".strip())
-    _round_ticks(ax, [r for points in series.values() for r, _ in points])
-    ax.set_ylim(0, 1.02)
-    _legend_right(ax)
+    labels = sorted({label for label, k in series if k in ks})
+    colors = dict(zip(labels, _colors(len(labels))))
+    fig = Figure(figsize=(2.2 + 3.2 * len(ks), 4), dpi=DPI, layout="constrained")
+    fig.suptitle(title)
+    axes = fig.subplots(1, len(ks), sharey=True, squeeze=False)[0]
+    for ax, k in zip(axes, ks):
+        ax.set_title(f"pass@{k}")
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+        for label in labels:
+            if points := series.get((label, k)):
+                rounds, values = zip(*points)
+                ax.plot(rounds, values, marker="o", color=colors[label], label=label)
+        _round_ticks(ax, [r for (_, key_k), points in series.items() if key_k == k for r, _ in points])
+        ax.set_ylim(0, 1.02)
+    axes[0].set_ylabel("pass@k (policy after learning that round)")
+    if any(labels):  # one unnamed policy needs no legend
+        _legend_right(axes[-1])
     return fig
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from .errors import ReplayError
-from .render import Rows
-from .store import Store
+from schemas import STAGES
 
-STAGES = ("generate", "score", "learn")
+from .. import adapters
+from ..errors import ReplayError
+from .formats import Rows
+from ..store import Store
+
 INSPECT_REPORTS = ("rounds", "negatives", "mistakes", "prompt")
 
 
@@ -73,7 +75,7 @@ def status_table(store: Store) -> Rows:
         row["rollouts"] = counts["rollouts"].get(round, 0)
         row["verdicts"] = counts["verdicts"].get(round, 0)
         row["learn_rows"] = counts["learn_audit"].get(round, 0)
-        row["adapter"] = "yes" if (store.adapter_dir(round) / "adapter_config.json").exists() else "-"
+        row["adapter"] = "yes" if adapters.exists(store.adapter_dir(round)) else "-"
         rows.append(row)
     names = ["round", *STAGES, "rollouts", "verdicts", "learn_rows", "adapter"]
     return Rows.from_pylist(rows, names)

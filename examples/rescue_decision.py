@@ -39,6 +39,25 @@ def paired_interval(a: dict, b: dict, resamples: int, rng) -> tuple[float, float
     return float(diff.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+def paired_table(store: Store, first: str, second: str, resamples: int, rng) -> list:
+    """Per seed: solved shares of arms `first` and `second` (name prefixes), their paired difference
+    and interval; returns [first > second] per seed (None where a seed is not evaluated yet)."""
+    print(f"| seed | {first} solved | {second} solved | {first} − {second} | 95 % interval | {first} > {second} |")
+    print("|---|---|---|---|---|---|")
+    wins = []
+    for seed in SEEDS:
+        a, b = solved_per_prompt(store, f"{first}-s{seed}"), solved_per_prompt(store, f"{second}-s{seed}")
+        if not a or not b:
+            print(f"| {seed} | – | – | – | not evaluated yet | – |")
+            wins.append(None)
+            continue
+        mean, lo, hi = paired_interval(a, b, resamples, rng)
+        share_a, share_b = np.mean(list(a.values())), np.mean(list(b.values()))
+        wins.append(bool(share_a > share_b))
+        print(f"| {seed} | {share_a:.3f} | {share_b:.3f} | {mean:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {share_a > share_b} |")
+    return wins
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("store")
@@ -46,23 +65,22 @@ def main() -> None:
     args = parser.parse_args()
     store = Store.open(args.store)
     rng = np.random.default_rng(0)
-    print("| seed | A solved | B solved | A − B | 95 % interval | A > B |\n|---|---|---|---|---|---|")
-    wins = []
-    for seed in SEEDS:
-        a, b = solved_per_prompt(store, f"A-lens-s{seed}"), solved_per_prompt(store, f"B-lens0-s{seed}")
-        if not a or not b:
-            print(f"| {seed} | – | – | – | not evaluated yet | – |")
-            wins.append(None)
-            continue
-        mean, lo, hi = paired_interval(a, b, args.resamples, rng)
-        share_a, share_b = np.mean(list(a.values())), np.mean(list(b.values()))
-        wins.append(share_a > share_b)
-        print(f"| {seed} | {share_a:.3f} | {share_b:.3f} | {mean:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {share_a > share_b} |")
+    rescue = store.query("SELECT adapter_name, n_prompts, n_samples, k, pass_at_k, solved_share FROM rescue_eval "
+                         "WHERE k = 1 ORDER BY adapter_name").to_pylist()
+    print("Primary outcome per policy, on the round-0 negative training prompts P:\n")
+    print("| policy | prompts | samples | solved at least once | pass@1 on P |\n|---|---|---|---|---|")
+    for r in rescue:
+        print(f"| {r['adapter_name']} | {r['n_prompts']} | {r['n_samples']} | {r['solved_share']:.4f} | "
+              f"{r['pass_at_k']:.4f} |")
+    print("\nDecision: A (LENS α = 0.25) vs B (α = 0, rows kept), paired by prompt:\n")
+    wins = paired_table(store, "A-lens", "B-lens0", args.resamples, rng)
     if None in wins:
         print("\ndecision: not yet (some seeds are not evaluated)")
     else:
         print("\ndecision: negative-group learning " + ("helps (A > B in every seed)" if all(wins) else
                                                         "shows no detectable effect (A > B not in every seed)"))
+    print("\nDescribed, not decided on: A vs D (GRPO, step-matched):\n")
+    paired_table(store, "A-lens", "D-grpokeep", args.resamples, rng)
     held = store.query("SELECT adapter_name, round, k, pass_at_k, n_prompts FROM eval_passk WHERE group_by = 'all' "
                        "AND dataset LIKE 'arith:test:%' AND k IN (1, 8) ORDER BY adapter_name, k").to_pylist()
     print("\n| policy | k | held-out pass@k | prompts |\n|---|---|---|---|")

@@ -170,7 +170,7 @@ def test_answer_helpers_never_raise_and_keep_their_promises(text, filler):
     answers.prepare_completion(long).encode("utf-8")
     assert "\\boxed" in answers.gold_latex(text)
     assert len(answers.clip(text, 5)) <= 5
-    if "####" in text:
+    if "####" in text and text.rpartition("####")[2].strip().replace(",", ""):
         assert isinstance(answers.split_gsm8k_answer(text), tuple)
         assert "\\boxed{" in answers.boxed_gsm8k_completion(text)
     else:

@@ -7,7 +7,7 @@ work missing and both write it: duplicate keys. Each stage run holds an exclusiv
 lock shared, so shards run side by side but never beside an unsharded run or a second copy of
 themselves. The kernel releases a lock when its holder dies (kill -9 included), so a crashed
 holder never leaves a stale lock behind. On an `s3://` store the lock is a lease object taken by
-conditional write (replay.storage.s3.S3Lease), stale once its holder stops renewing it; shards
+conditional write (replay.storage.s3_lease.S3Lease), stale once its holder stops renewing it; shards
 there lock only their own shard.
 """
 
@@ -45,7 +45,7 @@ def lock_name(round: int, table: str, shard: tuple[int, int]) -> str:
 
 @contextlib.contextmanager
 def _lease(root, name: str, stage: str, round: int) -> Iterator[None]:
-    from .storage.s3 import LeaseHeld
+    from .storage.s3_lease import LeaseHeld
 
     lease = root.storage.lease(name, LEASE_SECONDS, holder=f"{stage}, pid {os.getpid()} on {socket.gethostname()}")
     try:

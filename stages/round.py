@@ -4,7 +4,7 @@ The next round is the first one whose learn manifest is not complete. Each stage
 and resumable, so a tick killed at any moment is finished by the next one: generate skips stored
 groups, score skips scored rollouts, learn skips a complete round and replaces its own partial
 outputs. Only one tick works on a store at a time: flock on <store>/.round.lock, or on an s3://
-store a lease object of that name taken by conditional write (replay.storage.s3.S3Lease).
+store a lease object of that name taken by conditional write (replay.storage.s3_lease.S3Lease).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class RoundResult:
 @contextlib.contextmanager
 def store_lock(root: Path, wait: bool = False) -> Iterator[None]:
     if is_remote(root):
-        from replay.storage.s3 import LeaseHeld
+        from replay.storage.s3_lease import LeaseHeld
 
         lease = root.storage.lease(LOCK_FILE, LEASE_SECONDS)
         try:

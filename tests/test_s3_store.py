@@ -21,7 +21,9 @@ pytest.importorskip("moto.server")
 from replay.read.doctor import diagnose  # noqa: E402
 from replay.errors import ReplayError  # noqa: E402
 from replay.storage import StorageError, resolve  # noqa: E402
-from replay.storage.s3 import LeaseHeld, S3Lease, StoreFileSystem, client  # noqa: E402
+from replay.storage.s3 import client  # noqa: E402
+from replay.storage.s3_duckdb import StoreFileSystem  # noqa: E402
+from replay.storage.s3_lease import LeaseHeld, S3Lease  # noqa: E402
 from replay.store import Store  # noqa: E402
 from tests._cli import invoke  # noqa: E402
 from tests._s3 import new_bucket, s3_server  # noqa: E402

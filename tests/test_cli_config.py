@@ -86,3 +86,36 @@ def test_learn_flags_reach_the_config(monkeypatch, tmp_path):
     # every field was set away from its default above: a flag the command dropped would show here
     changed = {f.name for f in dataclasses.fields(LearnConfig) if getattr(cfg, f.name) != getattr(LearnConfig(), f.name)}
     assert changed == {f.name for f in dataclasses.fields(LearnConfig)}
+
+
+@pytest.mark.parametrize("command, module, args, expected", [
+    ("generate", "stages.generate",
+     ["--round", "2", "--dataset", "d.jsonl", "--num-prompts", "0", "--split", "test", "--dataset-config", "c",
+      "--dataset-split", "s", "--problem-key", "q", "--answer-key", "a", "--levels", "2,3", "--model", "m",
+      "--engine", "transformers", "--adapter", "none", "-G", "3", "--temperature", "0.5", "--top-p", "0.9",
+      "--top-k", "5", "--max-new-tokens", "9", "--seed", "4", "--batch-size", "2", "--shard", "1/2",
+      "--prompts", "select 1"],
+     GenerateConfig(round=2, dataset="d.jsonl", num_prompts=None, split="test", dataset_config="c",
+                    dataset_split="s", problem_key="q", answer_key="a", levels=(2, 3), model="m",
+                    engine="transformers", adapter="none", num_samples=3, temperature=0.5, top_p=0.9, top_k=5,
+                    max_new_tokens=9, seed=4, batch_size=2, shard="1/2", prompts="select 1")),
+    ("score", "stages.score", ["--round", "3", "--workers", "5", "--timeout", "2", "--rescore", "--shard", "0/3"],
+     ScoreConfig(round=3, workers=5, timeout=2.0, rescore=True, shard="0/3")),
+    ("import", "stages.import_rollouts",
+     ["f.jsonl", "--round", "1", "--source", "s", "--problem-key", "p", "--answer-key", "a",
+      "--completion-key", "c", "--model", "m", "--tokenizer", "t"],
+     ImportConfig(round=1, file="f.jsonl", source="s", problem_key="p", answer_key="a", completion_key="c",
+                  model="m", tokenizer="t")),
+])
+def test_stage_flags_reach_their_config(monkeypatch, tmp_path, command, module, args, expected):
+    from typer.testing import CliRunner
+
+    seen = {}
+
+    def fake_run(store, cfg):
+        seen["cfg"] = cfg
+        raise SystemExit(0)  # the command's summary line needs counts a fake run does not have
+
+    monkeypatch.setattr(f"{module}.run", fake_run)
+    CliRunner().invoke(app, [command, "--store", str(tmp_path), *args])
+    assert seen["cfg"] == expected

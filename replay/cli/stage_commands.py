@@ -66,13 +66,7 @@ def generate(
     """Sample G completions per prompt and store them with token ids and per-token logprobs."""
     from stages.generate import GenerateConfig, run
 
-    cfg = GenerateConfig(round=round, dataset=dataset, num_prompts=num_prompts or None, split=split,
-                         dataset_config=dataset_config, dataset_split=dataset_split,
-                         problem_key=problem_key, answer_key=answer_key, levels=_levels(levels), model=model,
-                         engine=engine, adapter=adapter, num_samples=num_samples, temperature=temperature,
-                         top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed,
-                         batch_size=batch_size, shard=shard, prompts=prompts)
-    record = run(store, cfg)
+    record = run(store, config_from(GenerateConfig, locals(), num_prompts=num_prompts or None, levels=_levels(levels)))
     c = record["counts"]
     typer.echo(f"round {round}: {c['groups_written']} groups written ({c['rollouts_written']} rollouts, "
                f"{c['tokens_written']} tokens), {c['groups_already_stored']} already stored")
@@ -91,7 +85,7 @@ def score(
     """Verify the round's unscored rollouts with math-verify (worker processes, hard timeouts)."""
     from stages.score import ScoreConfig, run
 
-    record = run(store, ScoreConfig(round=round, workers=workers, timeout=timeout, rescore=rescore, shard=shard))
+    record = run(store, config_from(ScoreConfig, locals()))
     c = record["counts"]
     statuses = ", ".join(f"{k}={v}" for k, v in sorted(c["statuses"].items())) or "nothing new"
     typer.echo(f"round {round}: scored {c['scored']} ({c['correct']} correct; {statuses}), "
@@ -115,9 +109,7 @@ def import_(
     """Import completions made elsewhere as rollouts of a round (groups formed by problem)."""
     from stages.import_rollouts import ImportConfig, run
 
-    cfg = ImportConfig(round=round, file=file, source=source, problem_key=problem_key, answer_key=answer_key,
-                       completion_key=completion_key, model=model, tokenizer=tokenizer)
-    record = run(store, cfg)
+    record = run(store, config_from(ImportConfig, locals()))
     c = record["counts"]
     typer.echo(f"round {round}: imported {c['rollouts_written']} rollouts of {c['prompts']} problems "
                f"({c['groups_already_stored']} groups already stored)")

@@ -44,17 +44,25 @@ def paired_table(store: Store, first: str, second: str, resamples: int, rng) -> 
     and interval; returns [first > second] per seed (None where a seed is not evaluated yet)."""
     print(f"| seed | {first} solved | {second} solved | {first} − {second} | 95 % interval | {first} > {second} |")
     print("|---|---|---|---|---|---|")
-    wins = []
+    wins, pairs = [], []
     for seed in SEEDS:
         a, b = solved_per_prompt(store, f"{first}-s{seed}"), solved_per_prompt(store, f"{second}-s{seed}")
         if not a or not b:
             print(f"| {seed} | – | – | – | not evaluated yet | – |")
             wins.append(None)
             continue
+        pairs.append((a, b))
         mean, lo, hi = paired_interval(a, b, resamples, rng)
         share_a, share_b = np.mean(list(a.values())), np.mean(list(b.values()))
         wins.append(bool(share_a > share_b))
         print(f"| {seed} | {share_a:.3f} | {share_b:.3f} | {mean:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {share_a > share_b} |")
+    if len(pairs) > 1:  # descriptive: per prompt, the seeds' mean of each arm, resampled by prompt
+        ids = sorted(set.intersection(*(set(a) & set(b) for a, b in pairs)))
+        pooled_a = {i: np.mean([a[i] for a, _ in pairs]) for i in ids}
+        pooled_b = {i: np.mean([b[i] for _, b in pairs]) for i in ids}
+        mean, lo, hi = paired_interval(pooled_a, pooled_b, resamples, rng)
+        print(f"| mean of {len(pairs)} seeds | {np.mean(list(pooled_a.values())):.3f} | "
+              f"{np.mean(list(pooled_b.values())):.3f} | {mean:+.3f} | [{lo:+.3f}, {hi:+.3f}] | – |")
     return wins
 
 

@@ -38,3 +38,5 @@ def test_the_rule_needs_a_win_in_every_seed(tmp_path):
     out = run(main)
     assert "| 2 | 0.000 | 0.250 | -0.250 |" in out and "| False |" in out
     assert "shows no detectable effect" in out
+    # per prompt the seeds' mean: A solves p0, p1 in 2 of 3 seeds (0.333 overall), B p0 in all (0.250)
+    assert "| mean of 3 seeds | 0.333 | 0.250 | +0.083 |" in out

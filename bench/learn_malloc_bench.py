@@ -7,9 +7,12 @@ Builds a store of synthetic rollouts for the model (random prompt tokens, 64 lon
 of random tokens, lengths uniform in [len/4, len]; groups of 8, a quarter all wrong, the rest
 mixed; stored logprobs -2 per token, T = 1), then runs `python -m replay learn --objective lens`
 once per mode in a fresh process (1 torch thread) and reports wall and CPU seconds, minor page
-faults and peak RSS of each (os.wait4). Modes: trim (malloc_trim after each optimizer step, the
-default), mmap (128 KiB mmap threshold, the former default), 0 (glibc's defaults). MODE/N runs
-`replay learn --nproc N` (torchrun, gloo) with --grad-accum 4/N: the same global batch of 16.
+faults and peak RSS of each (os.wait4). Modes: trim (malloc_trim after each backward pass, the
+default), mmap (128 KiB mmap threshold, the former default), 0 (glibc's defaults); trim and mmap
+also put torch's large blocks on huge pages (THP_MEM_ALLOC_ENABLE=1). MODE,VAR=VALUE sets an
+environment variable for that run (`trim,THP_MEM_ALLOC_ENABLE=0`: trim without huge pages).
+MODE/N runs `replay learn --nproc N` (torchrun, gloo). Every run has the same global batch of 16:
+micro-batch --micro, accumulation 16 / (micro x N).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 GROUP = 8
+GLOBAL_BATCH = 16
 
 
 def build_store(root: Path, model: str, samples: int, completion_len: int, vocab: int) -> None:
@@ -61,15 +65,21 @@ def build_store(root: Path, model: str, samples: int, completion_len: int, vocab
     store.write("verdicts", verdicts, round=0)
 
 
-def run_learn(root: Path, variant: str, epochs: int) -> dict:
-    mode, _, nproc = variant.partition("/")
+def run_learn(root: Path, variant: str, epochs: int, micro: int, index: int) -> dict:
+    spec, _, nproc = variant.partition("/")
     nproc = int(nproc or 1)
+    mode, *settings = spec.split(",")
     env = dict(os.environ, REPLAY_MALLOC_TUNING=mode, REPLAY_TORCH_THREADS="1", OMP_NUM_THREADS="1",
                HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    for name in ("MALLOC_MMAP_THRESHOLD_", "THP_MEM_ALLOC_ENABLE"):
+        env.pop(name, None)
+    env.update(setting.split("=", 1) for setting in settings)
+    if GLOBAL_BATCH % (micro * nproc):
+        raise SystemExit(f"--micro {micro} x {nproc} processes does not divide the global batch {GLOBAL_BATCH}")
     cmd = [sys.executable, "-m", "replay", "learn", "--store", str(root), "--round", "0", "--objective", "lens",
-           "--epochs", str(epochs), "--adapter-name", f"m{mode}-{nproc}", "--device", "cpu",
-           "--micro-batch-size", "4", "--grad-accum", str(4 // nproc), "--nproc", str(nproc)]
+           "--epochs", str(epochs), "--adapter-name", f"run{index}", "--device", "cpu",
+           "--micro-batch-size", str(micro), "--grad-accum", str(GLOBAL_BATCH // (micro * nproc)),
+           "--nproc", str(nproc)]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -87,6 +97,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--completion-len", type=int, default=128)
     parser.add_argument("--modes", nargs="+", default=["trim", "mmap", "0"])
+    parser.add_argument("--micro", type=int, default=4, help="micro-batch size of every run")
     parser.add_argument("--model", default="smollm2-135m")
     args = parser.parse_args()
     from replay.models import resolve_model
@@ -96,11 +107,11 @@ def main() -> None:
         root = Path(tmp) / "store"
         build_store(root, args.model, args.samples, args.completion_len, vocab)
         print(f"lens learn, {args.samples} samples x {args.epochs} epochs, completions <= {args.completion_len} "
-              f"tokens, {args.model}, 1 thread, load {os.getloadavg()[0]:.1f}")
-        print(f"{'mode':6} {'wall s':>8} {'user s':>8} {'sys s':>8} {'minor faults':>13} {'peak RSS GiB':>13}")
-        for mode in args.modes:
-            r = run_learn(root, mode, args.epochs)
-            print(f"{r['mode']:6} {r['wall']:8.1f} {r['user']:8.1f} {r['sys']:8.1f} {r['minor_faults']:13,d} "
+              f"tokens, {args.model}, micro-batch {args.micro}, 1 thread, load {os.getloadavg()[0]:.1f}")
+        print(f"{'mode':32} {'wall s':>8} {'user s':>8} {'sys s':>8} {'minor faults':>13} {'peak RSS GiB':>13}")
+        for index, mode in enumerate(args.modes):
+            r = run_learn(root, mode, args.epochs, args.micro, index)
+            print(f"{r['mode']:32} {r['wall']:8.1f} {r['user']:8.1f} {r['sys']:8.1f} {r['minor_faults']:13,d} "
                   f"{r['peak_rss_gib']:13.2f}", flush=True)
 
 

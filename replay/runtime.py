@@ -55,9 +55,10 @@ def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> str | None:
       trim (default)  malloc_trim(0) after every micro-batch's backward (`trim_freed_memory`)
       mmap            every allocation above `threshold` bytes is its own mmap, returned when freed:
                       the least memory, but a page-fault storm that costs wall time on long runs
-      0               glibc's defaults
-    Returns the mode that took effect: None on other C libraries, with REPLAY_MALLOC_TUNING=0, or
-    when MALLOC_MMAP_THRESHOLD_ is set (the user's choice wins)."""
+      0               glibc's defaults (and torch's: no huge pages)
+    trim and mmap also turn on huge pages for torch's large CPU blocks (THP_MEM_ALLOC_ENABLE=1
+    unless exported). Returns the mode that took effect: None on other C libraries, with
+    REPLAY_MALLOC_TUNING=0, or when MALLOC_MMAP_THRESHOLD_ is set (the user's choice wins)."""
     global _trim
     mode = os.environ.get("REPLAY_MALLOC_TUNING") or "trim"
     if mode not in MODES:
@@ -67,6 +68,10 @@ def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> str | None:
     libc = _libc()
     if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "malloc_trim"):
         return None
+    # torch's CPU allocator aligns blocks of 2 MiB and more to huge pages and madvises them
+    # (read at the first large allocation, so setting it here still counts): fewer page faults and
+    # TLB misses, and a lower peak (bench shape: 3.3 vs 4.0 GiB with trim, same or less time)
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     if mode == "mmap":
         m_mmap_threshold = -3  # <malloc.h>; setting it also turns off the dynamic adjustment
         return "mmap" if libc.mallopt(m_mmap_threshold, int(threshold)) else None

@@ -51,6 +51,39 @@ def test_freed_blocks_return_to_the_os_only_when_applied():
     assert applied == "None" and kept < 50, kept
 
 
+HUGE_PAGE_PROBE = """
+import sys, torch
+from replay.runtime import return_freed_memory
+return_freed_memory()  # after importing torch, as stages/learn.py calls it
+x = torch.ones(16 << 20)  # 64 MiB, allocated after the call
+print(sum(int(l.split()[1]) for l in open("/proc/self/smaps_rollup") if l.startswith("AnonHugePages")) // 1024)
+"""
+
+
+def _thp_setting() -> str:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return "absent"
+    return text[text.index("[") + 1:text.index("]")]
+
+
+@pytest.mark.skipif(_thp_setting() != "madvise", reason="needs transparent huge pages in madvise mode")
+def test_learn_memory_modes_put_torch_blocks_on_huge_pages_unless_told_not_to():
+    """Huge pages for torch's large blocks cut the learn step's peak by a fifth at no time cost
+    (docs/BENCHMARKS.md §7); glibc-default mode and a user's THP_MEM_ALLOC_ENABLE=0 leave them off."""
+    def huge_mib(**env) -> int:
+        base = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "REPLAY_MALLOC_TUNING")}
+        out = subprocess.run([sys.executable, "-c", HUGE_PAGE_PROBE], capture_output=True, text=True,
+                             check=True, env=base | env)
+        return int(out.stdout.split()[-1])
+
+    assert huge_mib() >= 32  # the default (trim)
+    assert huge_mib(REPLAY_MALLOC_TUNING="mmap") >= 32
+    assert huge_mib(REPLAY_MALLOC_TUNING="0") == 0
+    assert huge_mib(THP_MEM_ALLOC_ENABLE="0") == 0
+
+
 def test_stage_commands_make_openmp_threads_wait_passively(tmp_path):
     """Spinning OpenMP threads starve a busy neighbour's core (generate 0.7 vs 8.0 tok/s in
     bench/threads_bench.py): a stage command sets OMP_WAIT_POLICY=PASSIVE before torch loads,

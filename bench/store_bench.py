@@ -7,6 +7,7 @@ question through `replay sql` (CLI subprocess and in-process) vs pandas over JSO
 With --s3 the bench starts an S3 API server on loopback (moto, in its own process), writes every
 batch to a local store and to `s3://bench/store`, and times the negative-group queries on both.
     python bench/store_bench.py --sizes 1e6,1e7 --skip-pandas    # each question per size, side by side
+    python bench/store_bench.py --reuse --out DIR --append 1e6   # the write rate at a kept store's size
 
 With --sizes, each store is written, timed and deleted in turn (unless --keep), and a last table
 puts every question's CLI time, the write rate and the disk of each size next to each other.
@@ -217,6 +218,33 @@ def write_all(store: Store, jsonl_dir: Path | None, n_rollouts: int, part_rows: 
             summary.refresh(store, rnd)
     con.close()
     return {**stats, **clocks}
+
+
+def append_round(store: Store, n_rollouts: int, part_rows: int) -> None:
+    """The write rate at the store's size: one more round of n_rollouts (groups of the stored
+    prompts) written into a kept store, Store.write alone timed, after a sync so that the kernel is
+    not still writing back an earlier run; the round is removed afterwards (the store is as before)."""
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(1)
+    prompts = pq.read_table(store.root / "prompts")
+    difficulty = rng.standard_normal(prompts.num_rows)
+    rnd = max(store.rounds()) + 1
+    n_groups = min(n_rollouts // G, prompts.num_rows)
+    pool = text_pool(rng, 1 << 20)
+    os.sync()
+    clock, written = Clock(), 0
+    try:
+        for lo in range(0, n_groups, max(1, part_rows // G)):
+            rows = np.arange(lo, min(lo + max(1, part_rows // G), n_groups))
+            rollouts, *_ = make_batch(rnd, rows, prompts, difficulty, rng, pool)
+            with clock():
+                store.write("rollouts", rollouts)
+            written += rollouts.num_rows
+    finally:
+        shutil.rmtree(store.table_dir("rollouts", rnd), ignore_errors=True)
+    print(f"append: Store.write of {written:,} rollouts as round {rnd} of the kept store: {clock.wall:.2f} s wall, "
+          f"{clock.cpu:.2f} s CPU: {written / clock.wall:,.0f} rollouts/s wall, {written / clock.cpu:,.0f} per CPU-s")
 
 
 # -- measuring --------------------------------------------------------------------------------
@@ -463,6 +491,8 @@ def measure(args, out: Path, n_rollouts: int) -> dict:
     print(f"\n===== {what}, out {out}, load average {os.getloadavg()[0]:.1f} =====", flush=True)
     if args.reuse:
         store, w = Store.open(store_dir), None
+        if args.append:
+            append_round(store, args.append, args.part_rows)
     else:
         store = Store.create(store_dir, base_model="bench")
         w = write_all(store, jsonl_dir, n_rollouts, args.part_rows)
@@ -588,7 +618,12 @@ def main() -> None:
                     "server on loopback) and compare write rate and query time")
     ap.add_argument("--reuse", action="store_true", help="skip the write: query the store and dumps that "
                     "an earlier --keep run left in --out (implies --keep; one size)")
+    ap.add_argument("--append", type=float, default=0, help="with --reuse: write this many more rollouts into "
+                    "the kept store first and report the write rate at its size (the new round is removed)")
     args = ap.parse_args()
+    args.append = int(args.append)
+    if args.append and not args.reuse:
+        ap.error("--append needs --reuse")
     if args.s3:
         return s3_compare(args)
     sizes = args.sizes or [args.rollouts]

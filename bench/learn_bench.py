@@ -242,16 +242,18 @@ def child_main(args) -> None:
     report_to = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # whatever the libraries print goes to the log, the result line to the parent
     torch.set_num_threads(args.threads)
-    peak_before = matmul_peak()  # and again after the steps: the best of both is the machine's peak
-    data = torch.load(args.data)
     kind, _, size = args.child.partition(":")
     micro = int(size or args.micro)
+    if kind != "trl":
+        from replay.runtime import return_freed_memory
+
+        # as stages/learn.py does, before torch's first allocation (a no-op under --mmap-threshold)
+        return_freed_memory()
+    peak_before = matmul_peak()  # and again after the steps: the best of both is the machine's peak
+    data = torch.load(args.data)
     if kind == "trl":
         out = trl_child(args, data, micro)
     else:
-        from replay.runtime import return_freed_memory
-
-        return_freed_memory()  # as stages/learn.py does (a no-op under --mmap-threshold)
         from replay.learn.policy import token_logprobs
         ours = functools.partial(token_logprobs, chunk_size=args.chunk)
         out = replay_child(args, data, micro, ours if kind == "ours" else naive_token_logprobs)

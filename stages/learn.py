@@ -67,16 +67,18 @@ def run(store_path: str, cfg: LearnConfig) -> dict:
     if done and done.get("status") == "complete" and adapters.exists(out_dir) and not cfg.force:
         return done | {"skipped": True}
 
+    from replay.runtime import configure_torch, return_freed_memory
+
+    return_freed_memory()  # first: torch reads THP_MEM_ALLOC_ENABLE at its first allocation
+
     import torch
 
     from replay.learn import distributed
     from replay.learn.loop import train
     from replay.learn.policy import LoraSettings, load_policy
     from replay.models import pick_device, resolve_model
-    from replay.runtime import configure_torch, return_freed_memory
 
     configure_torch()
-    return_freed_memory()
     torch.manual_seed(cfg.seed)
     ranks, device = distributed.init(cfg.device)
     try:

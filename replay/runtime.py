@@ -34,7 +34,7 @@ def configure_torch() -> None:
 
 
 MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value, held fixed
-MODES = ("trim", "mmap", "0")
+MODES = ("0", "trim", "mmap")
 _trim = None  # libc.malloc_trim once return_freed_memory chose "trim"
 
 
@@ -49,18 +49,21 @@ def _libc():
 
 
 def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> str | None:
-    """Give what a training step frees back to the OS; glibc otherwise keeps the freed heap (its
-    mmap threshold rises as large blocks are freed, so later activations come from the heap).
-    REPLAY_MALLOC_TUNING picks how (docs/BENCHMARKS.md, "Freed memory"):
-      trim (default)  malloc_trim(0) after every micro-batch's backward (`trim_freed_memory`)
-      mmap            every allocation above `threshold` bytes is its own mmap, returned when freed:
-                      the least memory, but a page-fault storm that costs wall time on long runs
-      0               glibc's defaults (and torch's: no huge pages)
-    trim and mmap also turn on huge pages for torch's large CPU blocks (THP_MEM_ALLOC_ENABLE=1
-    unless exported). Returns the mode that took effect: None on other C libraries, with
-    REPLAY_MALLOC_TUNING=0, or when MALLOC_MMAP_THRESHOLD_ is set (the user's choice wins)."""
+    """Memory settings of a training process, picked by REPLAY_MALLOC_TUNING. glibc keeps a step's
+    freed heap (its mmap threshold rises as large blocks are freed, so later activations come from
+    the heap); giving it back costs page faults, so it is a choice (docs/BENCHMARKS.md §7, a
+    512-sample learn: wall time / peak RSS):
+      0 (default)  glibc's and torch's defaults                                  609 s, 3.51 GiB
+      trim         malloc_trim(0) after every micro-batch's backward              676 s, 3.17 GiB
+      mmap         every allocation above `threshold` bytes is its own mmap,      895 s, 2.49 GiB
+                   returned when freed (a page-fault storm)
+    trim and mmap also put torch's blocks of 2 MiB and more on transparent huge pages
+    (THP_MEM_ALLOC_ENABLE=1 unless exported: a third of trim's page faults, a lower peak, no
+    slower); torch reads that variable at its first tensor allocation, so call this before any.
+    Returns the mode that took effect: None for 0, when MALLOC_MMAP_THRESHOLD_ is set (the user's
+    choice wins), or on other C libraries."""
     global _trim
-    mode = os.environ.get("REPLAY_MALLOC_TUNING") or "trim"
+    mode = os.environ.get("REPLAY_MALLOC_TUNING") or "0"
     if mode not in MODES:
         raise ValueError(f"REPLAY_MALLOC_TUNING={mode!r}: use one of {', '.join(MODES)}")
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") or mode == "0":
@@ -68,9 +71,6 @@ def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> str | None:
     libc = _libc()
     if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "malloc_trim"):
         return None
-    # torch's CPU allocator aligns blocks of 2 MiB and more to huge pages and madvises them: fewer
-    # page faults and TLB misses, and a lower peak (bench shape: 3.3 vs 4.0 GiB with trim, no
-    # slower). torch reads the variable at its first tensor allocation: call this before any.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     if mode == "mmap":
         m_mmap_threshold = -3  # <malloc.h>; setting it also turns off the dynamic adjustment

@@ -9,7 +9,8 @@ A variant is `ours` | `naive` | `trl`, optionally `:M` for micro-batches of M (d
 gradient accumulation is batch / M, so every variant makes one optimizer step over the whole batch).
   ours   replay.learn.policy.token_logprobs (hidden states at completion positions only, chunked vocab
          projection) + replay.core.loss.policy_loss + backward + clip + AdamW, as replay/learn/loop.py,
-         in a process with replay.runtime.return_freed_memory applied (malloc_trim after each backward), as stages/learn.py and replay/learn/loop.py do
+         in a process with replay.runtime.return_freed_memory applied as stages/learn.py does
+         (REPLAY_MALLOC_TUNING: glibc's defaults unless set)
   naive  the same, but logprobs from model(input_ids).logits [B, L, V] -> log_softmax -> gather
   trl    trl.GRPOTrainer.train() (same LoRA via peft_config, loss_type="grpo", beta=0, same micro-batch
          and accumulation); its generation is replaced by a function returning the fixed batch, so a

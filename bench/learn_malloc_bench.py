@@ -7,9 +7,9 @@ Builds a store of synthetic rollouts for the model (random prompt tokens, 64 lon
 of random tokens, lengths uniform in [len/4, len]; groups of 8, a quarter all wrong, the rest
 mixed; stored logprobs -2 per token, T = 1), then runs `python -m replay learn --objective lens`
 once per mode in a fresh process (1 torch thread) and reports wall and CPU seconds, minor page
-faults and peak RSS of each (os.wait4). Modes: trim (malloc_trim after each backward pass, the
-default), mmap (128 KiB mmap threshold, the former default), 0 (glibc's defaults); trim and mmap
-also put torch's large blocks on huge pages (THP_MEM_ALLOC_ENABLE=1). MODE,VAR=VALUE sets an
+faults and peak RSS of each (os.wait4). Modes (REPLAY_MALLOC_TUNING): 0 (glibc's defaults, the
+default), trim (malloc_trim after each backward pass), mmap (128 KiB mmap threshold); trim and
+mmap also put torch's large blocks on huge pages (THP_MEM_ALLOC_ENABLE=1). MODE,VAR=VALUE sets an
 environment variable for that run (`trim,THP_MEM_ALLOC_ENABLE=0`: trim without huge pages).
 MODE/N runs `replay learn --nproc N` (torchrun, gloo). Every run has the same global batch of 16:
 micro-batch --micro, accumulation 16 / (micro x N).
@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--completion-len", type=int, default=128)
-    parser.add_argument("--modes", nargs="+", default=["trim", "mmap", "0"])
+    parser.add_argument("--modes", nargs="+", default=["0", "trim", "mmap"])
     parser.add_argument("--micro", type=int, default=4, help="micro-batch size of every run")
     parser.add_argument("--model", default="smollm2-135m")
     args = parser.parse_args()

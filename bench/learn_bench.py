@@ -155,7 +155,7 @@ def replay_child(args, data, micro: int, logprob_fn) -> dict:
             (loss * share).backward()
             total += float(loss.detach()) * share
             del loss
-            trim_freed_memory()  # as replay/learn/loop.py does (a no-op unless the stage's default applies)
+            trim_freed_memory()  # as replay/learn/loop.py does (a no-op unless REPLAY_MALLOC_TUNING=trim)
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

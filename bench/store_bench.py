@@ -224,19 +224,17 @@ def append_round(store: Store, n_rollouts: int, part_rows: int) -> None:
     """The write rate at the store's size: one more round of n_rollouts (groups of the stored
     prompts) written into a kept store, Store.write alone timed, after a sync so that the kernel is
     not still writing back an earlier run; the round is removed afterwards (the store is as before)."""
-    import pyarrow.parquet as pq
-
     rng = np.random.default_rng(1)
-    prompts = pq.read_table(store.root / "prompts")
+    prompts = store.query("SELECT prompt_id, problem FROM prompts")
     difficulty = rng.standard_normal(prompts.num_rows)
     rnd = max(store.rounds()) + 1
-    n_groups = min(n_rollouts // G, prompts.num_rows)
+    n_groups, per_part = min(n_rollouts // G, prompts.num_rows), max(1, part_rows // G)
     pool = text_pool(rng, 1 << 20)
     os.sync()
     clock, written = Clock(), 0
     try:
-        for lo in range(0, n_groups, max(1, part_rows // G)):
-            rows = np.arange(lo, min(lo + max(1, part_rows // G), n_groups))
+        for lo in range(0, n_groups, per_part):
+            rows = np.arange(lo, min(lo + per_part, n_groups))
             rollouts, *_ = make_batch(rnd, rows, prompts, difficulty, rng, pool)
             with clock():
                 store.write("rollouts", rollouts)

@@ -54,7 +54,7 @@ def test_freed_blocks_return_to_the_os_only_when_applied():
 HUGE_PAGE_PROBE = """
 import sys, torch
 from replay.runtime import return_freed_memory
-return_freed_memory()  # after importing torch, as stages/learn.py calls it
+return_freed_memory()  # after importing torch (stages/learn.py calls it before): still in time
 x = torch.ones(16 << 20)  # 64 MiB, allocated after the call
 print(sum(int(l.split()[1]) for l in open("/proc/self/smaps_rollup") if l.startswith("AnonHugePages")) // 1024)
 """

@@ -1,11 +1,14 @@
 """Chunked sampled-token logprobs equal the dense log_softmax + gather, values and gradients."""
 
 import math
+import weakref
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
-from replay.core.logprobs import sampled_token_logprobs
+from replay.core.logprobs import FinalLogits, sampled_token_logprobs
 
 
 def dense(hidden, weight, targets, bias=None):
@@ -236,3 +239,42 @@ def test_greedy_temperature_is_refused():
     with pytest.raises(ValueError, match="temperature must be > 0"):
         sampled_token_logprobs(torch.randn(2, 3), torch.randn(5, 3), torch.zeros(2, dtype=torch.long),
                                temperature=torch.tensor([1.0, 0.0]))
+
+
+class _LiveBlocks(TorchDispatchMode):
+    """Counts the distinct storages of at least `nbytes` that are alive at once (peak), op by op."""
+
+    def __init__(self, nbytes: int):
+        super().__init__()
+        self.nbytes, self.refs, self.peak = nbytes, [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() >= self.nbytes:
+                self.refs.append(weakref.ref(t))
+        self.refs = [r for r in self.refs if r() is not None]
+        self.peak = max(self.peak, len({r().untyped_storage().data_ptr() for r in self.refs}))
+        return out
+
+
+@pytest.mark.parametrize("setting, blocks", [
+    ({}, (1, 1)),
+    ({"final": FinalLogits(scale=0.5)}, (1, 1)),
+    ({"top_k": 5}, (1, 1)),
+    ({"final": FinalLogits(softcap=3.0)}, (1, 2)),  # the backward keeps tanh for its derivative
+])
+def test_one_vocabulary_block_is_alive_at_a_time(setting, blocks):
+    """The memory promise: each chunk's steps run in place on its [chunk, V] block, and that block
+    is freed before the next chunk's exists (forward and backward)."""
+    gen = torch.Generator().manual_seed(1)
+    n, h, v, chunk = 64, 4, 5000, 16  # weight [V, 4] is under the threshold; a [16, V] float block is not
+    hidden = torch.randn(n, h, generator=gen, requires_grad=True)
+    weight = torch.randn(v, h, generator=gen)
+    targets = torch.randint(0, v, (n,), generator=gen)
+    kwargs = {k: torch.full((n,), val) if k == "top_k" else val for k, val in setting.items()}
+    with _LiveBlocks(chunk * v * 4 // 2) as forward:  # half a block: bool masks [chunk, V] do not count
+        out = sampled_token_logprobs(hidden, weight, targets, chunk_size=chunk, **kwargs)
+    with _LiveBlocks(chunk * v * 4 // 2) as backward:
+        out.sum().backward()
+    assert (forward.peak, backward.peak) == blocks

@@ -10,9 +10,10 @@ with gradients for h (and W, b when they train).
 A plain `log_softmax(hidden @ W.T)` keeps an [N, V] tensor (and autograd its softmax) alive until
 backward; with V ≈ 50k and a few thousand positions that is gigabytes. Here a custom autograd
 Function walks the positions in chunks: the forward keeps only the per-position logsumexp and the
-truncation threshold, and the backward recomputes each chunk's logits to form its gradient, so at
-most one [chunk, V] block (plus its softmax) exists at any time. Logits are formed in at least
-float32.
+truncation threshold, and the backward recomputes each chunk's logits to form its gradient. Each
+chunk's steps run in place on one [chunk, V] block (two with softcapping; top-k / top-p add their
+own while they pick the threshold), and at most one chunk is alive at any time. Logits are formed
+in at least float32.
 
 Truncation as a threshold: both cuts keep every token whose score is at least the score of the
 last token kept, so the kept set is {s ≥ threshold}. The set is piecewise constant in θ: its
@@ -49,7 +50,8 @@ def truncation_threshold(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch
     k_rows = ((top_k > 0) & (top_k < vocab)).nonzero().squeeze(1)
     if k_rows.numel():
         k = top_k[k_rows].long()
-        best = scores[k_rows].topk(int(k.max()), dim=-1).values
+        rows = scores if k_rows.numel() == n else scores[k_rows]  # indexing would copy the block
+        best = rows.topk(int(k.max()), dim=-1).values
         threshold[k_rows] = best.gather(1, (k - 1).unsqueeze(1)).squeeze(1)
     p_rows = (top_p < 1.0).nonzero().squeeze(1)
     if p_rows.numel():
@@ -67,9 +69,18 @@ def truncation_threshold(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch
     return threshold
 
 
-def _final(raw: torch.Tensor, final: FinalLogits) -> torch.Tensor:
-    z = raw * final.scale if final.scale != 1.0 else raw
-    return final.softcap * torch.tanh(z / final.softcap) if final.softcap else z
+def _final_(raw: torch.Tensor, final: FinalLogits) -> torch.Tensor:
+    """final(raw), in place: raw is a fresh [chunk, V] block, and one such block is the memory bound."""
+    if final.scale != 1.0:
+        raw.mul_(final.scale)
+    return raw.div_(final.softcap).tanh_().mul_(final.softcap) if final.softcap else raw
+
+
+def _logsumexp_(scores: torch.Tensor) -> torch.Tensor:
+    """torch.logsumexp(scores, -1) (the same steps) without a second [chunk, V] block: scores is
+    overwritten. Every row has a finite maximum: truncation keeps at least the best token."""
+    top = scores.amax(-1, keepdim=True)
+    return scores.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(1))
 
 
 class _SampledTokenLogprobs(torch.autograd.Function):
@@ -81,17 +92,18 @@ class _SampledTokenLogprobs(torch.autograd.Function):
         truncating = bool(((top_k > 0) | (top_p < 1.0)).any())
         for start in range(0, hidden.shape[0], chunk_size):
             stop = start + chunk_size
-            scores = _final(_chunk_logits(hidden[start:stop], weight, bias, dtype), final)
-            scores = scores / temperature[start:stop, None].to(dtype)
+            scores = _final_(_chunk_logits(hidden[start:stop], weight, bias, dtype), final)
+            scores.div_(temperature[start:stop, None].to(dtype))
             target_score = scores.gather(1, targets[start:stop, None]).squeeze(1)
             if truncating:
                 threshold[start:stop] = truncation_threshold(scores, top_k[start:stop], top_p[start:stop])
-                scores = scores.masked_fill(scores < threshold[start:stop, None], float("-inf"))
+                scores.masked_fill_(scores < threshold[start:stop, None], float("-inf"))
             else:
                 threshold[start:stop] = float("-inf")
-            lse[start:stop] = torch.logsumexp(scores, dim=-1)
+            lse[start:stop] = _logsumexp_(scores)
             kept = target_score >= threshold[start:stop]
             out[start:stop] = torch.where(kept, target_score - lse[start:stop], float("-inf"))
+            del scores  # before the next chunk's block exists
         ctx.save_for_backward(hidden, weight, bias, targets, temperature, lse, threshold)
         ctx.final, ctx.chunk_size = final, chunk_size
         return out
@@ -105,20 +117,28 @@ class _SampledTokenLogprobs(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if need_b else None
         weight_wide = weight.to(dtype)  # no copy for float32 weights
+        truncated = bool((threshold > float("-inf")).any())
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             stop = start + ctx.chunk_size
             h, t = hidden[start:stop], temperature[start:stop, None].to(dtype)
-            raw = _chunk_logits(h, weight, bias, dtype)
-            scores = _final(raw, final) / t
-            scores = scores.masked_fill(scores < threshold[start:stop, None], float("-inf"))
-            # d logp[target] / d scores = onehot(target) - softmax over the kept set
-            grad = torch.exp(scores - lse[start:stop, None])
-            grad.neg_().scatter_add_(1, targets[start:stop, None], torch.ones_like(grad[:, :1]))
+            scores = _chunk_logits(h, weight, bias, dtype)
+            if final.scale != 1.0:
+                scores.mul_(final.scale)
+            if final.softcap:  # keep tanh(z/cap) for the derivative 1 - tanh²(z/cap)
+                tanh = scores.div_(final.softcap).tanh_()
+                scores = tanh * final.softcap
+            scores.div_(t)
+            if truncated:
+                scores.masked_fill_(scores < threshold[start:stop, None], float("-inf"))
             kept = scores.gather(1, targets[start:stop, None]) > float("-inf")
+            # d logp[target] / d scores = onehot(target) - softmax over the kept set
+            grad = scores.sub_(lse[start:stop, None]).exp_()
+            grad.neg_().scatter_add_(1, targets[start:stop, None], torch.ones_like(grad[:, :1]))
             grad.mul_(torch.where(kept, grad_out[start:stop, None].to(dtype), 0.0))  # -inf out: no gradient
             grad.div_(t)
-            if final.softcap:  # d cap·tanh(z/cap) / dz = 1 - tanh²(z/cap)
-                grad.mul_(1 - torch.tanh(raw * final.scale / final.softcap) ** 2)
+            if final.softcap:
+                grad.mul_(tanh.square_().neg_().add_(1))
+                del tanh
             if final.scale != 1.0:
                 grad.mul_(final.scale)
             if need_h:
@@ -127,6 +147,7 @@ class _SampledTokenLogprobs(torch.autograd.Function):
                 grad_w.addmm_(grad.T, h.to(dtype))
             if need_b:
                 grad_b += grad.sum(0)
+            del scores, grad
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if need_b else None
         return grad_h, grad_w, grad_b, None, None, None, None, None, None
@@ -134,8 +155,8 @@ class _SampledTokenLogprobs(torch.autograd.Function):
 
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   dtype: torch.dtype) -> torch.Tensor:
-    logits = (hidden @ weight.T).to(dtype)
-    return logits if bias is None else logits + bias.to(dtype)
+    logits = (hidden @ weight.T).to(dtype)  # a fresh block, which the callers change in place
+    return logits if bias is None else logits.add_(bias.to(dtype))
 
 
 def sampled_token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,

@@ -3,15 +3,18 @@ memory kept for the backward pass.
 
 Today one: a Llama-shaped MLP, `down_proj(act_fn(gate_proj(x)) * up_proj(x))` with SiLU, whose
 down_proj carries a plain peft LoRA, runs its second half through replay.core.swiglu (saves g and
-u instead of g, silu(g), u and their product). The match is on the MLP's own source line, so a
-model whose MLP does anything else keeps its own forward; so does a call when the adapter is
+u instead of g, silu(g), u and their product). The match is on the MLP's own forward, which must
+be that one expression (read from its source), so a model whose MLP does anything else keeps its
+own forward; so does a call when the adapter is
 disabled, merged, mixed, a LoRA variant (DoRA), with active dropout, or on a quantized base.
 """
 
 from __future__ import annotations
 
+import ast
 import functools
 import inspect
+import textwrap
 
 import torch
 
@@ -22,11 +25,22 @@ SWIGLU_LINE = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
 
 @functools.cache
 def _is_swiglu_mlp(cls: type) -> bool:
+    """cls.forward(self, x) is exactly `return <SWIGLU_LINE>` (or through one local name)."""
     try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (OSError, TypeError, SyntaxError):
         return False
-    return SWIGLU_LINE in " ".join(source.split())
+    func = tree.body[0]
+    if not isinstance(func, ast.FunctionDef) or [a.arg for a in func.args.args] != ["self", "x"]:
+        return False
+    body = [s for s in func.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+    if len(body) == 1 and isinstance(body[0], ast.Return) and body[0].value is not None:
+        return ast.unparse(body[0].value) == SWIGLU_LINE
+    if (len(body) == 2 and isinstance(body[0], ast.Assign) and len(body[0].targets) == 1
+            and isinstance(body[0].targets[0], ast.Name) and isinstance(body[1], ast.Return)
+            and isinstance(body[1].value, ast.Name) and body[1].value.id == body[0].targets[0].id):
+        return ast.unparse(body[0].value) == SWIGLU_LINE
+    return False
 
 
 def _is_silu(act) -> bool:  # torch's, or transformers' own (ACT2FN["silu"])

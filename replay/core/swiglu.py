@@ -16,41 +16,41 @@ casts the sum back to the base's dtype).
 from __future__ import annotations
 
 import torch
+from torch.nn.functional import linear, silu
+
+from replay.core.lora import add_lora_, lora_input_grad, lora_param_grads
 
 
 class _SwigluLoraDown(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, u, weight, bias, lora_a, lora_b, scaling):
-        h = torch.nn.functional.silu(g) * u
-        y = torch.nn.functional.linear(h, weight, bias)
-        ha = torch.nn.functional.linear(h.to(lora_a.dtype), lora_a)
-        out = (y + torch.nn.functional.linear(ha, lora_b) * scaling).to(y.dtype)
-        ctx.save_for_backward(g, u, weight, lora_a, lora_b, ha)
+        h = silu(g).mul_(u)
+        xa = linear(h.to(lora_a.dtype), lora_a)
+        out = add_lora_(linear(h, weight, bias), xa, lora_b, scaling)
+        ctx.save_for_backward(g, u, weight, lora_a, lora_b, xa)
         ctx.scaling, ctx.has_bias = scaling, bias is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        g, u, weight, lora_a, lora_b, ha = ctx.saved_tensors
-        need_g, need_u, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:6]
-        scaling = ctx.scaling
+        g, u, weight, lora_a, lora_b, xa = ctx.saved_tensors
+        need_g, need_u, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:6]
         sig = torch.sigmoid(g)
-        silu = g * sig
-        h = silu * u
-        grad_lora = grad_out.to(lora_b.dtype)
-        grad_ha = (grad_lora @ lora_b) * scaling  # [.., r]
-        grad_lb = (grad_lora.flatten(0, -2).T @ ha.flatten(0, -2)) * scaling if need_lb else None
-        grad_a = grad_ha.flatten(0, -2).T @ h.to(lora_a.dtype).flatten(0, -2) if need_a else None
-        grad_w = grad_out.flatten(0, -2).T @ h.flatten(0, -2) if need_w else None
-        grad_bias = grad_out.flatten(0, -2).sum(0) if need_b and ctx.has_bias else None
+        silu_g = g * sig
+        h = silu_g * u
+        grad_xa, grad_a, grad_b = lora_param_grads(grad_out, xa, h.to(lora_a.dtype), lora_b, ctx.scaling,
+                                                   need_a, need_b)
+        grad_w = grad_out.reshape(-1, grad_out.shape[-1]).T @ h.reshape(-1, h.shape[-1]) if need_w else None
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if need_bias and ctx.has_bias else None
+        del h
         grad_g = grad_u = None
         if need_g or need_u:
-            grad_h = (grad_out @ weight).add_((grad_ha @ lora_a).to(grad_out.dtype))
+            grad_h = lora_input_grad(grad_out, weight, grad_xa.reshape(*grad_out.shape[:-1], -1), lora_a)
             if need_u:
-                grad_u = grad_h * silu
-            if need_g:  # silu'(g) = σ(g)·(1 + g·(1 − σ(g)))
-                grad_g = grad_h.mul_(u).mul_(sig.mul_(g - silu + 1))
-        return grad_g, grad_u, grad_w, grad_bias, grad_a, grad_lb, None
+                grad_u = grad_h * silu_g
+            if need_g:  # silu'(g) = σ(g)·(1 + g − silu(g)), formed in silu_g's storage
+                grad_g = grad_h.mul_(u).mul_(silu_g.neg_().add_(g).add_(1).mul_(sig))
+        return grad_g, grad_u, grad_w, grad_bias, grad_a, grad_b, None
 
 
 def swiglu_lora_down(g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

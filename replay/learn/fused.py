@@ -1,12 +1,16 @@
-"""replay's own kernels in place of a model's modules while it learns: the same numbers, less
-memory kept for the backward pass.
+"""replay's own kernels in place of a model's modules while it learns: the same numbers, fewer
+fresh tensors and less memory kept for the backward pass.
 
-Today one: a Llama-shaped MLP, `down_proj(act_fn(gate_proj(x)) * up_proj(x))` with SiLU, whose
-down_proj carries a plain peft LoRA, runs its second half through replay.core.swiglu (saves g and
-u instead of g, silu(g), u and their product). The match is on the MLP's own forward, which must
-be that one expression (read from its source), so a model whose MLP does anything else keeps its
-own forward; so does a call when the adapter is
-disabled, merged, mixed, a LoRA variant (DoRA), with active dropout, or on a quantized base.
+- Every peft LoRA Linear runs through replay.core.lora (the LoRA term added into the base output
+  in place, forward and backward).
+- A Llama-shaped MLP, `down_proj(act_fn(gate_proj(x)) * up_proj(x))` with SiLU and a LoRA on
+  down_proj, runs its second half through replay.core.swiglu (keeps g and u for backward instead
+  of g, silu(g), u and their product). The match is on the MLP's own forward, which must be that
+  one expression (read from its source), so a model whose MLP does anything else keeps its own.
+
+Any call peft would compute differently goes through peft's own forward: adapter disabled, merged
+or mixed, two active adapters, a LoRA variant (DoRA), active dropout, a base layer that is not a
+plain torch Linear (quantized), extra arguments.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import textwrap
 
 import torch
 
+from replay.core.lora import lora_linear
 from replay.core.swiglu import swiglu_lora_down
 
 SWIGLU_LINE = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
@@ -47,33 +52,47 @@ def _is_silu(act) -> bool:  # torch's, or transformers' own (ACT2FN["silu"])
     return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
-def fuse_swiglu_mlps(model: torch.nn.Module) -> int:
-    """Route every fusable MLP of `model` (a peft model) through the fused kernel; returns how many."""
-    fused = 0
+def fuse_for_training(model: torch.nn.Module) -> dict[str, int]:
+    """Route `model`'s (a peft model's) fusable modules through replay's kernels; returns how many
+    of each kind."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    fused = {"lora_linear": 0, "swiglu_mlp": 0}
     for module in model.modules():
-        if (_is_swiglu_mlp(type(module)) and _is_silu(getattr(module, "act_fn", None))
-                and hasattr(module.down_proj, "lora_A")):
-            module.forward = functools.partial(_fused_forward, module)
-            fused += 1
+        if type(module) is LoraLinear:
+            module.forward = functools.partial(_lora_forward, module)
+            fused["lora_linear"] += 1
+        elif (_is_swiglu_mlp(type(module)) and _is_silu(getattr(module, "act_fn", None))
+                and type(getattr(module, "down_proj", None)) is LoraLinear):
+            module.forward = functools.partial(_mlp_forward, module)
+            fused["swiglu_mlp"] += 1
     return fused
 
 
-def _plain_adapter(down, training: bool) -> str | None:
-    """The one adapter a call of peft's LoRA Linear `down` would add, if it is a plain one."""
-    if down.disable_adapters or down.merged or type(down.base_layer) is not torch.nn.Linear:
+def _plain_adapter(layer) -> str | None:
+    """The one adapter a call of peft's LoRA Linear `layer` would add, if it is a plain one."""
+    if layer.disable_adapters or layer.merged or type(layer.base_layer) is not torch.nn.Linear:
         return None
-    active = [name for name in down.active_adapters if name in down.lora_A]
-    if len(active) != 1 or active[0] in getattr(down, "lora_variant", {}):
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if len(active) != 1 or active[0] in getattr(layer, "lora_variant", {}):
         return None
-    dropout = down.lora_dropout[active[0]]
-    if training and isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
+    dropout = layer.lora_dropout[active[0]]
+    if layer.training and isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
         return None
     return active[0]
 
 
-def _fused_forward(mlp, x: torch.Tensor) -> torch.Tensor:
+def _lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    adapter = None if args or kwargs else _plain_adapter(layer)
+    if adapter is None:
+        return type(layer).forward(layer, x, *args, **kwargs)
+    return lora_linear(x, layer.base_layer.weight, layer.base_layer.bias, layer.lora_A[adapter].weight,
+                       layer.lora_B[adapter].weight, layer.scaling[adapter])
+
+
+def _mlp_forward(mlp, x: torch.Tensor) -> torch.Tensor:
     down = mlp.down_proj
-    adapter = _plain_adapter(down, mlp.training)
+    adapter = _plain_adapter(down)
     if adapter is None:
         return type(mlp).forward(mlp, x)
     return swiglu_lora_down(mlp.gate_proj(x), mlp.up_proj(x), down.base_layer.weight, down.base_layer.bias,

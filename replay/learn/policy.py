@@ -16,7 +16,7 @@ from replay.core.logprobs import FinalLogits, sampled_token_logprobs
 from replay.core.sampling import RAW, Distribution
 from replay.errors import ReplayError
 from replay.learn.config import LearnConfig
-from replay.learn.fused import fuse_swiglu_mlps
+from replay.learn.fused import fuse_for_training
 
 
 
@@ -170,7 +170,7 @@ def load_policy(model_ref, init_adapter, lora: LoraSettings, gradient_checkpoint
         if p.requires_grad:
             p.data = p.data.float()
     check_head(model)
-    fuse_swiglu_mlps(model)
+    fuse_for_training(model)
     return model
 
 

@@ -1,12 +1,14 @@
-"""load_policy routes a Llama MLP with a LoRA down_proj through the fused kernel: the same logprobs
-and LoRA gradients as peft's own modules, less kept for backward, and peft's path wherever the
-kernel would not compute what peft does."""
+"""load_policy routes peft's LoRA Linears and Llama MLPs through replay's kernels: the same
+logprobs and LoRA gradients as peft's own modules, less kept for backward, and peft's path
+wherever the kernels would not compute what peft does."""
+
+import copy
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from replay.learn.fused import fuse_swiglu_mlps
+from replay.learn.fused import fuse_for_training
 from replay.learn.policy import LoraSettings, load_policy, make_batch, token_logprobs
 from replay.models import resolve_model
 from tests._tiny_model import save_tiny_model, tiny_model
@@ -29,6 +31,12 @@ def nonzero_lora(model, seed=0):
     return model
 
 
+def unfused(model):
+    for module in model.modules():
+        vars(module).pop("forward", None)  # back to the class's own forward: peft's modules
+    return model
+
+
 def mlps(model):
     return [m for m in model.modules() if type(m).__name__ == "LlamaMLP"]
 
@@ -43,10 +51,9 @@ def logprobs_and_grads(model):
 def test_load_policy_fuses_every_mlp_and_changes_no_number(ref):
     fused = nonzero_lora(load_policy(ref, None, LoraSettings(r=4, target_modules=ALL), device="cpu", dtype="float32"))
     plain = load_policy(ref, None, LoraSettings(r=4, target_modules=ALL), device="cpu", dtype="float32")
-    plain.load_state_dict(fused.state_dict())
-    for mlp in mlps(plain):
-        del mlp.forward  # back to the class's own forward: peft's modules
+    unfused(plain).load_state_dict(fused.state_dict())
     assert len(mlps(fused)) == 2 and all("forward" in vars(m) for m in mlps(fused))
+    assert sum("forward" in vars(m) for m in fused.modules()) == 2 + 2 * len(ALL)
     fused.train(), plain.train()
     ours, our_grads = logprobs_and_grads(fused)
     theirs, their_grads = logprobs_and_grads(plain)
@@ -59,11 +66,13 @@ def test_load_policy_fuses_every_mlp_and_changes_no_number(ref):
 
 def test_the_fused_policy_keeps_less_for_backward(ref):
     """Two [tokens, intermediate] tensors per layer fewer: silu(g) and the product h."""
-    def saved(model):
+    def saved(model):  # bytes of the activations kept for backward (parameters cost nothing more)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         storages = {}
 
         def pack(t):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            if t.untyped_storage().data_ptr() not in params:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -71,62 +80,57 @@ def test_the_fused_policy_keeps_less_for_backward(ref):
         return sum(storages.values())
 
     fused = load_policy(ref, None, LoraSettings(r=4, target_modules=ALL), device="cpu", dtype="float32")
-    plain = load_policy(ref, None, LoraSettings(r=4, target_modules=ALL), device="cpu", dtype="float32")
-    for mlp in mlps(plain):
-        del mlp.forward
+    plain = unfused(load_policy(ref, None, LoraSettings(r=4, target_modules=ALL), device="cpu", dtype="float32"))
     tokens, inner = BATCH.input_ids.numel(), fused.config.intermediate_size
     layers = fused.config.num_hidden_layers
     assert saved(plain) - saved(fused) == layers * 2 * tokens * inner * 4
 
 
-def test_peft_path_wherever_the_kernel_would_differ(ref):
-    """Active dropout, disabled adapter, two active adapters, merged weights, no LoRA on down_proj,
-    DoRA, a base layer with its own forward: each call goes through the modules (or is not fused
-    at all) and gives peft's numbers."""
-    def model(**lora):
-        m = get_peft_model(tiny_model(), LoraConfig(r=4, lora_alpha=8, **{"target_modules": list(ALL)} | lora))
-        return nonzero_lora(m)
+def test_peft_path_wherever_the_kernels_would_differ():
+    """Active dropout, disabled adapter, two active adapters, merged weights, DoRA, a base layer
+    with its own forward: the fused model gives peft's numbers (the same dropout masks too)."""
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
 
-    x = torch.randn(1, 3, 64, generator=torch.Generator().manual_seed(5))
-    with_dropout = model(lora_dropout=0.5)
-    assert fuse_swiglu_mlps(with_dropout) == 2
-    with_dropout.train()
-    torch.manual_seed(0)
-    drop_a = mlps(with_dropout)[0](x)
-    torch.manual_seed(0)
-    drop_b = type(mlps(with_dropout)[0]).forward(mlps(with_dropout)[0], x)
-    torch.testing.assert_close(drop_a, drop_b)  # the same dropout mask: the same path
+    def pair(**lora):
+        peft_model = nonzero_lora(get_peft_model(tiny_model(), LoraConfig(
+            r=4, lora_alpha=8, **{"target_modules": list(ALL)} | lora)))
+        ours = copy.deepcopy(peft_model)
+        return peft_model.train(), ours.train(), fuse_for_training(ours)
 
-    m = model()
-    fuse_swiglu_mlps(m)
-    mlp = mlps(m)[0]
-    base_out = mlp.down_proj.base_layer(torch.nn.functional.silu(mlp.gate_proj.base_layer(x))
-                                        * mlp.up_proj.base_layer(x))
-    with m.disable_adapter():
-        torch.testing.assert_close(mlp(x), base_out)
-    m.add_adapter("second", LoraConfig(r=2, target_modules=list(ALL)))
-    nonzero_lora(m, seed=1)
-    m.base_model.set_adapter(["default", "second"])
-    torch.testing.assert_close(mlp(x), type(mlp).forward(mlp, x))
-    m.base_model.set_adapter("default")
-    unmerged = mlp(x)
-    m.merge_adapter()
-    torch.testing.assert_close(mlp(x), unmerged, rtol=1e-5, atol=1e-5)
-    assert fuse_swiglu_mlps(model(target_modules=["q_proj", "gate_proj"])) == 0
+    def agree(theirs, ours):
+        torch.manual_seed(0)
+        expected = theirs(input_ids=ids).logits
+        torch.manual_seed(0)
+        torch.testing.assert_close(ours(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
 
-    dora = model(use_dora=True)
-    fuse_swiglu_mlps(dora)
-    torch.testing.assert_close(mlps(dora)[0](x), type(mlp).forward(mlps(dora)[0], x))
+    theirs, ours, counts = pair(lora_dropout=0.5)
+    assert counts == {"lora_linear": 2 * len(ALL), "swiglu_mlp": 2}
+    agree(theirs, ours)
+    theirs, ours, _ = pair()
+    with theirs.disable_adapter(), ours.disable_adapter():
+        agree(theirs, ours)
+    for m in (theirs, ours):
+        torch.manual_seed(1)  # the same random A for both
+        m.add_adapter("second", LoraConfig(r=2, target_modules=list(ALL)))
+        nonzero_lora(m, seed=1)
+        m.base_model.set_adapter(["default", "second"])
+    agree(theirs, ours)
+    for m in (theirs, ours):
+        m.base_model.set_adapter("default")
+        m.merge_adapter()
+    agree(theirs, ours)
+    agree(*pair(use_dora=True)[:2])
 
     class DoublingLinear(torch.nn.Linear):  # a base layer with its own forward, as quantized ones have
         def forward(self, x):
             return 2 * super().forward(x)
 
-    quantized = model()
-    fuse_swiglu_mlps(quantized)
-    mlp = mlps(quantized)[0]
-    mlp.down_proj.base_layer.__class__ = DoublingLinear
-    torch.testing.assert_close(mlp(x), type(mlp).forward(mlp, x))
+    theirs, ours, _ = pair()
+    for m in (theirs, ours):
+        for layer in (mlps(m)[0].down_proj, m.base_model.model.model.layers[0].self_attn.q_proj):
+            layer.base_layer.__class__ = DoublingLinear
+    agree(theirs, ours)
+    assert pair(target_modules=["q_proj", "gate_proj"])[2] == {"lora_linear": 4, "swiglu_mlp": 0}
 
 
 def test_an_mlp_that_computes_something_else_is_not_fused():
@@ -138,5 +142,5 @@ def test_an_mlp_that_computes_something_else_is_not_fused():
             return 2 * self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
     mlp.__class__ = ScaledMLP
-    assert fuse_swiglu_mlps(m) == 1  # the other layer's plain LlamaMLP only
+    assert fuse_for_training(m)["swiglu_mlp"] == 1  # the other layer's plain LlamaMLP only
     assert "forward" not in vars(mlp)

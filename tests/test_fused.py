@@ -53,7 +53,7 @@ def test_load_policy_fuses_every_mlp_and_changes_no_number(ref):
     plain = load_policy(ref, None, LoraSettings(r=4, target_modules=ALL), device="cpu", dtype="float32")
     unfused(plain).load_state_dict(fused.state_dict())
     assert len(mlps(fused)) == 2 and all("forward" in vars(m) for m in mlps(fused))
-    assert sum("forward" in vars(m) for m in fused.modules()) == 2 + 2 * len(ALL)
+    assert sum("forward" in vars(m) for m in fused.modules()) == 2 * len(ALL) + 2 + 5  # linears, MLPs, norms
     fused.train(), plain.train()
     ours, our_grads = logprobs_and_grads(fused)
     theirs, their_grads = logprobs_and_grads(plain)
@@ -104,7 +104,7 @@ def test_peft_path_wherever_the_kernels_would_differ():
         torch.testing.assert_close(ours(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
 
     theirs, ours, counts = pair(lora_dropout=0.5)
-    assert counts == {"lora_linear": 2 * len(ALL), "swiglu_mlp": 2}
+    assert counts == {"lora_linear": 2 * len(ALL), "swiglu_mlp": 2, "rmsnorm": 5}
     agree(theirs, ours)
     theirs, ours, _ = pair()
     with theirs.disable_adapter(), ours.disable_adapter():
@@ -130,7 +130,7 @@ def test_peft_path_wherever_the_kernels_would_differ():
         for layer in (mlps(m)[0].down_proj, m.base_model.model.model.layers[0].self_attn.q_proj):
             layer.base_layer.__class__ = DoublingLinear
     agree(theirs, ours)
-    assert pair(target_modules=["q_proj", "gate_proj"])[2] == {"lora_linear": 4, "swiglu_mlp": 0}
+    assert pair(target_modules=["q_proj", "gate_proj"])[2] == {"lora_linear": 4, "swiglu_mlp": 0, "rmsnorm": 5}
 
 
 def test_an_mlp_that_computes_something_else_is_not_fused():
@@ -144,3 +144,22 @@ def test_an_mlp_that_computes_something_else_is_not_fused():
     mlp.__class__ = ScaledMLP
     assert fuse_for_training(m)["swiglu_mlp"] == 1  # the other layer's plain LlamaMLP only
     assert "forward" not in vars(mlp)
+
+
+def test_only_llamas_rmsnorm_forward_is_replaced():
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    class EpsOutside(LlamaRMSNorm):  # one operation moved: not Llama's steps any more
+        def forward(self, hidden_states):
+            input_dtype = hidden_states.dtype
+            hidden_states = hidden_states.to(torch.float32)
+            variance = hidden_states.pow(2).mean(-1, keepdim=True)
+            hidden_states = hidden_states * torch.rsqrt(variance) + self.variance_epsilon
+            return self.weight * hidden_states.to(input_dtype)
+
+    norms = torch.nn.ModuleList([LlamaRMSNorm(8), GemmaRMSNorm(8), EpsOutside(8)])
+    assert fuse_for_training(norms)["rmsnorm"] == 1
+    assert ["forward" in vars(m) for m in norms] == [True, False, False]
+    x = torch.randn(3, 8)
+    assert torch.equal(norms[0](x), LlamaRMSNorm.forward(norms[0], x))

@@ -3,6 +3,8 @@ fresh tensors and less memory kept for the backward pass.
 
 - Every peft LoRA Linear runs through replay.core.lora (the LoRA term added into the base output
   in place, forward and backward).
+- Llama's RMSNorm (the forward transformers' LlamaRMSNorm has, statement for statement) runs
+  through replay.core.rmsnorm: the same steps in fewer fresh tensors.
 - A Llama-shaped MLP, `down_proj(act_fn(gate_proj(x)) * up_proj(x))` with SiLU and a LoRA on
   down_proj, runs its second half through replay.core.swiglu (keeps g and u for backward instead
   of g, silu(g), u and their product). The match is on the MLP's own forward, which must be that
@@ -23,22 +25,47 @@ import textwrap
 import torch
 
 from replay.core.lora import lora_linear
+from replay.core.rmsnorm import rms_norm
 from replay.core.swiglu import swiglu_lora_down
 
 SWIGLU_LINE = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
+RMSNORM_BODY = """
+input_dtype = hidden_states.dtype
+hidden_states = hidden_states.to(torch.float32)
+variance = hidden_states.pow(2).mean(-1, keepdim=True)
+hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+return self.weight * hidden_states.to(input_dtype)
+"""
+
+
+def _forward_tree(cls: type) -> ast.FunctionDef | None:
+    try:
+        func = ast.parse(textwrap.dedent(inspect.getsource(cls.forward))).body[0]
+    except (OSError, TypeError, SyntaxError):
+        return None
+    return func if isinstance(func, ast.FunctionDef) else None
+
+
+def _statements(body: list[ast.stmt]) -> list[ast.stmt]:  # without docstrings
+    return [s for s in body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+
+
+@functools.cache
+def _is_llama_rmsnorm(cls: type) -> bool:
+    func = _forward_tree(cls)
+    if func is None or [a.arg for a in func.args.args] != ["self", "hidden_states"]:
+        return False
+    expected = ast.parse(RMSNORM_BODY).body
+    return [ast.dump(s) for s in _statements(func.body)] == [ast.dump(s) for s in expected]
 
 
 @functools.cache
 def _is_swiglu_mlp(cls: type) -> bool:
     """cls.forward(self, x) is exactly `return <SWIGLU_LINE>` (or through one local name)."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
-    except (OSError, TypeError, SyntaxError):
+    func = _forward_tree(cls)
+    if func is None or [a.arg for a in func.args.args] != ["self", "x"]:
         return False
-    func = tree.body[0]
-    if not isinstance(func, ast.FunctionDef) or [a.arg for a in func.args.args] != ["self", "x"]:
-        return False
-    body = [s for s in func.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+    body = _statements(func.body)
     if len(body) == 1 and isinstance(body[0], ast.Return) and body[0].value is not None:
         return ast.unparse(body[0].value) == SWIGLU_LINE
     if (len(body) == 2 and isinstance(body[0], ast.Assign) and len(body[0].targets) == 1
@@ -57,7 +84,7 @@ def fuse_for_training(model: torch.nn.Module) -> dict[str, int]:
     of each kind."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    fused = {"lora_linear": 0, "swiglu_mlp": 0}
+    fused = {"lora_linear": 0, "swiglu_mlp": 0, "rmsnorm": 0}
     for module in model.modules():
         if type(module) is LoraLinear:
             module.forward = functools.partial(_lora_forward, module)
@@ -66,6 +93,9 @@ def fuse_for_training(model: torch.nn.Module) -> dict[str, int]:
                 and type(getattr(module, "down_proj", None)) is LoraLinear):
             module.forward = functools.partial(_mlp_forward, module)
             fused["swiglu_mlp"] += 1
+        elif _is_llama_rmsnorm(type(module)):
+            module.forward = functools.partial(_rmsnorm_forward, module)
+            fused["rmsnorm"] += 1
     return fused
 
 
@@ -97,3 +127,7 @@ def _mlp_forward(mlp, x: torch.Tensor) -> torch.Tensor:
         return type(mlp).forward(mlp, x)
     return swiglu_lora_down(mlp.gate_proj(x), mlp.up_proj(x), down.base_layer.weight, down.base_layer.bias,
                             down.lora_A[adapter].weight, down.lora_B[adapter].weight, down.scaling[adapter])
+
+
+def _rmsnorm_forward(norm, hidden_states: torch.Tensor) -> torch.Tensor:
+    return rms_norm(hidden_states, norm.weight, norm.variance_epsilon)

@@ -3,7 +3,7 @@ naive full-logits step vs TRL's GRPOTrainer, on the same fixed batch, in one run
 
     python bench/learn_bench.py [--variants ours ours:16 naive trl] [--batch 16] [--prompt-len 64]
         [--completion-len 192] [--micro 4] [--reps 2] [--threads 0] [--uniform-groups 0]
-        [--gradient-checkpointing] [--chunk 1024] [--profile ours trl]
+        [--gradient-checkpointing] [--chunk N] [--profile ours trl]
 
 A variant is `ours` | `naive` | `trl`, optionally `:M` for micro-batches of M (default --micro; the
 gradient accumulation is batch / M, so every variant makes one optimizer step over the whole batch).
@@ -256,7 +256,7 @@ def child_main(args) -> None:
         out = trl_child(args, data, micro)
     else:
         from replay.learn.policy import token_logprobs
-        ours = functools.partial(token_logprobs, chunk_size=args.chunk)
+        ours = functools.partial(token_logprobs, chunk_size=args.chunk or None)
         out = replay_child(args, data, micro, ours if kind == "ours" else naive_token_logprobs)
     out["peak_kib"] = status_kib("VmHWM")
     out["matmul_flops"] = max(peak_before, matmul_peak())
@@ -402,8 +402,9 @@ def main() -> None:
     parser.add_argument("--uniform-groups", type=int, default=0, help="groups with all-equal rewards")
     parser.add_argument("--lengths", choices=["fixed", "varied"], default="varied",
                         help="completion lengths: all --completion-len, or varied as real rollouts are")
-    parser.add_argument("--chunk", type=int, default=1024,
-                        help="ours: completion positions per vocabulary-projection chunk (replay's default 1024)")
+    parser.add_argument("--chunk", type=int, default=0,
+                        help="ours: completion positions per vocabulary-projection chunk (0: replay's default, "
+                             "as many as fit replay.core.logprobs.BLOCK_BYTES)")
     parser.add_argument("--mmap-threshold", type=int, default=0,
                         help="MALLOC_MMAP_THRESHOLD_ for the variants (bytes): peak RSS without heap fragmentation")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="for every variant (TRL's default)")

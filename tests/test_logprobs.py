@@ -278,3 +278,11 @@ def test_one_vocabulary_block_is_alive_at_a_time(setting, blocks):
     with _LiveBlocks(chunk * v * 4 // 2) as backward:
         out.sum().backward()
     assert (forward.peak, backward.peak) == blocks
+
+
+def test_default_chunk_is_sized_by_bytes():
+    from replay.core.logprobs import BLOCK_BYTES, block_rows
+
+    assert block_rows(49152) == BLOCK_BYTES // (49152 * 4) == 341
+    assert block_rows(151936) == 110 and block_rows(151936, torch.float64) == 55
+    assert block_rows(10**9) == 1  # never zero

@@ -28,6 +28,12 @@ from dataclasses import dataclass
 import torch
 
 NUCLEUS_PROBE = 256  # top-p looks among this many best tokens before sorting the whole vocabulary
+BLOCK_BYTES = 64 * 2**20  # one [chunk, V] block: 341 positions of a 49k vocabulary, 110 of a 152k one
+
+
+def block_rows(vocab: int, dtype: torch.dtype = torch.float32) -> int:
+    """Positions per chunk so that one [chunk, vocab] block of `dtype` stays within BLOCK_BYTES."""
+    return max(1, BLOCK_BYTES // (vocab * torch.finfo(dtype).bits // 8))
 
 
 @dataclass(frozen=True)
@@ -160,7 +166,7 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 
 def sampled_token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,
-                           chunk_size: int = 1024, bias: torch.Tensor | None = None,
+                           chunk_size: int | None = None, bias: torch.Tensor | None = None,
                            temperature: torch.Tensor | None = None, top_k: torch.Tensor | None = None,
                            top_p: torch.Tensor | None = None,
                            final: FinalLogits = FinalLogits()) -> torch.Tensor:
@@ -169,7 +175,8 @@ def sampled_token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, t
 
     Without temperature/top_k/top_p/final it equals
     `torch.log_softmax(hidden @ W.T + bias, -1).gather(-1, targets[:, None])[:, 0]`, with the same
-    gradients for hidden, W and bias; peak extra memory is one [chunk_size, V] block.
+    gradients for hidden, W and bias; peak extra memory is one [chunk_size, V] block (by default
+    as many positions as fit BLOCK_BYTES).
     """
     if hidden.dim() != 2 or lm_head_weight.dim() != 2 or hidden.shape[1] != lm_head_weight.shape[1]:
         raise ValueError(f"need hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} "
@@ -177,6 +184,8 @@ def sampled_token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, t
     n = hidden.shape[0]
     if targets.shape != (n,):
         raise ValueError(f"targets must have shape [{n}], got {tuple(targets.shape)}")
+    if chunk_size is None:
+        chunk_size = block_rows(lm_head_weight.shape[0], torch.promote_types(hidden.dtype, torch.float32))
     if chunk_size < 1:
         raise ValueError("chunk_size must be positive")
     per_position = {"temperature": (temperature, 1.0, torch.float32), "top_k": (top_k, 0, torch.long),

@@ -3,7 +3,9 @@
 Only the hidden states at completion positions reach the vocabulary projection, and that
 projection is chunked (replay.core.logprobs), so [batch, length, vocab] logits never exist. Each
 row is scored on the distribution its behaviour logprobs are under (replay.core.sampling): the
-model's own final logits, over the row's temperature, truncated by its top-k / top-p.
+model's own final logits, over the row's temperature, truncated by its top-k / top-p. The
+trainable policy runs replay's own kernels for its LoRA Linears, norms and MLPs where they
+compute what the modules do (replay.learn.fused): the same numbers in fewer fresh tensors.
 """
 
 from __future__ import annotations
@@ -119,7 +121,8 @@ def check_head(model) -> FinalLogits:
     return final
 
 
-def token_logprobs(model, batch: Batch, chunk_size: int = 1024, final: FinalLogits | None = None) -> torch.Tensor:
+def token_logprobs(model, batch: Batch, chunk_size: int | None = None,
+                   final: FinalLogits | None = None) -> torch.Tensor:
     """[B, T] logprob of each completion token under `model`, on each row's distribution."""
     body, head = _parts(model)
     device = head.weight.device

@@ -11,6 +11,7 @@ from peft import LoraConfig, get_peft_model
 from replay.learn.fused import fuse_for_training
 from replay.learn.policy import LoraSettings, load_policy, make_batch, token_logprobs
 from replay.models import resolve_model
+from tests._autograd import saved_bytes
 from tests._tiny_model import save_tiny_model, tiny_model
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -66,18 +67,8 @@ def test_load_policy_fuses_every_mlp_and_changes_no_number(ref):
 
 def test_the_fused_policy_keeps_less_for_backward(ref):
     """Two [tokens, intermediate] tensors per layer fewer: silu(g) and the product h."""
-    def saved(model):  # bytes of the activations kept for backward (parameters cost nothing more)
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        storages = {}
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in params:
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            token_logprobs(model, BATCH)
-        return sum(storages.values())
+    def saved(model):  # activations kept for backward (parameters cost nothing more)
+        return saved_bytes(lambda: token_logprobs(model, BATCH), exclude=list(model.parameters()))
 
     fused = load_policy(ref, None, LoraSettings(r=4, target_modules=ALL), device="cpu", dtype="float32")
     plain = unfused(load_policy(ref, None, LoraSettings(r=4, target_modules=ALL), device="cpu", dtype="float32"))

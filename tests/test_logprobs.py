@@ -101,7 +101,7 @@ def test_empty_input_and_shape_errors():
 
 # --- the sampling distribution: final logits, temperature, top-k, top-p ---------------------------
 
-from replay.core.logprobs import FinalLogits, truncation_threshold  # noqa: E402
+from replay.core.logprobs import truncation_threshold  # noqa: E402
 from replay.engines.hf_engine import process_logits  # noqa: E402
 
 

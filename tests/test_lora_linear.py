@@ -6,6 +6,7 @@ import torch
 from torch.nn.functional import linear
 
 from replay.core.lora import lora_linear
+from tests._autograd import assert_same_values_and_grads, saved_bytes
 
 
 def peft_formula(x, weight, bias, a, b, scaling):
@@ -14,7 +15,7 @@ def peft_formula(x, weight, bias, a, b, scaling):
 
 
 def leaves(gen, lead=(2, 3), inner=5, out=4, r=2, dtype=torch.float32, bias=True):
-    make = lambda *s: torch.randn(*s, generator=gen, dtype=dtype).requires_grad_(True)  # noqa: E731
+    make = lambda *s: torch.randn(*s, generator=gen, dtype=dtype).requires_grad_(True)
     return make(*lead, inner), make(out, inner), make(out) if bias else None, make(r, inner), make(out, r)
 
 
@@ -35,16 +36,9 @@ def test_worked_numbers_one_unit():
 @pytest.mark.parametrize("lead", [(7,), (2, 3)])
 def test_equals_peft_values_and_every_gradient(bias, lead):
     gen = torch.Generator().manual_seed(len(lead))
-    ours = leaves(gen, lead=lead, bias=bias)
-    ref = tuple(None if t is None else t.detach().clone().requires_grad_(True) for t in ours)
-    upstream = torch.randn(*lead, 4, generator=gen)
-    out, expected = lora_linear(*ours, 0.75), peft_formula(*ref, 0.75)
-    (out * upstream).sum().backward()
-    (expected * upstream).sum().backward()
-    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
-    for mine, theirs in zip(ours, ref):
-        if mine is not None:
-            torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-5, atol=1e-6)
+    leaves_ = leaves(gen, lead=lead, bias=bias)
+    assert_same_values_and_grads(lambda *t: lora_linear(*t, 0.75), lambda *t: peft_formula(*t, 0.75), leaves_,
+                                 torch.randn(*lead, 4, generator=gen))
 
 
 def test_gradcheck_float64():
@@ -82,16 +76,8 @@ def test_keeps_the_input_and_the_rank_r_product_for_backward():
     gen = torch.Generator().manual_seed(4)
     x, w, _, a, b = leaves(gen, lead=(64,), inner=32, out=48, r=4, bias=False)
     w = w.detach()
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        lora_linear(x, w, None, a, b, 2.0)
-    params = {t.untyped_storage().data_ptr() for t in (w, a, b)}
-    assert sum(n for p, n in storages.items() if p not in params) == (64 * 32 + 64 * 4) * 4  # x and x·Aᵀ
+    kept = saved_bytes(lambda: lora_linear(x, w, None, a, b, 2.0), exclude=(w, a, b))
+    assert kept == (64 * 32 + 64 * 4) * 4  # x and x·Aᵀ
 
 
 def test_shapes_that_do_not_fit_are_refused():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from replay.core.swiglu import swiglu_lora_down
+from tests._autograd import assert_same_values_and_grads, saved_bytes
 
 
 def unfused(g, u, weight, bias, a, b, scaling):
@@ -18,8 +19,8 @@ def unfused(g, u, weight, bias, a, b, scaling):
 
 
 def leaves(gen, shape=(2, 3, 5), out=4, r=2, dtype=torch.float32, bias=True):
-    *lead, inner = shape
-    make = lambda *s: torch.randn(*s, generator=gen, dtype=dtype).requires_grad_(True)  # noqa: E731
+    inner = shape[-1]
+    make = lambda *s: torch.randn(*s, generator=gen, dtype=dtype).requires_grad_(True)
     return (make(*shape), make(*shape), make(out, inner), make(out) if bias else None,
             make(r, inner), make(out, r))
 
@@ -44,17 +45,9 @@ def test_worked_numbers_one_unit():
 @pytest.mark.parametrize("bias", [False, True])
 def test_equals_the_unfused_ops_values_and_every_gradient(bias):
     gen = torch.Generator().manual_seed(0)
-    ours, ref = leaves(gen, bias=bias), None
-    ref = tuple(None if x is None else x.detach().clone().requires_grad_(True) for x in ours)
-    upstream = torch.randn(2, 3, 4, generator=gen)
-    out = swiglu_lora_down(*ours, 0.75)
-    expected = unfused(*ref, 0.75)
-    (out * upstream).sum().backward()
-    (expected * upstream).sum().backward()
-    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
-    for mine, theirs in zip(ours, ref):
-        if mine is not None:
-            torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-5, atol=1e-6)
+    leaves_ = leaves(gen, bias=bias)
+    assert_same_values_and_grads(lambda *t: swiglu_lora_down(*t, 0.75), lambda *t: unfused(*t, 0.75), leaves_,
+                                 torch.randn(2, 3, 4, generator=gen))
 
 
 def test_gradcheck_float64():
@@ -86,18 +79,6 @@ def test_bf16_base_with_float32_lora_follows_peft():
     for mine, theirs in zip((g16, u16, w16, a, b), ref):
         assert mine.grad.dtype == theirs.grad.dtype
         torch.testing.assert_close(mine.grad, theirs.grad, rtol=2e-2, atol=2e-2)
-
-
-def saved_bytes(fn) -> int:
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
 
 
 def test_keeps_g_and_u_for_backward_not_the_activation_or_the_product():

@@ -66,7 +66,9 @@ def test_load_policy_fuses_every_mlp_and_changes_no_number(ref):
 
 
 def test_the_fused_policy_keeps_less_for_backward(ref):
-    """Two [tokens, intermediate] tensors per layer fewer: silu(g) and the product h."""
+    """Two [tokens, intermediate] tensors per layer fewer (silu(g) and the product h), and the norms
+    keep their output, which the LoRA'd projections keep anyway, instead of the residual stream:
+    one [tokens, hidden] fewer per norm whose input needs a gradient (all but layer 0's first)."""
     def saved(model):  # activations kept for backward (parameters cost nothing more)
         return saved_bytes(lambda: token_logprobs(model, BATCH), exclude=list(model.parameters()))
 
@@ -74,7 +76,8 @@ def test_the_fused_policy_keeps_less_for_backward(ref):
     plain = unfused(load_policy(ref, None, LoraSettings(r=4, target_modules=ALL), device="cpu", dtype="float32"))
     tokens, inner = BATCH.input_ids.numel(), fused.config.intermediate_size
     layers = fused.config.num_hidden_layers
-    assert saved(plain) - saved(fused) == layers * 2 * tokens * inner * 4
+    hidden = fused.config.hidden_size
+    assert saved(plain) - saved(fused) == (layers * 2 * tokens * inner + (2 * layers - 1) * tokens * hidden) * 4
 
 
 def test_peft_path_wherever_the_kernels_would_differ():
@@ -154,3 +157,12 @@ def test_only_llamas_rmsnorm_forward_is_replaced():
     assert ["forward" in vars(m) for m in norms] == [True, False, False]
     x = torch.randn(3, 8)
     assert torch.equal(norms[0](x), LlamaRMSNorm.forward(norms[0], x))
+
+
+def test_a_norm_weight_with_a_zero_keeps_its_input():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norms = torch.nn.ModuleList([LlamaRMSNorm(4), LlamaRMSNorm(4)]).requires_grad_(False)
+    norms[1].weight[2] = 0.0  # y / w would be 0 / 0 there
+    fuse_for_training(norms)
+    assert [vars(m)["forward"].args[1] for m in norms] == [True, False]

@@ -10,6 +10,7 @@ from torch.utils._pytree import tree_flatten
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from replay.core.rmsnorm import rms_norm
+from tests._autograd import saved_bytes
 
 
 def llama(x, weight, eps):
@@ -102,3 +103,29 @@ def test_fewer_fresh_tensors_than_autograd_through_llama_rmsnorm():
 def test_weight_that_does_not_fit_is_refused():
     with pytest.raises(ValueError, match="does not fit"):
         rms_norm(torch.zeros(2, 4), torch.ones(3), 1e-6)
+
+
+def test_keeping_the_output_instead_of_the_input_gives_the_same_gradient():
+    """x̂ = y / w in the backward pass: the input gradient of LlamaRMSNorm within float32 rounding,
+    with y kept for backward and x not (asked for, float32, frozen weight); otherwise x is kept."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 16, generator=gen, requires_grad=True)
+    weight = torch.rand(16, generator=gen) + 0.5
+    x_ref = x.detach().clone().requires_grad_(True)
+    upstream = torch.randn(8, 16, generator=gen)
+    y = rms_norm(x, weight, 1e-6, keep_output=True)
+    (y * upstream).sum().backward()
+    (llama(x_ref, weight.clone(), 1e-6) * upstream).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+
+    kept = {}
+    for keep in (True, False):
+        out = []
+        kept[keep] = saved_bytes(lambda: out.append(rms_norm(x, weight, 1e-6, keep_output=keep)), exclude=[weight])
+    assert kept[True] == kept[False] == (8 * 16 + 8) * 4  # one [8, 16] block (y or x) and 1/rms
+    stored = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: stored.append(t) or t, lambda t: t):
+        y = rms_norm(x, weight, 1e-6, keep_output=True)
+        rms_norm(x, weight.clone().requires_grad_(True), 1e-6, keep_output=True)
+    assert any(t is y for t in stored[:3]) and not any(t is x for t in stored[:3])
+    assert any(t is x for t in stored[3:])  # a weight that trains: x is kept, as without the flag

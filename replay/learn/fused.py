@@ -94,7 +94,10 @@ def fuse_for_training(model: torch.nn.Module) -> dict[str, int]:
             module.forward = functools.partial(_mlp_forward, module)
             fused["swiglu_mlp"] += 1
         elif _is_llama_rmsnorm(type(module)):
-            module.forward = functools.partial(_rmsnorm_forward, module)
+            # a frozen weight without zeros: y / w gives x̂ back, so the norm keeps y (which the
+            # LoRA'd projections after it keep too) instead of the residual stream x
+            keep_output = not module.weight.requires_grad and bool((module.weight != 0).all())
+            module.forward = functools.partial(_rmsnorm_forward, module, keep_output)
             fused["rmsnorm"] += 1
     return fused
 
@@ -129,5 +132,5 @@ def _mlp_forward(mlp, x: torch.Tensor) -> torch.Tensor:
                             down.lora_A[adapter].weight, down.lora_B[adapter].weight, down.scaling[adapter])
 
 
-def _rmsnorm_forward(norm, hidden_states: torch.Tensor) -> torch.Tensor:
-    return rms_norm(hidden_states, norm.weight, norm.variance_epsilon)
+def _rmsnorm_forward(norm, keep_output: bool, hidden_states: torch.Tensor) -> torch.Tensor:
+    return rms_norm(hidden_states, norm.weight, norm.variance_epsilon, keep_output)

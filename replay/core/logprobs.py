@@ -33,7 +33,7 @@ BLOCK_BYTES = 64 * 2**20  # one [chunk, V] block: 341 positions of a 49k vocabul
 
 def block_rows(vocab: int, dtype: torch.dtype = torch.float32) -> int:
     """Positions per chunk so that one [chunk, vocab] block of `dtype` stays within BLOCK_BYTES."""
-    return max(1, BLOCK_BYTES // (vocab * torch.finfo(dtype).bits // 8))
+    return max(1, BLOCK_BYTES // (vocab * dtype.itemsize))
 
 
 @dataclass(frozen=True)

@@ -45,13 +45,26 @@ def lora_param_grads(grad_y, xa, x_lora, lora_b, scaling, need_a: bool, need_b: 
     return grad_xa, grad_a, grad_b
 
 
+def base_param_grads(grad_y, x, need_w: bool, need_bias: bool):
+    """(∂L/∂W, ∂L/∂b) of x·Wᵀ + b from the output gradient, None where not needed (a frozen base,
+    or no bias: autograd asks for no gradient of a None input)."""
+    grad_y2 = grad_y.reshape(-1, grad_y.shape[-1])
+    grad_w = grad_y2.T @ x.reshape(-1, x.shape[-1]) if need_w else None
+    return grad_w, grad_y2.sum(0) if need_bias else None
+
+
+def lora_shapes_fit(inner: int, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> bool:
+    """An input of width `inner` fits W [O, inner], A [r, inner] and B [O, r]."""
+    return weight.shape[1] == inner == lora_a.shape[1] and lora_b.shape == (weight.shape[0], lora_a.shape[0])
+
+
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
         xa = linear(x.to(lora_a.dtype), lora_a)
         y = add_lora_(linear(x, weight, bias), xa, lora_b, scaling)
         ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
-        ctx.scaling, ctx.has_bias = scaling, bias is not None
+        ctx.scaling = scaling
         return y
 
     @staticmethod
@@ -61,17 +74,14 @@ class _LoraLinear(torch.autograd.Function):
         grad_xa, grad_a, grad_b = lora_param_grads(grad_y, xa, x.to(lora_a.dtype), lora_b, ctx.scaling,
                                                    need_a, need_b)
         grad_x = lora_input_grad(grad_y, weight, grad_xa.reshape(*grad_y.shape[:-1], -1), lora_a) if need_x else None
-        grad_y2, x2 = grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1])
-        grad_w = grad_y2.T @ x2 if need_w else None
-        grad_bias = grad_y2.sum(0) if need_bias and ctx.has_bias else None
+        grad_w, grad_bias = base_param_grads(grad_y, x, need_w, need_bias)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
     """x [..., I] · Wᵀ [I, O] + b + (x·Aᵀ)·Bᵀ · scaling with A [r, I], B [O, r]."""
-    if weight.shape[1] != x.shape[-1] or lora_a.shape[1] != x.shape[-1] \
-            or lora_b.shape != (weight.shape[0], lora_a.shape[0]):
+    if not lora_shapes_fit(x.shape[-1], weight, lora_a, lora_b):
         raise ValueError(f"shapes do not fit: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
                          f"A {tuple(lora_a.shape)}, B {tuple(lora_b.shape)}")
     return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, float(scaling))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch.nn.functional import linear, silu
 
-from replay.core.lora import add_lora_, lora_input_grad, lora_param_grads
+from replay.core.lora import add_lora_, base_param_grads, lora_input_grad, lora_param_grads, lora_shapes_fit
 
 
 class _SwigluLoraDown(torch.autograd.Function):
@@ -28,7 +28,7 @@ class _SwigluLoraDown(torch.autograd.Function):
         xa = linear(h.to(lora_a.dtype), lora_a)
         out = add_lora_(linear(h, weight, bias), xa, lora_b, scaling)
         ctx.save_for_backward(g, u, weight, lora_a, lora_b, xa)
-        ctx.scaling, ctx.has_bias = scaling, bias is not None
+        ctx.scaling = scaling
         return out
 
     @staticmethod
@@ -40,8 +40,7 @@ class _SwigluLoraDown(torch.autograd.Function):
         h = silu_g * u
         grad_xa, grad_a, grad_b = lora_param_grads(grad_out, xa, h.to(lora_a.dtype), lora_b, ctx.scaling,
                                                    need_a, need_b)
-        grad_w = grad_out.reshape(-1, grad_out.shape[-1]).T @ h.reshape(-1, h.shape[-1]) if need_w else None
-        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if need_bias and ctx.has_bias else None
+        grad_w, grad_bias = base_param_grads(grad_out, h, need_w, need_bias)
         del h
         grad_g = grad_u = None
         if need_g or need_u:
@@ -57,8 +56,7 @@ def swiglu_lora_down(g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bia
                      lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
     """down_proj(silu(g) * u) with a LoRA (A [r, I], B [O, r]) on down_proj; g, u [..., I], weight
     [O, I]. Equal, with the same gradients, to the unfused modules, at a third of their saved memory."""
-    if g.shape != u.shape or weight.shape[1] != g.shape[-1] or lora_a.shape[1] != g.shape[-1] \
-            or lora_b.shape != (weight.shape[0], lora_a.shape[0]):
+    if g.shape != u.shape or not lora_shapes_fit(g.shape[-1], weight, lora_a, lora_b):
         raise ValueError(f"shapes do not fit: g {tuple(g.shape)}, u {tuple(u.shape)}, weight {tuple(weight.shape)}, "
                          f"A {tuple(lora_a.shape)}, B {tuple(lora_b.shape)}")
     return _SwigluLoraDown.apply(g, u, weight, bias, lora_a, lora_b, float(scaling))

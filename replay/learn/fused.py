@@ -28,7 +28,8 @@ from replay.core.lora import lora_linear
 from replay.core.rmsnorm import rms_norm
 from replay.core.swiglu import swiglu_lora_down
 
-SWIGLU_LINE = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
+SWIGLU = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
+SWIGLU_BODIES = (f"return {SWIGLU}", f"down_proj = {SWIGLU}\nreturn down_proj")  # transformers writes both
 RMSNORM_BODY = """
 input_dtype = hidden_states.dtype
 hidden_states = hidden_states.to(torch.float32)
@@ -38,41 +39,26 @@ return self.weight * hidden_states.to(input_dtype)
 """
 
 
-def _forward_tree(cls: type) -> ast.FunctionDef | None:
+def _forward_is(cls: type, arg: str, bodies: tuple[str, ...]) -> bool:
+    """cls.forward(self, arg) is, statement for statement (docstrings aside), one of `bodies`."""
     try:
         func = ast.parse(textwrap.dedent(inspect.getsource(cls.forward))).body[0]
     except (OSError, TypeError, SyntaxError):
-        return None
-    return func if isinstance(func, ast.FunctionDef) else None
-
-
-def _statements(body: list[ast.stmt]) -> list[ast.stmt]:  # without docstrings
-    return [s for s in body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+        return False
+    if not isinstance(func, ast.FunctionDef) or [a.arg for a in func.args.args] != ["self", arg]:
+        return False
+    body = [ast.dump(s) for s in func.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+    return any(body == [ast.dump(s) for s in ast.parse(expected).body] for expected in bodies)
 
 
 @functools.cache
 def _is_llama_rmsnorm(cls: type) -> bool:
-    func = _forward_tree(cls)
-    if func is None or [a.arg for a in func.args.args] != ["self", "hidden_states"]:
-        return False
-    expected = ast.parse(RMSNORM_BODY).body
-    return [ast.dump(s) for s in _statements(func.body)] == [ast.dump(s) for s in expected]
+    return _forward_is(cls, "hidden_states", (RMSNORM_BODY,))
 
 
 @functools.cache
 def _is_swiglu_mlp(cls: type) -> bool:
-    """cls.forward(self, x) is exactly `return <SWIGLU_LINE>` (or through one local name)."""
-    func = _forward_tree(cls)
-    if func is None or [a.arg for a in func.args.args] != ["self", "x"]:
-        return False
-    body = _statements(func.body)
-    if len(body) == 1 and isinstance(body[0], ast.Return) and body[0].value is not None:
-        return ast.unparse(body[0].value) == SWIGLU_LINE
-    if (len(body) == 2 and isinstance(body[0], ast.Assign) and len(body[0].targets) == 1
-            and isinstance(body[0].targets[0], ast.Name) and isinstance(body[1], ast.Return)
-            and isinstance(body[1].value, ast.Name) and body[1].value.id == body[0].targets[0].id):
-        return ast.unparse(body[0].value) == SWIGLU_LINE
-    return False
+    return _forward_is(cls, "x", SWIGLU_BODIES)
 
 
 def _is_silu(act) -> bool:  # torch's, or transformers' own (ACT2FN["silu"])

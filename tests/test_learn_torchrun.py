@@ -78,8 +78,11 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(store):
     assert len(rows_one) == len(rows_two) == 2  # 2 epochs x 1 step
     for a, b in zip(rows_one, rows_two):
         assert a.keys() == b.keys()
-        for key in a:
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+        for key in a:  # numbers within rounding, every other column (objective, ...) equal
+            if isinstance(a[key], float):
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+            else:
+                assert b[key] == a[key], key
     # one writer: one audit row per sample, one metrics row per step, one manifest
     audit = store.query("SELECT count(*) AS n FROM learn_audit WHERE adapter_name = 'two'").to_pylist()
     assert audit == [{"n": 16}]

@@ -111,6 +111,10 @@ LEARN_AUDIT = _schema(
     ("weight", "float64", False),  # group loss weight: alpha for LENS negative groups, else 1
     ("group_kind", "string", False),  # negative | mixed | positive
     ("num_tokens", "int32", False),
+    # group: a member of its own group | replay: a stored success put into a negative group of
+    # round `rollout_round`, sampled in `behaviour_round` (NULL in older stores)
+    ("origin", "string", True),
+    ("behaviour_round", "int32", True),  # the round the row was sampled in (= rollout_round for group rows)
 )
 
 LEARN_METRICS = _schema(
@@ -136,6 +140,16 @@ LEARN_METRICS = _schema(
     ("grad_share_negative", "float64", True),
     ("grad_share_mixed", "float64", True),
     ("grad_share_positive", "float64", True),
+    # the step's replayed rows (learn --rescue replay; replay.core.behaviour.replay_metrics): their
+    # count, mean age in rounds, behaviour weight π_θold/μ per token (mean, max, share truncated
+    # at C), share of rows masked, Kish's effective sample size; NULL without replayed rows
+    ("replayed_rows", "int64", True),
+    ("replay_mean_age", "float64", True),
+    ("behaviour_weight_mean", "float64", True),
+    ("behaviour_weight_max", "float64", True),
+    ("behaviour_truncated_share", "float64", True),
+    ("behaviour_masked_share", "float64", True),
+    ("replay_ess", "float64", True),
 )
 
 EVAL = _schema(
@@ -194,7 +208,7 @@ PARTITIONED = frozenset({"rollouts", "verdicts", "learn_audit", "learn_metrics",
 
 # Small tables that gained (nullable) columns within this schema version: read by column name, so
 # files written before a column existed show it as NULL.
-GROWN = frozenset({"learn_metrics"})
+GROWN = frozenset({"learn_metrics", "learn_audit"})
 
 # Tables whose files cache a view: the store registers the view (current files only), not the files.
 CACHES = frozenset({"group_summary"})
@@ -206,7 +220,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "prompts": ("prompt_id",),
     "rollouts": ("round", "prompt_id", "sample_idx"),
     "verdicts": ("round", "prompt_id", "sample_idx", "verifier_version"),
-    "learn_audit": ("round", "adapter_name", "rollout_round", "prompt_id", "sample_idx"),
+    "learn_audit": ("round", "adapter_name", "rollout_round", "prompt_id", "sample_idx", "behaviour_round"),
     "learn_metrics": ("round", "adapter_name", "step"),
     "eval": ("round", "adapter_name", "dataset", "group_by", "group_value", "k", "created_at"),
     "prompt_sets": ("prompt_set_id",),
@@ -244,6 +258,7 @@ VIEW_FILES = (
     "rounds",
     "eval_passk",
     "rescue_eval",
+    "rescue_candidates",
 )
 
 
@@ -251,7 +266,7 @@ def view_sql(name: str) -> str:
     return resources.files(__name__).joinpath("views", f"{name}.sql").read_text(encoding="utf-8")
 
 
-NAMES = frozenset({*COLUMNS, *VIEW_FILES, "stage_runs"})  # every table and view of a connection
+NAMES = frozenset({*COLUMNS, *VIEW_FILES, "stage_runs", "sample_plans"})  # every table and view of a connection
 
 
 def references(sql: str) -> set[str]:

@@ -13,6 +13,7 @@ from schemas import learn_stage
 
 from replay import adapters
 from replay.learn.config import LearnConfig
+from replay.learn.rescue import add_replayed
 from replay.learn.selection import LearnSample, load_samples
 from replay.locks import locked_stage
 from replay.manifests import finish_manifest, start_manifest
@@ -52,7 +53,8 @@ def audit_rows(cfg: LearnConfig, samples, result, kinds) -> list[dict]:
     return [dict(round=cfg.round, adapter_name=cfg.adapter_name, prompt_id=s.prompt_id, sample_idx=s.sample_idx,
                  rollout_round=s.round, objective=cfg.objective, confidence=float(s.confidence),
                  shaped_reward=float(result.shaped_reward[i]), advantage=float(result.advantage[i]),
-                 weight=float(result.weight[i]), group_kind=kinds[i], num_tokens=len(s.completion_ids))
+                 weight=float(result.weight[i]), group_kind=kinds[i], num_tokens=len(s.completion_ids),
+                 origin=s.origin, behaviour_round=s.sampled_round)
             for i, s in enumerate(samples)]
 
 
@@ -87,8 +89,10 @@ def run(store_path: str, cfg: LearnConfig) -> dict:
         record = start_manifest(stage, cfg.round, asdict(cfg) | {"world_size": ranks.world})
         # every rank selects the same rows and computes the same advantages (same seeded plan)
         samples, selection = load_samples(store, cfg, model_ref, device=device, dtype=cfg.dtype)
-        result, kinds, adv_metrics = compute_advantages(cfg, samples)
         init = adapters.previous_adapter(store, cfg.round, cfg.adapter_name) if cfg.init_from_previous else None
+        if cfg.rescue == "replay":  # θ_old of replayed rows is the policy this learn starts from
+            samples, selection["rescue"] = add_replayed(store, cfg, samples, init, model_ref, device, cfg.dtype)
+        result, kinds, adv_metrics = compute_advantages(cfg, samples)
         note(f"learn round {cfg.round} ({cfg.objective})", f"{len(samples)} samples in {selection['groups']} "
                                                          f"groups; loading the model")
         lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.target_modules))
@@ -110,6 +114,7 @@ def run(store_path: str, cfg: LearnConfig) -> dict:
             store.write("learn_audit", audit_rows(cfg, samples, result, kinds), round=cfg.round, name=cfg.adapter_name)
             store.write("learn_metrics", metrics_rows, round=cfg.round, name=cfg.adapter_name)
             counts = {"samples": len(samples), "groups": selection["groups"],
+                      "replayed": sum(s.origin == "replay" for s in samples),
                       "trained_samples": train_summary["trained_samples"], "optimizer_steps": len(metrics_rows)}
             record = finish_manifest(record, counts, selection=selection, metrics=train_summary | adv_metrics,
                                      adapter=str(out_dir), init_adapter=str(init) if init else None,

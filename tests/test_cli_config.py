@@ -70,7 +70,9 @@ def test_learn_flags_reach_the_config(monkeypatch, tmp_path):
             "--grad-accum", "5", "--max-grad-norm", "2", "--clip-eps", "0.3", "--clip-eps-high", "0.4",
             "--dual-clip", "0", "--tis-cap", "2", "--aggregation", "token-mean", "--lens-alpha", "0.5",
             "--lens-d-imp", "off", "--no-lens-inv-group-size", "--w-reinforce-lambda", "0.2",
-            "--gradient-checkpointing", "--zero-advantage", "keep", "--seed", "7", "--force",
+            "--gradient-checkpointing", "--zero-advantage", "keep", "--rescue", "replay", "--rescue-max", "3",
+            "--rescue-sql", "select rollout_id from rescue_candidates", "--behaviour-correction", "seq-mask",
+            "--behaviour-cap", "3", "--shaping-gamma", "0.5", "--seed", "7", "--force",
             "--report-to", "tensorboard"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -82,7 +84,10 @@ def test_learn_flags_reach_the_config(monkeypatch, tmp_path):
                               grad_accum=5, max_grad_norm=2.0, clip_eps=0.3, clip_eps_high=0.4, dual_clip=None,
                               tis_cap=2.0, aggregation="token-mean", lens_alpha=0.5, lens_d_imp="off",
                               lens_inv_group_size=False, w_reinforce_lambda=0.2, gradient_checkpointing=True,
-                              zero_advantage="keep", seed=7, force=True, report_to="tensorboard")
+                              zero_advantage="keep", rescue="replay", rescue_max=3,
+                              rescue_sql="select rollout_id from rescue_candidates",
+                              behaviour_correction="seq-mask", behaviour_cap=3.0, shaping_gamma=0.5, seed=7,
+                              force=True, report_to="tensorboard")
     # every field was set away from its default above: a flag the command dropped would show here
     changed = {f.name for f in dataclasses.fields(LearnConfig) if getattr(cfg, f.name) != getattr(LearnConfig(), f.name)}
     assert changed == {f.name for f in dataclasses.fields(LearnConfig)}

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from .app import StoreOpt, command
-from ..core import AGGREGATIONS, D_IMP_MODES, OBJECTIVES
+from ..core import AGGREGATIONS, BEHAVIOUR_CORRECTIONS, D_IMP_MODES, OBJECTIVES, RESCUES
 from ..errors import ReplayError
 from ..learn.config import DEVICES, DTYPES, LearnConfig
 
@@ -157,6 +157,17 @@ def learn(
                                        "step plan (fewer steps, no compute) | keep: they stay in it and count in "
                                        "each step's normaliser with loss 0, as a fixed global batch (step-matched "
                                        "objectives)."),
+    rescue: str = typer.Option(L.rescue, help=" | ".join(RESCUES) + ": replay puts stored correct rollouts of "
+                               "the prompt into each negative group (see rescue_candidates)."),
+    rescue_max: int = typer.Option(L.rescue_max, help="Replayed rows per negative group, at most."),
+    rescue_sql: Optional[str] = typer.Option(L.rescue_sql, help="A query over rescue_candidates returning "
+                                             "rollout_id: which rows may be replayed (default: newest policy "
+                                             "first, then rollout id)."),
+    behaviour_correction: str = typer.Option(L.behaviour_correction, help=" | ".join(BEHAVIOUR_CORRECTIONS)
+                                             + ": how replayed rows sampled by an older policy are weighted."),
+    behaviour_cap: float = typer.Option(L.behaviour_cap, help="C: tis truncates weights at C; seq-mask drops "
+                                        "rows outside [1/C, C]."),
+    shaping_gamma: float = typer.Option(L.shaping_gamma, help="γ of shaping's f(π) = π/(π+γ)."),
     seed: int = typer.Option(L.seed),
     force: bool = typer.Option(L.force, help="Retrain a round whose learn is already complete."),
     report_to: str = ReportToOpt,

@@ -5,7 +5,12 @@ Per token t of sequence i, with ρ = exp(logπ_θ - logπ_old) and A_i the seque
     ppo_t  = max(-A·ρ, -A·clip(ρ, 1 - ε, 1 + ε_high))
     loss_t = min(ppo_t, -A·c)   where A < 0 and dual_clip = c (> 1) is set, else ppo_t
     loss_t *= min(sg(ρ), tis_cap)                                  if tis_cap is set
+    loss_t *= b_t                                                  (behaviour factor of a replayed row)
     loss_t *= w_i                                                  (per-sequence weight, LENS α)
+
+Rows marked `shaped` (replayed rows with no reproducible behaviour logprobs, LUFFY's policy shaping)
+take loss_t = −A·f(π_θ), f(π) = π/(π + γ), instead of the clipped surrogate: no ratio, no clip
+(f's gradient f'(π) = γ/(π + γ)² grows for unlikely tokens, which is the point of shaping).
 
 The dual clip bounds what a negative-advantage token can contribute when ρ has grown large, as it
 does on data that is stale by whole rounds. The optional truncated importance weight is a
@@ -33,9 +38,11 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
                 mask: torch.Tensor, weights: torch.Tensor | None = None, clip_eps: float = 0.2,
                 clip_eps_high: float | None = None, dual_clip: float | None = 3.0,
                 tis_cap: float | None = None,
-                aggregation: str = "seq-mean-token-mean") -> tuple[torch.Tensor, dict]:
+                aggregation: str = "seq-mean-token-mean", token_weights: torch.Tensor | None = None,
+                shaped: torch.Tensor | None = None, shaping_gamma: float = 0.1) -> tuple[torch.Tensor, dict]:
     """Scalar loss and metrics for logprobs [B, T] (with grad), old_logprobs [B, T], advantages
-    [B], mask [B, T] (1 for completion tokens), weights [B] (default 1).
+    [B], mask [B, T] (1 for completion tokens), weights [B] (default 1), token_weights [B, T]
+    (constant behaviour factors, default 1), shaped [B] bool (rows trained by policy shaping).
 
     Metrics (floats, over real tokens): clip_frac (the clipped branch of the PPO max is active),
     dual_clip_frac, tis_frac (tokens whose weight hit tis_cap), ratio_mean, ratio_max (of the
@@ -67,6 +74,11 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     if tis_cap is not None:
         per_token = per_token * ratio.detach().clamp(max=tis_cap)
         tis_hit = ratio.detach() > tis_cap
+    if shaped is not None:
+        prob = torch.where(live, logprobs, zero).exp()
+        per_token = torch.where(shaped.unsqueeze(1), -adv * prob / (prob + shaping_gamma), per_token)
+    if token_weights is not None:
+        per_token = per_token * torch.where(live, token_weights.to(logprobs.dtype), zero)
     if weights is not None:
         per_token = per_token * weights.to(logprobs.dtype).unsqueeze(1)
     per_token = torch.where(live, per_token, zero)

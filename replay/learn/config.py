@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from schemas import MAIN_ADAPTER
 
-from replay.core import AGGREGATIONS, D_IMP_MODES, OBJECTIVES
+from replay.core import AGGREGATIONS, BEHAVIOUR_CORRECTIONS, D_IMP_MODES, OBJECTIVES, RESCUES
 from replay.errors import ReplayError
 
 DEVICES = "auto | cpu | cuda | cuda:N"
@@ -48,6 +48,12 @@ class LearnConfig:
     w_reinforce_lambda: float = 0.1
     gradient_checkpointing: bool = False
     zero_advantage: str = "skip"  # skip: no compute, not in the plan | keep: in the plan and the normaliser, loss 0
+    rescue: str = "none"  # replay: stored correct rollouts of the prompt join each negative group
+    rescue_max: int = 2  # at most this many replayed rows per negative group
+    rescue_sql: str | None = None  # a query over `rescue_candidates` returning rollout_id: replaces the default pick
+    behaviour_correction: str = "tis"  # replayed rows: tis | seq-mask | none | shaping (replay.core.behaviour)
+    behaviour_cap: float = 2.0  # C of tis and seq-mask
+    shaping_gamma: float = 0.1  # γ of shaping's f(π) = π/(π+γ)
     seed: int = 0
     force: bool = False
     report_to: str = "none"  # live metrics: none | tensorboard | wandb (replay.metrics_sink)
@@ -64,6 +70,19 @@ class LearnConfig:
         if self.zero_advantage not in ZERO_ADVANTAGE:
             raise ReplayError(f"unknown --zero-advantage {self.zero_advantage!r}; choose from "
                               f"{', '.join(ZERO_ADVANTAGE)}")
+        if self.rescue not in RESCUES:
+            raise ReplayError(f"unknown --rescue {self.rescue!r}; choose from {', '.join(RESCUES)}")
+        if self.behaviour_correction not in BEHAVIOUR_CORRECTIONS:
+            raise ReplayError(f"unknown --behaviour-correction {self.behaviour_correction!r}; choose from "
+                              f"{', '.join(BEHAVIOUR_CORRECTIONS)}")
+        if not self.rescue_max >= 1:
+            raise ReplayError(f"--rescue-max must be at least 1, got {self.rescue_max}")
+        if not self.behaviour_cap > 1.0:  # `not >` also refuses nan
+            raise ReplayError(f"--behaviour-cap must be a number above 1, got {self.behaviour_cap}")
+        if not self.shaping_gamma > 0.0 or self.shaping_gamma == float("inf"):
+            raise ReplayError(f"--shaping-gamma must be a positive number, got {self.shaping_gamma}")
+        if self.rescue_sql is not None and self.rescue != "replay":
+            raise ReplayError("--rescue-sql picks replayed rows: it needs --rescue replay")
         if self.dtype not in DTYPES:
             raise ReplayError(f"unknown --dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
         device = self.device

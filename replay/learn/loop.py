@@ -16,6 +16,7 @@ import time
 import torch
 
 from replay.core.advantages import KIND_NAMES, kind_shares
+from replay.core.behaviour import replay_metrics
 from replay.core.loss import policy_loss
 from replay.errors import ReplayError
 from replay.progress import progress_bar
@@ -121,7 +122,7 @@ def train(model, samples, advantages, cfg, adv_metrics: dict | None = None,
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             rows.append(_metrics_row(cfg, len(rows), epoch, sums, ratio_max, float(grad_norm), adv_metrics, started)
-                        | shares)
+                        | shares | _replay_metrics(samples, step_rows))
             if on_step is not None:
                 on_step(rows[-1])
             if bar is not None:
@@ -145,16 +146,29 @@ def _kind_shares(advantage, weight, kind, samples, rows, aggregation) -> dict:
     return {f"grad_share_{name}": value for name, value in shares.items()}
 
 
+def _replay_metrics(samples, rows) -> dict:
+    stats = [samples[i].behaviour_stats for i in rows if samples[i].origin == "replay"]
+    return replay_metrics(torch.tensor([r["sequence_weight"] for r in stats], dtype=torch.float64),
+                          sum(r["weight_sum"] for r in stats), max((r["weight_max"] for r in stats), default=0.0),
+                          sum(r["tokens"] for r in stats), sum(r["truncated"] for r in stats),
+                          sum(r["masked"] for r in stats), torch.tensor([float(r["age"]) for r in stats]))
+
+
 def _micro_step(scorer, samples, idx, advantage, weight, cfg, step_samples, step_tokens, device):
     chunk = [samples[i] for i in idx]
     batch = make_batch([s.prompt_ids for s in chunk], [s.completion_ids for s in chunk],
                        [s.distribution for s in chunk])
     logprobs = scorer(*(getattr(batch, f).to(device) for f in batch.__dataclass_fields__))
     old = _padded([s.old_logprobs for s in chunk], batch.targets.shape[1]).to(device)
+    replayed = any(s.origin == "replay" for s in chunk)  # on-policy batches: the exact path of before
+    token_weights = _padded([s.token_weights or [1.0] * len(s.completion_ids) for s in chunk],
+                            batch.targets.shape[1]).to(device) if replayed else None
+    shaped = torch.tensor([s.shaped for s in chunk], device=device) if replayed else None
     loss, metrics = policy_loss(
         logprobs, old, advantage[idx].to(device), batch.target_mask.to(device),
         weights=weight[idx].to(device), clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high,
-        dual_clip=cfg.dual_clip, tis_cap=cfg.tis_cap, aggregation=cfg.aggregation)
+        dual_clip=cfg.dual_clip, tis_cap=cfg.tis_cap, aggregation=cfg.aggregation,
+        token_weights=token_weights, shaped=shaped, shaping_gamma=cfg.shaping_gamma)
     # each micro-batch's mean counts by its share of the step (sequences, or tokens for
     # token-mean): the step's loss is the mean over all its samples, however it is cut
     share = (float(batch.target_mask.sum()) / step_tokens if cfg.aggregation == "token-mean"

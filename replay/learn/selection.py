@@ -70,20 +70,35 @@ class LearnSample:
     distribution: Distribution  # what old_logprobs are under, and what the learner scores on
     policy_round: int | None
     policy_adapter: str | None
+    # a replayed row (replay.learn.rescue) joins group (round, prompt_id) from another round:
+    origin: str = "group"  # group | replay
+    behaviour_round: int | None = None  # the round the row was sampled in (None: this group's round)
+    behaviour_logprobs: list[float] | None = None  # μ: its stored logprobs (old_logprobs are θ_old's)
+    raw_logprobs: list[float] | None = None  # θ_old at T = 1, nothing cut: LENS's confidence of the row
+    token_weights: list[float] | None = None  # the constant behaviour factor per token (None: 1)
+    shaped: bool = False  # trained by policy shaping (replay.core.loss)
+    behaviour_stats: dict | None = None  # per-row account for learn_metrics
+    completion_text: str | None = None
 
     @property
     def name(self) -> str:
         return f"round {self.round} prompt {self.prompt_id} sample {self.sample_idx}"
 
     @property
+    def sampled_round(self) -> int:
+        return self.round if self.behaviour_round is None else self.behaviour_round
+
+    @property
     def confidence(self) -> float:
-        """c = exp(mean token logprob) of the behaviour policy (1.0 for an empty completion)."""
-        n = len(self.old_logprobs)
-        return math.exp(sum(self.old_logprobs) / n) if n else 1.0
+        """c = exp(mean token logprob) of the behaviour policy (1.0 for an empty completion); for a
+        replayed row, of θ_old at T = 1 (not of the run that made it)."""
+        values = self.old_logprobs if self.raw_logprobs is None else self.raw_logprobs
+        n = len(values)
+        return math.exp(sum(values) / n) if n else 1.0
 
     @property
     def sequence_prob(self) -> float:
-        return math.exp(sum(self.old_logprobs))
+        return math.exp(sum(self.old_logprobs if self.raw_logprobs is None else self.raw_logprobs))
 
 
 def where_matched_groups(store: Store, where: str, lo: int, hi: int):

@@ -14,7 +14,7 @@ from schemas import learn_stage
 from replay import adapters
 from replay.learn.config import LearnConfig
 from replay.learn.rescue import add_replayed
-from replay.learn.selection import LearnSample, load_samples
+from replay.learn.selection import LearnSample, add_raw_logprobs, load_samples
 from replay.locks import locked_stage
 from replay.manifests import finish_manifest, start_manifest
 from replay.metrics_sink import check_report_to, open_sink
@@ -92,6 +92,9 @@ def run(store_path: str, cfg: LearnConfig) -> dict:
         init = adapters.previous_adapter(store, cfg.round, cfg.adapter_name) if cfg.init_from_previous else None
         if cfg.rescue == "replay":  # θ_old of replayed rows is the policy this learn starts from
             samples, selection["rescue"] = add_replayed(store, cfg, samples, init, model_ref, device, cfg.dtype)
+        if cfg.objective == "lens":  # c is the policy's own p(y|x), whatever the rows were sampled with
+            selection["raw_confidence_rows"] = add_raw_logprobs(samples, model_ref, cfg.micro_batch_size, device,
+                                                                cfg.dtype)
         result, kinds, adv_metrics = compute_advantages(cfg, samples)
         note(f"learn round {cfg.round} ({cfg.objective})", f"{len(samples)} samples in {selection['groups']} "
                                                          f"groups; loading the model")

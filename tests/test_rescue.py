@@ -251,3 +251,52 @@ def test_rescue_none_is_todays_learn_bit_for_bit(tmp_path, tiny):
 def test_bad_rescue_flags_are_one_line(store, flags, message):
     result = invoke("learn", "--store", store.root, "--round", 1, *flags)
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+
+
+def test_round_takes_the_rescue_settings_from_its_config(tmp_path):
+    from replay.cli.settings import load_settings
+    from replay.learn.config import LearnConfig
+
+    path = tmp_path / "round.toml"
+    path.write_text('[learn]\nrescue = "replay"\nrescue_max = 3\nbehaviour_correction = "seq-mask"\n')
+    settings = load_settings(str(path), ["learn.behaviour_cap=3"])
+    cfg = LearnConfig(round=1, **settings["learn"])  # as stages.round builds it
+    cfg.validate()
+    assert (cfg.rescue, cfg.rescue_max, cfg.behaviour_correction, cfg.behaviour_cap) == ("replay", 3, "seq-mask", 3.0)
+
+
+def test_inspect_rescuable_counts_groups_by_source_and_age(store):
+    from replay.read.inspect import inspect_report
+
+    _, rows = inspect_report(store, "rescuable")
+    # round 0 has no negative group (B and D were solved there); round 1: A, B, D, all three rescuable
+    assert [tuple(r) for r in rows.rows] == [
+        (1, 3, "any", "any", 3, 5), (1, 3, "generate", "1", 2, 3), (1, 3, "import", "1", 1, 1),
+        (1, 3, "rescue_sampling", "1", 1, 1)]
+    assert "rescue_sampling" in invoke_ok("inspect", "rescuable", "--store", store.root, "--round", 1)
+
+
+def test_inspect_rescue_follows_the_next_rounds_samples(tmp_path, tiny):
+    store = build(tmp_path / "store")
+    exclude_d = f"select rollout_id from rescue_candidates where prompt_id <> '{ID['D']}'"
+    assert learn(store, tiny, "main", "--rescue", "replay", "--rescue-sql", exclude_d).exit_code == 0
+    # round 2 (sampled by round 1's adapter): A solved once in 2, B not at all
+    rollouts = [rollout_row(2, ID[n], i, policy_round=1) for n in "AB" for i in range(2)]
+    store.write("rollouts", rollouts, round=2)
+    store.write("verdicts", [verdict_row(2, ID["A"], 0, True), verdict_row(2, ID["A"], 1, False),
+                             verdict_row(2, ID["B"], 0, False), verdict_row(2, ID["B"], 1, False)], round=2)
+    from replay.read.inspect import inspect_report
+
+    _, rows = inspect_report(store, "rescue")
+    got = {r[3]: (r[0], r[2], r[4], r[5], r[6], r[7]) for r in rows.rows}
+    assert got == {ID["A"]: (1, 1, 2, 0, 2, 1), ID["B"]: (1, 1, 1, 0, 2, 0)}
+    assert ID["A"] in invoke_ok("inspect", "rescue", "--store", store.root)
+
+
+def test_the_reports_learn_page_plots_the_replayed_rows(tmp_path, tiny):
+    store = build(tmp_path / "store")
+    exclude_d = f"select rollout_id from rescue_candidates where prompt_id <> '{ID['D']}'"
+    assert learn(store, tiny, "main", "--rescue", "replay", "--rescue-sql", exclude_d).exit_code == 0
+    invoke_ok("report", "--store", store.root, "--out", tmp_path / "report")
+    pngs = sorted(p.name for p in (tmp_path / "report").rglob("*.png"))
+    assert any("learn_metrics-replay" in name for name in pngs), pngs

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import duckdb
 
 import schemas
-from replay.core.sampling import (RECOMPUTE_HINT, Distribution, UnreproducibleSampling,
+from replay.core.sampling import (RAW, RECOMPUTE_HINT, Distribution, UnreproducibleSampling,
                                   recompute_distribution, stored_distribution)
 from replay.errors import ReplayError
 from replay.sqlguard import check_read_only
@@ -222,6 +222,24 @@ def _tokenize_text_rows(samples: list[LearnSample], rows: list[dict], model_ref)
 def recompute_old_logprobs(samples: list[LearnSample], model_ref, micro_batch_size: int,
                            device: str = "auto", dtype: str = "auto") -> None:
     """π_old of each sample under the policy that sampled it, with the training code path."""
+    _score_under_own_policy(samples, model_ref, micro_batch_size, device, dtype, raw=False)
+
+
+def add_raw_logprobs(samples: list[LearnSample], model_ref, micro_batch_size: int,
+                     device: str = "auto", dtype: str = "auto") -> int:
+    """LENS's confidence is the model's own probability of the answer, p(y|x)^(1/|y|) at T = 1 with
+    nothing cut (arXiv 2510.08696 §3), not the sampling distribution's, which temperature < 1 and
+    top-k/top-p inflate: rows sampled under another distribution get their policy's raw logprobs
+    (rows at T = 1, nothing cut, already hold them). Returns how many rows were scored."""
+    todo = [s for s in samples if s.raw_logprobs is None and s.distribution != RAW and s.completion_ids]
+    _score_under_own_policy(todo, model_ref, micro_batch_size, device, dtype, raw=True)
+    return len(todo)
+
+
+def _score_under_own_policy(samples: list[LearnSample], model_ref, micro_batch_size: int, device: str, dtype: str,
+                            raw: bool) -> None:
+    """Each sample's token logprobs under the policy that sampled it (base + its policy_adapter), on
+    its own distribution (old_logprobs) or at T = 1 with nothing cut (raw_logprobs)."""
     import torch
 
     from replay.adapters import local_copy
@@ -237,10 +255,10 @@ def recompute_old_logprobs(samples: list[LearnSample], model_ref, micro_batch_si
             for start in range(0, len(group), micro_batch_size):
                 chunk = group[start:start + micro_batch_size]
                 batch = make_batch([s.prompt_ids for s in chunk], [s.completion_ids for s in chunk],
-                                   [s.distribution for s in chunk])
+                                   [RAW if raw else s.distribution for s in chunk])
                 values = token_logprobs(model, batch).float().cpu()
                 for i, s in enumerate(chunk):
-                    s.old_logprobs = values[i, : len(s.completion_ids)].tolist()
+                    setattr(s, "raw_logprobs" if raw else "old_logprobs", values[i, : len(s.completion_ids)].tolist())
         del model
 
 

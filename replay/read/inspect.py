@@ -9,7 +9,39 @@ from ..errors import ReplayError
 from .formats import Rows
 from ..store import Store
 
-INSPECT_REPORTS = ("rounds", "negatives", "mistakes", "prompt")
+INSPECT_REPORTS = ("rounds", "negatives", "mistakes", "prompt", "rescuable", "rescue")
+
+# per round: negative groups, and how many of them the store holds a correct rollout for, by source
+# and age ('any': by any source); what `learn --rescue replay` could put into them
+RESCUABLE_SQL = """
+WITH negative AS (SELECT round, count(*) AS negative_groups FROM negative_groups GROUP BY round),
+by_source AS (
+    SELECT round, source, CAST(age AS VARCHAR) AS age, count(DISTINCT prompt_id) AS rescuable_groups,
+           count(*) AS candidates
+    FROM rescue_candidates GROUP BY round, source, age
+    UNION ALL
+    SELECT round, 'any', 'any', count(DISTINCT prompt_id), count(*) FROM rescue_candidates GROUP BY round
+)
+SELECT n.round, n.negative_groups, coalesce(b.source, 'any') AS source, coalesce(b.age, 'any') AS age,
+       coalesce(b.rescuable_groups, 0) AS rescuable_groups, coalesce(b.candidates, 0) AS candidates
+FROM negative n LEFT JOIN by_source b ON b.round = n.round
+{where} ORDER BY n.round, source = 'any' DESC, source, age
+"""
+# per learn round and adapter: the groups rescued by replay, and how the next round's samples of that
+# prompt (sampled by the adapter this learn made) fared
+RESCUE_SQL = """
+WITH rescued AS (
+    SELECT round, adapter_name, rollout_round, prompt_id, count(*) AS replayed,
+           min(behaviour_round) AS oldest_replayed_round
+    FROM learn_audit WHERE origin = 'replay' GROUP BY ALL
+)
+SELECT r.round, r.adapter_name, r.rollout_round AS group_round, r.prompt_id, r.replayed, r.oldest_replayed_round,
+       count(s.sample_idx) AS next_round_n, count(*) FILTER (WHERE s.correct) AS next_round_correct
+FROM rescued r
+LEFT JOIN samples s ON s.round = r.round + 1 AND s.prompt_id = r.prompt_id AND s.correct IS NOT NULL
+{where} GROUP BY ALL ORDER BY r.round DESC, r.adapter_name, r.prompt_id LIMIT {limit}
+"""
+
 
 
 def _round_filter(round: int | None) -> str:
@@ -42,6 +74,14 @@ def inspect_report(store: Store, what: str, ident: str | None = None, round: int
             raise ReplayError(f"no rollouts for prompt {ident!r} in {store.root}")
         problem = query("SELECT any_value(problem) AS p FROM samples WHERE prompt_id = ?", [ident])
         return f"prompt {ident}: {problem.rows[0][0]}", rows
+    if what == "rescuable":
+        where = "" if round is None else f"WHERE n.round = {int(round)}"
+        return "negative groups the store holds a correct rollout for (learn --rescue replay)", \
+            query(RESCUABLE_SQL.format(where=where))
+    if what == "rescue":
+        where = "" if round is None else f"WHERE r.round = {int(round)}"
+        return "groups rescued by replay, and the next round's samples of their prompts", \
+            query(RESCUE_SQL.format(where=where, limit=int(limit)))
     raise ReplayError(f"unknown report {what!r}; choose from {', '.join(INSPECT_REPORTS)}")
 
 

@@ -27,7 +27,14 @@ LEARN_PANELS = (("loss", "loss"), ("clip_frac", "clip fraction"),
                 ("nonzero_adv_share", "share of samples with non-zero advantage"), ("grad_norm", "grad norm"),
                 ("grad_share_negative", "share of the step's Σ|w·A| from negative groups"),
                 ("grad_share_mixed", "share of the step's Σ|w·A| from mixed groups"))
-SHARE_PANELS = ("nonzero_adv_share", "grad_share_negative", "grad_share_mixed")
+# learn --rescue replay: the replayed rows of each step and their behaviour weights π_θold/μ
+REPLAY_PANELS = (("replayed_rows", "replayed rows"), ("replay_ess", "effective sample size of replayed rows"),
+                 ("behaviour_weight_mean", "mean behaviour weight (per token)"),
+                 ("behaviour_weight_max", "max behaviour weight"),
+                 ("behaviour_truncated_share", "share of replayed tokens truncated (tis)"),
+                 ("behaviour_masked_share", "share of replayed rows masked (seq-mask)"))
+SHARE_PANELS = ("nonzero_adv_share", "grad_share_negative", "grad_share_mixed", "behaviour_truncated_share",
+                "behaviour_masked_share")
 
 
 def round_label(round: int) -> str:
@@ -247,9 +254,9 @@ def round_lines(series: dict[str, list[tuple[int, float]]], title: str, ylabel: 
     return fig
 
 
-def learn_panels(rows: list[dict]) -> Figure:
-    """Loss, clip fraction, non-zero-advantage share, grad norm and the share of each step's loss
-    weight from negative and mixed groups, per step; a line per (round, adapter)."""
+def learn_panels(rows: list[dict], panels=LEARN_PANELS, title: str = "Learn metrics per optimizer step") -> Figure:
+    """Six metrics per step (by default loss, clip fraction, non-zero-advantage share, grad norm and
+    the share of each step's Σ|w·A| from negative and mixed groups); a line per (round, adapter)."""
     fig = Figure(figsize=(11, 9), dpi=DPI, layout="constrained")
     axes = fig.subplots(3, 2, sharex=True).ravel()
     runs: dict[tuple[int, str], list[dict]] = defaultdict(list)
@@ -258,7 +265,7 @@ def learn_panels(rows: list[dict]) -> Figure:
     adapters = sorted({a for _, a in runs})
     colors = dict(zip(sorted(runs), _colors(len(runs))))  # a colour per run: adapters of one round differ
     few_steps = max(len(v) for v in runs.values()) <= 25
-    for ax, (key, title) in zip(axes, LEARN_PANELS):
+    for ax, (key, panel) in zip(axes, panels):
         for (rnd, adapter), run in sorted(runs.items()):
             run = sorted(run, key=lambda r: r["step"])
             objective = run[0].get("objective") or adapter
@@ -267,7 +274,7 @@ def learn_panels(rows: list[dict]) -> Figure:
             ax.plot([r["step"] for r in run], values, color=colors[(rnd, adapter)],
                     linestyle=STYLES[adapters.index(adapter) % len(STYLES)], marker="o" if few_steps else None,
                     markersize=3, label=f"round {rnd} · {adapter}{suffix}")
-        ax.set_title(title)
+        ax.set_title(panel)
         ax.grid(alpha=0.3)
         if key in SHARE_PANELS:
             ax.set_ylim(-0.02, 1.02)
@@ -275,8 +282,8 @@ def learn_panels(rows: list[dict]) -> Figure:
     for ax in axes[4:]:
         ax.set_xlabel("optimizer step")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    axes[0].set_ylabel("loss")
+    axes[0].set_ylabel(panels[0][0])
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right upper", fontsize="small", frameon=False)
-    fig.suptitle("Learn metrics per optimizer step")
+    fig.suptitle(title)
     return fig

@@ -175,7 +175,7 @@ def test_export_trl_and_jsonl(store, tmp_path):
     assert len(rows) == 16
     assert all(len(r["completion_ids"]) == len(r["logprobs"]) and r["prompt_ids"] for r in rows)
     out = tmp_path / "plain.parquet"
-    invoke("export", "--store", store.root, "--format", "jsonl", "--out", out, "--round", 0)
+    invoke("export", "--store", store.root, "--format", "trl", "--out", out, "--round", 0)  # jsonl: *.jsonl only
     import pyarrow.parquet as pq
 
     assert pq.read_table(out).num_rows == 16

@@ -115,6 +115,57 @@ REFUSED = [
     "select * from duckdb_secrets()",
     "select * from which_secret('s3://b/k', 's3')",
     "select * from duckdb_temporary_files()",
+    # settings through SHOW (issue 24 §3), as written, then in every position a query can hold one
+    "SHOW allowed_directories",
+    "SHOW temp_directory",
+    "SHOW secret_directory",
+    "SHOW memory_limit",
+    "select * from (SHOW allowed_directories)",
+    "with s as (SHOW temp_directory) select * from s",
+    "select * from pragma_database_size()",
+    "select * from duckdb_profiling_settings()",
+    "select 1 where 'x' in (show temp_directory)",
+    "select (select * from (show temp_directory)) as t",
+    "select 'a' as x union all select * from (show temp_directory)",
+    "select * from range(1) r, lateral (select * from (show temp_directory))",
+    "select * from (select 1) t(x) join (show temp_directory) s on true",
+    "select * from samples where prompt_id in (select * from (show temp_directory))",
+    "describe (show allowed_directories)",
+    "summarize (show allowed_directories)",
+    "describe show allowed_directories",
+    "describe allowed_directories",
+    "summarize temp_directory",
+    "explain analyze show temp_directory",
+    "explain show secret_directory",
+    'SHOW "allowed_directories"',
+    "ShOw Temp_Directory",
+    "show databases",
+    "show variables",
+    # settings, paths, memory and logs through functions and system views, in any spelling
+    "from duckdb_settings()",
+    "select * from system.main.duckdb_settings()",
+    "select * from pragma_show('allowed_directories')",
+    "select \"current_setting\"('temp_directory')",
+    "select CURRENT_SETTING('temp_directory')",
+    "select main.current_setting('temp_directory')",
+    "select list_transform([1], x -> current_setting('temp_directory'))",
+    "select * from read_text(current_setting('temp_directory') || '/secret.txt')",
+    "select getvariable('x')",
+    "select * from duckdb_extensions()",
+    "select * from duckdb_extension_repositories()",
+    "select * from duckdb_databases()",
+    "select path from duckdb_databases",
+    "select * from pragma_database_list",
+    "select * from pg_catalog.pg_database",
+    "select * from duckdb_memory()",
+    "select * from duckdb_logs",
+    "select * from enable_logging()",
+    "select * from duckdb_external_file_cache()",
+    "select get_block_size('memory')",
+    "select * from duckdb_variables()",
+    "select * from duckdb_live_query_metrics()",
+    "select * from query_table('duckdb_settings')",
+    "select * from summary((show temp_directory))",
 ]
 
 
@@ -146,6 +197,14 @@ def assert_nothing_leaked(output: str, outside) -> None:
         assert secret not in output, f"leaked {secret!r}: {output[:300]}"
 
 
+def assert_no_setting_leaked(output: str, top) -> None:
+    """Beyond the canaries: no size (the memory limit prints as `1.8 GiB`) and no path in the home
+    directory (secret_directory, the extension directory) unless the test's own files are there."""
+    home = os.path.join(os.path.expanduser("~"), "")
+    for secret in ("GiB", "MiB", "KiB", *([home] if home != os.sep and not str(top).startswith(home) else [])):
+        assert secret not in output, f"leaked {secret!r}: {output[:300]}"
+
+
 @pytest.mark.parametrize("attack", REFUSED)
 def test_attack_is_refused_and_nothing_is_read_or_written(arena, attack):
     store, outside, top = arena
@@ -154,6 +213,7 @@ def test_attack_is_refused_and_nothing_is_read_or_written(arena, attack):
     assert result.exit_code == 1, result.output
     assert result.output.startswith("error:") and "Traceback" not in result.output
     assert_nothing_leaked(result.output, outside)
+    assert_no_setting_leaked(result.output, top)
     assert snapshot(top) == before
 
 
@@ -165,6 +225,37 @@ def test_refusal_names_the_reason(arena):
     assert "current_setting() is not available" in result.output
     result = invoke("sql", "--store", store.root, "select 1; select 2")
     assert "one statement at a time" in result.output
+    result = invoke("sql", "--store", store.root, "select * from (show temp_directory)")
+    assert "refused: SHOW temp_directory" in result.output and "DESCRIBE <view>" in result.output
+    result = invoke("sql", "--store", store.root, "from pragma_database_size()")
+    assert "table function pragma_database_size() is not available" in result.output
+
+
+def test_every_system_view_and_macro_passes_the_guard_or_is_refused_by_name():
+    """The guard reads the syntax tree, which names a system view or macro but not what it calls:
+    each of the installed DuckDB's whose own SQL the guard refuses must be refused by name."""
+    import re
+
+    import duckdb
+
+    from replay.errors import ReplayError
+    from replay.sqlguard import DENIED_FUNCTIONS, DENIED_TABLES, check_read_only
+
+    con = duckdb.connect()
+    views = con.execute("SELECT view_name, sql FROM duckdb_views() WHERE internal").fetchall()
+    macros = con.execute("SELECT DISTINCT function_name, macro_definition FROM duckdb_functions() "
+                         "WHERE internal AND function_type = 'macro'").fetchall()
+    missed = []
+    for kind, name, query, denied in (
+            [("view", n, re.sub(r"(?is)^\s*CREATE\s+(TEMP\s+)?VIEW\s+\S+\s+AS\s+", "", q).rstrip(";"),
+              DENIED_TABLES) for n, q in views]
+            + [("macro", n, f"SELECT {q}", DENIED_FUNCTIONS) for n, q in macros]):
+        try:
+            check_read_only(con, query)
+        except ReplayError:
+            if name not in denied:
+                missed.append(f"{kind} {name}")
+    assert not missed, f"add to sqlguard's DENIED_TABLES / DENIED_FUNCTIONS: {missed}"
 
 
 HARMLESS = [  # queries that look odd but only read the store: they run, and still leak nothing
@@ -179,6 +270,11 @@ HARMLESS = [  # queries that look odd but only read the store: they run, and sti
     "describe samples",
     "summarize select n_correct from groups",
     "show tables",
+    "show all tables",
+    "select view_name, sql from duckdb_views()",
+    "select table_name from information_schema.tables",
+    "select * from pragma_table_info('samples')",
+    "select * from (describe samples) where column_name = 'prompt_id'",
     "from verdicts select count(*)",
     "values (1), (2)",
 ]
@@ -251,6 +347,8 @@ WHERE_INJECTION = (
 
 
 @pytest.mark.parametrize("where", [
+    "cast((select allowed_directories[2] from (SHOW allowed_directories)) as int) = 1",  # issue 24 §3
+    "prompt_id IN (SHOW temp_directory)",
     "true) SELECT 1; COPY (SELECT 1) TO 'pwn.csv'; SELECT (1",
     "prompt_id IN (SELECT content FROM read_text('/etc/passwd'))",
     "current_setting('allowed_directories') IS NOT NULL",
@@ -262,6 +360,19 @@ def test_learn_where_cannot_run_sql(arena, where):
     before = snapshot(top)
     result = invoke("learn", "--store", store.root, "--round", 0, "--where", where)
     assert result.exit_code == 1 and result.output.startswith("error:"), result.output
+    assert_nothing_leaked(result.output, outside)
+    assert snapshot(top) == before
+
+
+@pytest.mark.parametrize("prompts", ["SHOW temp_directory", "select * from (show allowed_directories)",
+                                     "from duckdb_settings()"])
+def test_eval_prompts_cannot_read_settings(arena, prompts):
+    # the prompt query is checked before any model is loaded: the refusal, not a "not prompts" error
+    # quoting the setting's value
+    store, outside, top = arena
+    before = snapshot(top)
+    result = invoke("eval", "--store", store.root, "--round", -1, "--prompts", prompts)
+    assert result.exit_code == 1 and result.output.startswith("error: refused:"), result.output
     assert_nothing_leaked(result.output, outside)
     assert snapshot(top) == before
 

@@ -96,6 +96,67 @@ def test_bad_sql_and_missing_store_are_one_line_errors(store, tmp_path):
     assert result.exit_code == 1 and "no replay store" in result.output
 
 
+def test_show_tables_lists_the_views(store):
+    # issue 30: only the views a query names are bound, and SHOW TABLES names none; it sees them all
+    for query, column in (("show tables", "name"), ("show all tables", "name"),
+                          ("select view_name from duckdb_views() where not internal", "view_name"),
+                          ("select table_name from information_schema.tables", "table_name")):
+        result = invoke("sql", "--store", store.root, query, "-f", "json")
+        assert result.exit_code == 0, result.output
+        names = {row[column] for row in json.loads(result.output)}
+        assert {"rollouts", "verdicts", "samples", "groups", "prompts", "stage_runs"} <= names, (query, names)
+
+
+def test_timeout_stops_an_endless_query(store):
+    result = invoke("sql", "--store", store.root, "select count(*) from range(10000000000000)", "--timeout", 1)
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: query stopped after 1 s (--timeout 1; raise it, or 0 for no limit)"
+    result = invoke("sql", "--store", store.root, "select 1", "--timeout", -1)
+    assert result.exit_code == 1 and "--timeout -1: give seconds, or 0 for no limit" in result.output
+
+
+def test_memory_and_spill_limits_apply_and_are_clear_errors(store):
+    query = "select count(distinct range::varchar || 'xxxxxxxx') as n from range(1000000)"
+    result = invoke("sql", "--store", store.root, query, "-f", "csv")  # the defaults answer it ...
+    assert result.exit_code == 0 and result.output.split() == ['"n"', "1000000"], result.output
+    # ... 20 MB of memory and 1 MB of spill space do not
+    result = invoke("sql", "--store", store.root, query, "--memory-limit", "20MB", "--max-temp-size", "1MB")
+    assert result.exit_code == 1 and "Out of Memory" in result.output
+    assert "raise --memory-limit or --max-temp-size" in result.output
+    result = invoke("sql", "--store", store.root, "select 1", "--memory-limit", "lots")
+    assert result.exit_code == 1 and "memory_limit 'lots'" in result.output
+
+
+def test_sigterm_leaves_no_private_temp_directory(store, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pathlib import Path
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    repo = str(Path(__file__).parents[1])
+    env = os.environ | {"TMPDIR": str(temp), "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "replay", "sql", "--store", str(store.root), "--timeout", "0",
+                             "select count(*) from range(10000000000000)"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(temp.glob("replay-sql-*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert list(temp.glob("replay-sql-*")), proc.stderr.read() if proc.poll() is not None else "no temp dir"
+        time.sleep(0.5)  # into the query
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == -signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not list(temp.glob("replay-sql-*"))
+
+
 def test_inspect_and_status(store):
     for what in ("rounds", "negatives", "mistakes"):
         result = invoke("inspect", what, "--store", store.root)

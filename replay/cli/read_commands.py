@@ -15,19 +15,31 @@ def sql(
     store: str = StoreOpt,
     format: Optional[str] = typer.Option(None, "--format", "-f", help="table | csv | json (one array) | jsonl "
                                          "(JSON Lines) | markdown | parquet (default: table, or from -o's extension)"),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the result to this file."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the result to this file "
+                                         "(- for stdout; a FIFO or device is written in place, a missing "
+                                         "directory is not created)."),
     allow_read: list[str] = typer.Option([], "--allow-read", help="Also allow reading files under PATH."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Stop the query after this many seconds "
+                                  "(0: no limit)."),
+    memory_limit: str = typer.Option("2GB", "--memory-limit", help="DuckDB's memory for the query; "
+                                     "past it, sorts and joins spill to a private temp directory."),
+    max_temp_size: str = typer.Option("10GB", "--max-temp-size", help="At most this much spilled to disk."),
 ):
     """Run one read-only SQL query (views: rollouts, verdicts, samples, groups, negative_groups,
     confident_mistakes, rescues, rounds, learn_audit, learn_metrics, eval_passk, rescue_eval, prompts,
-    prompt_sets, stage_runs)."""
-    from ..read.formats import fetcher, format_for, write_result
+    prompt_sets, stage_runs). SHOW TABLES lists them, DESCRIBE <view> shows its columns; settings
+    are not readable. --timeout, --memory-limit and --max-temp-size bound a runaway query."""
+    from ..read.formats import fetcher, format_for, output_target, write_result
 
+    if timeout < 0:  # checked here, not by Typer's bounds: those import pydantic (start-up time)
+        raise ReplayError(f"--timeout {timeout:g}: give seconds, or 0 for no limit")
     opened = open_store(store)
-    if output:
+    if output and output != "-":
         opened.refuse_inside(output, "--output")
     fmt = format_for(format, output)
-    table = opened.read_only_query(query, allow_read, fetch=fetcher(fmt))
+    output_target(output)  # refuse a directory or a missing one before the query runs
+    table = opened.read_only_query(query, allow_read, fetch=fetcher(fmt), timeout=timeout or None,
+                                   memory_limit=memory_limit, max_temp_size=max_temp_size)
     # DuckDB names an unaliased count(*) column count_star(); show it as written
     names = ["count(*)" if c == "count_star()" else c for c in table.column_names]
     table = table.rename_columns(names)
@@ -36,13 +48,14 @@ def sql(
 
 @command(short_help="Canned reports: rounds, negatives, mistakes, a prompt.")
 def inspect(
-    what: str = typer.Argument(..., help="rounds | negatives | mistakes | prompt"),
+    what: str = typer.Argument(..., help="rounds | negatives | mistakes | prompt | rescuable | rescue"),
     ident: Optional[str] = typer.Argument(None, help="Prompt id for `inspect prompt`."),
     store: str = StoreOpt,
     round: Optional[int] = typer.Option(None, "--round", "-r", help="Only this round."),
     limit: int = typer.Option(20, "--limit", "-n", help="At most this many rows."),
 ):
-    """Canned reports: round summaries, negative groups, confident mistakes, one prompt's samples."""
+    """Canned reports: round summaries, negative groups, confident mistakes, one prompt's samples, the
+    negative groups a replay could rescue (rescuable), the groups it did rescue (rescue)."""
     from ..read.inspect import inspect_report
     from ..read.formats import print_table
 
@@ -64,14 +77,16 @@ def status(store: str = StoreOpt):
 def export(
     store: str = StoreOpt,
     format: str = typer.Option("jsonl", "--format", "-f", help="trl (prompt_ids, completion_ids, logprobs) | jsonl"),
-    out: str = typer.Option(..., "--out", "-o", help="Output file (.jsonl, or .parquet)."),
+    out: str = typer.Option(..., "--out", "-o", help="Output file (.jsonl; .parquet for --format trl; - for stdout)."),
     round: Optional[int] = typer.Option(None, "--round", "-r", help="Only this round."),
 ):
     """Export scored rollouts for other tools (TRL's rollout_func contract, or plain JSONL)."""
     from ..read.export import run
+    from ..read.formats import output_target
 
     n = run(store, format, out, round)
-    typer.echo(f"wrote {n} rollouts to {out}")
+    to_stdout = output_target(out)[0] == "stdout"  # `-` or /dev/stdout: the message stays out of the data
+    typer.echo(f"wrote {n} rollouts to {'stdout' if to_stdout else out}", err=to_stdout)
 
 
 @command(short_help="Plots and one self-contained HTML report.")

@@ -188,8 +188,14 @@ def learn(
         typer.echo(f"round {round}: learn already complete ({record['adapter']}); --force retrains")
         return
     c = record["counts"]
-    typer.echo(f"round {round}: {cfg.objective} on {c['samples']} samples in {c['groups']} groups "
-               f"({c['trained_samples']} with gradient), {c['optimizer_steps']} steps -> {record['adapter']}")
+    replayed = f"; {c['replayed']} replayed into negative groups" if c.get("replayed") else ""
+    typer.echo(f"round {round}: {cfg.objective} on {plural(c['samples'], 'sample')} in "
+               f"{plural(c['groups'], 'group')} ({c['trained_samples']} with gradient{replayed}), "
+               f"{plural(c['optimizer_steps'], 'step')} -> {record['adapter']}")
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 @command("round", long_running=True, short_help="One cron tick: the next round's missing stages.")

@@ -3,7 +3,8 @@
 - `trl`: one JSON object per rollout in TRL's `rollout_func` contract — `prompt_ids`,
   `completion_ids`, `logprobs` (per completion token) — plus `reward` and the keys.
 - `jsonl`: one JSON object per rollout with prompt, completion text, verdict and confidence.
-A `.parquet` output path writes the same columns as Parquet.
+The file is JSON Lines; `trl` to a `.parquet` path writes the same columns as Parquet. An output name
+that says another format (`jsonl` to `.parquet`, either to `.csv`/`.json`/`.md`) is refused.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from ..errors import ReplayError
 from ..store import Store
+from .formats import EXTENSIONS, output_target, write_result
 
 FORMATS = ("trl", "jsonl")
 
@@ -32,6 +34,10 @@ def run(store_path: str, fmt: str, out: str, round: int | None = None) -> int:
     if fmt not in FORMATS:
         raise ReplayError(f"unknown --format {fmt!r}; use {' or '.join(FORMATS)}")
     store = Store.open(store_path)
+    if out != "-":
+        store.refuse_inside(out, "--out")
+    container = _container(fmt, out)
+    output_target(out)  # refuse a directory or a missing one before the query runs
     cond = "" if round is None else f"round = {int(round)}"
     sql = _SQL[fmt].format(and_round=f"AND s.{cond}" if cond else "", where_round=f"WHERE {cond}" if cond else "")
     table = store.query(sql)
@@ -40,8 +46,16 @@ def run(store_path: str, fmt: str, out: str, round: int | None = None) -> int:
         if missing:
             raise ReplayError(f"{missing} rollouts have no token ids/logprobs (imported text): "
                               f"use --format jsonl for them")
-    from .formats import write_result
-
-    path = Path(out)
-    write_result(table, "parquet" if path.suffix == ".parquet" else "jsonl", str(path))
+    write_result(table, container, out)
     return table.num_rows
+
+
+def _container(fmt: str, out: str) -> str:
+    """JSON Lines, or Parquet for `trl` to a `.parquet` name; a name of any other format is refused."""
+    named = None if out == "-" else EXTENSIONS.get(Path(out).suffix.lower())
+    if named in (None, "jsonl"):  # `-`, .jsonl, or a name that says no format (out.txt)
+        return "jsonl"
+    if named == "parquet" and fmt == "trl":
+        return "parquet"
+    allowed = "JSON Lines (*.jsonl) or Parquet (*.parquet)" if fmt == "trl" else "JSON Lines (*.jsonl)"
+    raise ReplayError(f"refused: {out} names a {named} file, but export --format {fmt} writes {allowed}")

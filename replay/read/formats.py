@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,7 @@ def format_for(fmt: str | None, output: str | None) -> str:
     """The explicit --format, else the output file's extension, else a terminal table."""
     if fmt:
         return fmt
-    if not output:
+    if not output or output == "-":
         return "table"
     suffix = Path(output).suffix.lower()
     if suffix not in EXTENSIONS:
@@ -75,12 +77,23 @@ def fetcher(fmt: str):
     return None if fmt == "parquet" else Rows.of
 
 
+# store text may hold terminal escapes (ESC[2J clears the screen): tables show every control
+# character (C0, DEL, C1) as an escape instead of sending it to the terminal; newlines stay ⏎
+_VISIBLE = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))} | {
+    ord("\n"): " ⏎ ", ord("\t"): "\\t", ord("\r"): "\\r"}
+
+
+def visible(text: str) -> str:
+    """`text` safe for a terminal: control characters written as escapes."""
+    return text.translate(_VISIBLE)
+
+
 def _cell(value, width: int) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.4g}"
-    text = str(value).replace("\n", " ⏎ ")
+    text = visible(str(value))
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -90,9 +103,9 @@ def print_table(table: pa.Table | Rows, title: str | None = None, max_width: int
     from rich.text import Text
 
     # every string goes in as rich Text, never as markup: data such as "[/INST]" prints as it is
-    view = Table(title=None if title is None else Text(title), show_lines=False, header_style="bold")
+    view = Table(title=None if title is None else Text(visible(title)), show_lines=False, header_style="bold")
     for name in table.column_names:
-        view.add_column(Text(name), overflow="fold")
+        view.add_column(Text(visible(name)), overflow="fold")
     for row in table.to_pylist():
         view.add_row(*(Text(_cell(v, max_width)) for v in row.values()))
     Console(width=max(160, 12 * len(table.column_names))).print(view)
@@ -101,22 +114,24 @@ def print_table(table: pa.Table | Rows, title: str | None = None, max_width: int
 
 
 def write_result(table: pa.Table | Rows, fmt: str | None, output: str | None) -> None:
-    """Write `table` in `fmt` (None: from the output's extension) to `output` (a file) or stdout."""
+    """Write `table` in `fmt` (None: from the output's extension) to `output` (a file; None or "-": stdout)."""
     fmt = format_for(fmt, output)
     if fmt not in FORMATS:
         raise ReplayError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     if fmt == "table":
-        if output:
+        if output and output != "-":
             raise ReplayError("--format table prints to the terminal; use csv, json, jsonl, markdown or parquet "
                               "with --output")
         print_table(table)
         return
     if fmt == "parquet":
         if not output:
-            raise ReplayError("--format parquet needs --output FILE")
+            raise ReplayError("--format parquet needs --output FILE (or -o - for stdout)")
+        if output_target(output)[0] == "stdout" and sys.stdout.isatty():
+            raise ReplayError("refused: binary Parquet to a terminal; redirect stdout or name a file with -o")
         import pyarrow.parquet as pq
 
-        _atomic(output, lambda tmp: pq.write_table(table, tmp))
+        _write(output, lambda fh: pq.write_table(table, fh))
         return
     if fmt == "csv" and isinstance(table, Rows):
         payload = csv_text(table)
@@ -133,7 +148,7 @@ def write_result(table: pa.Table | Rows, fmt: str | None, output: str | None) ->
     else:  # jsonl: JSON Lines, one row object per line
         payload = "".join(json.dumps(row, default=str, ensure_ascii=False) + "\n" for row in table.to_pylist())
     if output:
-        _atomic(output, lambda tmp: Path(tmp).write_text(payload, encoding="utf-8"))
+        _write(output, lambda fh: fh.write(payload.encode("utf-8")))
     else:
         sys.stdout.write(payload)
 
@@ -166,19 +181,73 @@ def markdown_table(table: pa.Table | Rows) -> str:
             value = json.dumps(value, default=str)
         return _cell(value, 10**9).replace("|", "\\|")
 
-    lines = ["| " + " | ".join(table.column_names) + " |", "|" + "---|" * table.num_columns]
+    lines = ["| " + " | ".join(map(visible, table.column_names)) + " |", "|" + "---|" * table.num_columns]
     lines += ["| " + " | ".join(cell(v) for v in row.values()) + " |" for row in table.to_pylist()]
     return "\n".join(lines) + "\n"
 
 
-def _atomic(output: str, write) -> None:
-    """No half-written result file, even after a crash (replay.storage.local.atomic_write)."""
-    from ..storage.local import atomic_write
-
+def output_target(output: str | None) -> tuple[str, str | None]:
+    """How -o/--out writes, checked before any work (one line for what it refuses):
+    ("stdout", None) for no output, `-` or a name of stdout itself (/dev/stdout: reopening it would
+    truncate a file that stdout appends to); ("in place", output) for a FIFO or character device
+    (a reader or a device is behind that very name: never replace it); ("replace", path) for a
+    regular file or a new one, `path` with symlinks resolved (a symlink stays, its file is replaced).
+    Directories are not created: a missing one is refused."""
+    if output is None or output == "-":
+        return "stdout", None
+    if output.endswith(os.sep):
+        raise ReplayError(f"refused: {output} names a directory; give a file name")
     try:
-        atomic_write(Path(output), lambda tmp: write(str(tmp)))
+        st = os.stat(output)  # follows symlinks, /proc/self/fd/N included
+    except FileNotFoundError:
+        path = os.path.realpath(output)  # a dangling symlink: the file it names
+        if not os.path.isdir(os.path.dirname(path)):
+            raise ReplayError(f"cannot write {output}: directory {os.path.dirname(path)} does not exist; "
+                              "create it first") from None
+        return "replace", path
     except OSError as exc:
         raise ReplayError(f"cannot write {output}: {exc.strerror or exc}") from None
+    if _is_stdout(st):
+        return "stdout", None
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        return "replace", os.path.realpath(output)
+    if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):
+        return "in place", output
+    kind = "a directory" if stat.S_ISDIR(mode) else "neither a regular file, a FIFO nor a character device"
+    raise ReplayError(f"refused: {output} is {kind}")
+
+
+def _is_stdout(st: os.stat_result) -> bool:
+    try:
+        return os.path.samestat(st, os.fstat(sys.stdout.fileno()))
+    except (OSError, ValueError, io.UnsupportedOperation):  # no stdout fd (a test runner's buffer)
+        return False
+
+
+def _write(output: str, write) -> None:
+    """`write(fh)` fills a binary file: stdout, the FIFO or device itself, or a temp file renamed onto a
+    regular file (no half-written result, even after a crash: replay.storage.local.atomic_write)."""
+    from ..storage.local import atomic_write
+
+    how, path = output_target(output)
+    try:
+        if how == "stdout":
+            sys.stdout.flush()
+            write(sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+        elif how == "in place":
+            with open(path, "wb") as fh:  # O_TRUNC: ignored by FIFOs and devices
+                write(fh)
+        else:
+            atomic_write(Path(path), lambda tmp: _fill(tmp, write))
+    except OSError as exc:
+        raise ReplayError(f"cannot write {output}: {exc.strerror or exc}") from None
+
+
+def _fill(path: Path, write) -> None:
+    with open(path, "wb") as fh:
+        write(fh)
 
 
 def _flatten_lists(table: pa.Table) -> pa.Table:

@@ -34,7 +34,9 @@ QUERIES = {
     "rescues": "SELECT prompt_id, negative_round, rescued_round, rescued_kind, rescued_pass_rate, problem "
                "FROM rescues ORDER BY rescued_round, negative_round, prompt_id",
     "learn": "SELECT round, adapter_name, objective, step, loss, clip_frac, nonzero_adv_share, grad_norm, "
-             "grad_share_negative, grad_share_mixed FROM learn_metrics ORDER BY round, adapter_name, step",
+             "grad_share_negative, grad_share_mixed, replayed_rows, replay_ess, behaviour_weight_mean, "
+             "behaviour_weight_max, behaviour_truncated_share, behaviour_masked_share "
+             "FROM learn_metrics ORDER BY round, adapter_name, step",
     "rescue_eval": "SELECT round, adapter_name, prompt_set_id, prompt_set_sql, n_prompts, n_samples, k, pass_at_k, "
                    "solved_share FROM rescue_eval ORDER BY prompt_set_id, round, adapter_name, k",
     "negatives": report_negatives.QUERY,
@@ -209,6 +211,12 @@ def learn_section(rows: list[dict]) -> Section:
         s.note = "No learn metrics yet: run `replay learn`."
         return s
     s.figures = [(s.slug, plots.to_png(plots.learn_panels(rows)))]
+    replayed = [r for r in rows if r.get("replayed_rows")]
+    if replayed:  # learn --rescue replay: the replayed rows and their behaviour weights, per step
+        runs_with = {(r["round"], r["adapter_name"]) for r in replayed}
+        s.figures.append((f"{s.slug}-replay", plots.to_png(plots.learn_panels(
+            [r for r in rows if (r["round"], r["adapter_name"]) in runs_with], plots.REPLAY_PANELS,
+            "Replayed rows per optimizer step (learn --rescue replay)"))))
     s.columns = ["round", "adapter", "objective", "steps", "first loss", "last loss", "mean clip fraction",
                  "mean non-zero-advantage share", "max grad norm"]
     runs = defaultdict(list)
@@ -322,6 +330,13 @@ def write_report(store_path: str | os.PathLike, out_dir: str | os.PathLike,
     """Write <out_dir>/*.png and <out_dir>/index.html; returns the written paths (PNGs first)."""
     paths = [resolve(p) for p in (store_path, *compare)]  # directories or s3:// stores
     opened = [Store.open(p) for p in paths]
+    out = Path(out_dir)
+    for store in opened:  # only stages write into a store: not the page, nor over its files
+        store.refuse_inside(out, "--out")
+    if out.exists() and not out.is_dir():
+        raise ReplayError(f"cannot write the report to {out}: not a directory")
+    if not out.is_dir() and not out.parent.is_dir():
+        raise ReplayError(f"cannot write the report to {out}: directory {out.parent} does not exist; create it first")
     stores = [(label, _load(store, label)) for label, store in zip(store_labels(paths), opened)]
     label, data = stores[0]
     sections = [passk_section(data["eval"]), adapters_section(data["eval"], data["learn"]),
@@ -337,12 +352,11 @@ def write_report(store_path: str | os.PathLike, out_dir: str | os.PathLike,
              ("generated", utc_now().strftime("%Y-%m-%d %H:%M UTC"))]
     empty = not (data["rounds"] or data["eval"] or data["learn"])
     banner = "This store is empty: no rollouts, evaluations or learn metrics yet." if empty else None
-    out = Path(out_dir)
     files = [(out / f"{stem}.png", png) for section in sections for stem, png in section.figures]
     files.append((out / "index.html", render_html(f"replay report: {label}", facts, sections, banner).encode()))
     try:
         for path, payload in files:
-            atomic_write_bytes(path, payload)  # creates out_dir
+            atomic_write_bytes(path, payload)  # creates out_dir (its parent exists)
     except OSError as exc:
         raise ReplayError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
     return [path for path, _ in files]

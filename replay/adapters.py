@@ -19,6 +19,7 @@ from pathlib import Path
 from schemas import MAIN_ADAPTER
 
 from .storage import is_remote, resolve
+from .storage.local import writable
 from .store import Store, clean_temp_files, temp_name
 
 MARKER = "adapter_config.json"
@@ -49,6 +50,9 @@ def save(model, out_dir: Path, manifest: dict) -> Path:
             (Path(tmp) / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
             out_dir.storage.upload_dir(Path(tmp), out_dir, MARKER)
         return out_dir
+    # no link from the store's root (above adapters/, Store.adapter_dir) down to out_dir: the save, the
+    # temp-file cleanup beside it and --force's swap would all happen where the link leads
+    writable(next((p.parent for p in out_dir.parents if p.name == "adapters"), out_dir.parent), out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     clean_temp_files(out_dir.parent)
     tmp = out_dir.parent / temp_name(uuid.uuid4().hex)

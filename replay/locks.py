@@ -25,6 +25,7 @@ from pathlib import Path
 from .errors import ReplayError
 from .keys import parse_shard
 from .storage import is_remote, resolve
+from .storage.local import open_lock, refuse_unusual
 
 LOCK_DIR = ".locks"
 LEASE_SECONDS = float(os.environ.get("REPLAY_LEASE_SECONDS", 300))
@@ -73,6 +74,7 @@ def locked_stage(table: str | Callable[[object], str], stage: str, creates_store
                 with _lease(root, lock_name(cfg.round, name, parse_shard(getattr(cfg, "shard", "0/1"))), stage,
                             cfg.round):
                     return run(store_path, cfg, *args, **kwargs)
+            refuse_unusual(root)  # a link or FIFO anywhere in the store: this run would read or write through it
             fresh = not root.exists()
             try:
                 with stage_lock(root, cfg.round, name, stage, parse_shard(getattr(cfg, "shard", "0/1"))):
@@ -93,11 +95,11 @@ def stage_lock(root: Path, round: int, table: str, stage: str, shard: tuple[int,
     index, count = shard
     with contextlib.ExitStack() as stack:
         if count == 1:
-            stack.enter_context(_flock(lock_path(root, round, table), fcntl.LOCK_EX, wait, stage, round))
+            stack.enter_context(_flock(root, lock_path(root, round, table), fcntl.LOCK_EX, wait, stage, round))
         else:
             stage = f"{stage} --shard {index}/{count}"
-            stack.enter_context(_flock(lock_path(root, round, table), fcntl.LOCK_SH, wait, stage, round))
-            stack.enter_context(_flock(lock_path(root, round, f"{table}.shard-{index}-of-{count}"),
+            stack.enter_context(_flock(root, lock_path(root, round, table), fcntl.LOCK_SH, wait, stage, round))
+            stack.enter_context(_flock(root, lock_path(root, round, f"{table}.shard-{index}-of-{count}"),
                                        fcntl.LOCK_EX, wait, stage, round))
         yield
 
@@ -106,13 +108,12 @@ def table_lock(root, table: str) -> contextlib.AbstractContextManager:
     """A short store-wide lock for a table that is not per round (prompts); waits for its turn."""
     if is_remote(root):
         return root.storage.lease(f"{LOCK_DIR}/{table}.lock", LEASE_SECONDS).acquire(wait=True, poll=0.5)
-    return _flock(Path(root) / LOCK_DIR / f"{table}.lock", fcntl.LOCK_EX, True, f"writing {table}", -1)
+    return _flock(root, Path(root) / LOCK_DIR / f"{table}.lock", fcntl.LOCK_EX, True, f"writing {table}", -1)
 
 
 @contextlib.contextmanager
-def _flock(path: Path, mode: int, wait: bool, stage: str, round: int) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+def _flock(root: Path, path: Path, mode: int, wait: bool, stage: str, round: int) -> Iterator[None]:
+    fd = open_lock(root, path)  # never through a link: the holder is written into it, truncated after
     try:
         try:
             fcntl.flock(fd, mode | (0 if wait else fcntl.LOCK_NB))

@@ -15,8 +15,11 @@ import datetime as dt
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
+import time
 import uuid
 import weakref
 from collections.abc import Iterable, Mapping
@@ -32,7 +35,8 @@ from .errors import StoreError
 from .sqlguard import check_read_only
 from .storage import resolve, storage_of
 from .storage.local import (  # noqa: F401  (the local write primitives, used by other modules too)
-    HOST_TAG, atomic_write_bytes, clean_temp_files, left_by_dead_writer, pid_alive, temp_name)
+    HOST_TAG, atomic_write_bytes, clean_temp_files, left_by_dead_writer, pid_alive, refusal, temp_name,
+    unusual_entries)
 
 if TYPE_CHECKING:  # annotations only: the CLI's read commands run without pyarrow
     import pyarrow as pa
@@ -63,7 +67,9 @@ def validate(table_name: str, data: pa.Table | Iterable[Mapping]) -> pa.Table:
     schema = schemas.arrow_schema(table_name)
     if not isinstance(data, pa.Table):
         rows = list(data)
-        missing = [f.name for f in schema if rows and f.name not in rows[0]]
+        # a table's grown (nullable) columns may be left out, as files written before them show NULL
+        missing = [f.name for f in schema if rows and f.name not in rows[0]
+                   and not (table_name in schemas.GROWN and f.nullable)]
         if missing:
             raise StoreError(f"{table_name}: rows lack column(s) {', '.join(missing)}")
         try:
@@ -117,6 +123,10 @@ def _store_root(path: str | os.PathLike) -> Path:
     if any(part.startswith("round=") for part in root.parts):
         # DuckDB's Hive parsing takes the first round=... directory of a path as the rows' round
         raise StoreError(f"{root}: a store may not live inside a directory named round=...")
+    if any(c in "*?[]{}" for c in str(root)):
+        # DuckDB reads a store by glob patterns built from its path: `s?` would read s1's rows
+        raise StoreError(f"{root}: a store path may not contain glob characters (* ? [ ] {{ }}): DuckDB "
+                         "would read it as a pattern and match other directories; rename it")
     return root
 
 
@@ -298,6 +308,22 @@ class Store:
         cols = ", ".join(f'CAST(NULL AS {schemas.DUCKDB_TYPES[c.type]}) AS "{c.name}"' for c in columns)
         return f"SELECT {cols} WHERE false"
 
+    def _sample_plans_source(self) -> str:
+        """Rescue sampling's plans (prompt-set generate manifests): per round, stage and prompt, the
+        first sample_idx the set added and how many (the rows `sample_idx` in that range are its)."""
+        columns = "round INTEGER, stage VARCHAR, prompt_id VARCHAR, first_sample_idx INTEGER, num_samples INTEGER"
+        paths = [p for p in self.root.glob("manifests/round=*/generate.*.json") if not p.name.startswith(".")]
+        if not paths:
+            return "SELECT " + ", ".join(f"CAST(NULL AS {c.split()[1]}) AS {c.split()[0]}"
+                                         for c in columns.split(", ")) + " WHERE false"
+        path = str(self.root / "manifests" / "round=*" / "generate.*.json").replace("'", "''")
+        return (f"SELECT round, stage, unnest(map_keys(plan)) AS prompt_id, "
+                f"unnest(map_values(plan)) AS first_sample_idx, num_samples FROM ("
+                f"SELECT round, stage, plan, CAST(config->>'num_samples' AS INTEGER) AS num_samples "
+                f"FROM read_json('{path}', columns = {{stage: 'VARCHAR', round: 'INTEGER', "
+                f"plan: 'MAP(VARCHAR, INTEGER)', config: 'JSON'}}, hive_partitioning = false) "
+                f"WHERE plan IS NOT NULL)")
+
     def _stage_runs_source(self) -> str:
         """The manifests as rows: which stage ran on which round, its status, time and counts."""
         columns = {"stage": "VARCHAR", "round": "INTEGER", "status": "VARCHAR", "started_at": "TIMESTAMPTZ",
@@ -339,6 +365,8 @@ class Store:
                     con.execute(f"CREATE VIEW {table} AS {self._source(table)}")
             if wanted is None or "stage_runs" in wanted:
                 con.execute(f"CREATE VIEW stage_runs AS {self._stage_runs_source()}")
+            if wanted is None or "sample_plans" in wanted:
+                con.execute(f"CREATE VIEW sample_plans AS {self._sample_plans_source()}")
             for view in schemas.VIEW_FILES:
                 if wanted is None or view in wanted:
                     con.execute(f"CREATE VIEW group_summary AS {summary or view_source(self)}"
@@ -373,18 +401,27 @@ class Store:
             con.close()
 
     def read_only_connection(self, allow_read: Iterable[str | os.PathLike] = (),
-                             names: Iterable[str] | None = None) -> duckdb.DuckDBPyConnection:
+                             names: Iterable[str] | None = None, memory_limit: str | None = None,
+                             max_temp_size: str | None = None) -> duckdb.DuckDBPyConnection:
         """A connection for user SQL: reads confined to the store (+ allow_read), configuration locked;
-        only the views that `names` read are bound (all when None).
+        only the views that `names` read are bound (all when None); memory and spill space capped
+        when given (DuckDB sizes: '2GB'; its defaults are 80 % of RAM and 90 % of free disk).
 
         DuckDB adds its temp directory to the allowed ones, so each connection gets a private, empty
-        one (removed with the connection) instead of `<cwd>/.tmp`."""
+        one (removed with the connection, or on SIGTERM) instead of `<cwd>/.tmp`."""
         self._refuse_escaping_links()
         con = self.connect(names=names)
-        temp = tempfile.mkdtemp(prefix="replay-sql-")
-        weakref.finalize(con, shutil.rmtree, temp, ignore_errors=True)
+        temp = _private_temp_dir()
+        weakref.finalize(con, _remove_temp_dir, temp)
         dirs = self.storage.sql_roots() + [str(Path(p).absolute()) for p in allow_read]
         quoted = ", ".join("'" + d.replace("'", "''") + "'" for d in dirs)
+        for setting, value in (("memory_limit", memory_limit), ("max_temp_directory_size", max_temp_size)):
+            try:
+                if value is not None:
+                    con.execute(f"SET {setting} = ?", [str(value)])
+            except duckdb.Error as exc:
+                con.close()
+                raise StoreError(f"{setting} {value!r}: {_first_line(exc)} (give a size such as '2GB')") from None
         con.execute("SET temp_directory = ?", [temp])
         con.execute(f"SET allowed_directories = [{quoted}]")
         con.execute("SET enable_external_access = false")
@@ -398,34 +435,59 @@ class Store:
         if self.storage.remote:  # object stores have no links
             return
         root = self.root.resolve()
-        for directory, dirnames, filenames in os.walk(self.root):
-            for name in dirnames + filenames:
-                path = Path(directory) / name
-                if path.is_symlink() and not path.resolve().is_relative_to(root):
-                    raise StoreError(f"refused: {path} is a symbolic link out of the store "
-                                     f"(to {path.resolve()}); remove it to query this store")
+        for path, what in unusual_entries(self.root):  # links within the store lead a reader nowhere new
+            if not path.is_symlink():  # a FIFO would block the query forever
+                raise refusal(path, what)
+            if not path.resolve().is_relative_to(root):
+                raise StoreError(f"refused: {path} is a symbolic link out of the store "
+                                 f"(to {path.resolve()}); remove it to query this store")
 
     def read_only_query(self, sql: str, allow_read: Iterable[str | os.PathLike] = (), params: list | None = None,
-                        fetch=None):
+                        fetch=None, timeout: float | None = None, memory_limit: str | None = None,
+                        max_temp_size: str | None = None):
         """Run one user query that may only read (sqlguard); `params` bind `?` placeholders; `fetch`
-        turns the result relation into what is returned (default: an Arrow table).
+        turns the result relation into what is returned (default: an Arrow table). `timeout`
+        (seconds; `replay sql --timeout`) interrupts the query; the limits: read_only_connection.
 
-        Only the views the SQL names are opened; if it reaches another, every view is."""
+        Only the views the SQL names are opened; if it reaches another, or lists the catalog (SHOW
+        TABLES), every view is."""
+        deadline = time.monotonic() + timeout if timeout else None
         for names in (schemas.references(sql), None):
-            con = self.read_only_connection(allow_read, names)
+            con = self.read_only_connection(allow_read, names, memory_limit, max_temp_size)
+            stopped = threading.Event()
+            timer = None
+            if deadline is not None:  # interrupt() is the one call DuckDB takes from another thread
+                def stop(con=con, stopped=stopped):
+                    stopped.set()
+                    try:
+                        con.interrupt()
+                    except duckdb.Error:  # closed meanwhile: the query ended in time
+                        pass
+
+                timer = threading.Timer(max(0.0, deadline - time.monotonic()), stop)
+                timer.daemon = True
+                timer.start()
             try:
                 checked = check_read_only(con, sql)
+                if checked.lists_catalog and names is not None:
+                    continue  # SHOW TABLES, duckdb_views(): bind every view, not only those named
                 relation = con.sql(checked.sql, params=params or None)
                 if checked.explain:
                     relation = con.sql("SELECT 'physical_plan' AS explain_key, ? AS explain_value",
                                        params=[relation.explain(type=checked.explain)])
                 return fetch(relation) if fetch else relation.to_arrow_table()
-            except duckdb.CatalogException as exc:
-                if names is None:
-                    raise self.query_error(exc) from None
             except duckdb.Error as exc:
-                raise self.query_error(exc) from None
+                if stopped.is_set():
+                    raise StoreError(f"query stopped after {timeout:g} s (--timeout {timeout:g}; "
+                                     "raise it, or 0 for no limit)") from None
+                if names is None or not isinstance(exc, duckdb.CatalogException):
+                    error = self.query_error(exc)
+                    if isinstance(exc, duckdb.OutOfMemoryException) and (memory_limit or max_temp_size):
+                        error = StoreError(f"{error} (raise --memory-limit or --max-temp-size)")
+                    raise error from None
             finally:
+                if timer:
+                    timer.cancel()
                 con.close()
 
 
@@ -435,3 +497,35 @@ _DATA_ERRORS = (duckdb.Error, duckdb.IOException, duckdb.InternalException, duck
 
 def _first_line(exc: Exception) -> str:
     return " ".join(str(exc).split("\n")[:2]).strip()
+
+
+# the private temp directories of open read-only connections: SIGTERM's default action skips the
+# finalizers that remove them, so while any is open a handler removes them, then dies of SIGTERM
+_LIVE_TEMP_DIRS: set[str] = set()
+
+
+def _private_temp_dir() -> str:
+    if _sigterm_is_ours(signal.SIG_DFL):  # only where SIGTERM would end the process anyway
+        signal.signal(signal.SIGTERM, _remove_temp_dirs_and_die)
+    temp = tempfile.mkdtemp(prefix="replay-sql-")
+    _LIVE_TEMP_DIRS.add(temp)
+    return temp
+
+
+def _remove_temp_dir(temp: str) -> None:
+    shutil.rmtree(temp, ignore_errors=True)
+    _LIVE_TEMP_DIRS.discard(temp)
+    if not _LIVE_TEMP_DIRS and _sigterm_is_ours(_remove_temp_dirs_and_die):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a long stage after `learn --where` keeps the default
+
+
+def _sigterm_is_ours(handler) -> bool:
+    """SIGTERM's handler is `handler`, and this thread may change it (only the main thread may)."""
+    return threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is handler
+
+
+def _remove_temp_dirs_and_die(signum, frame) -> None:
+    for temp in list(_LIVE_TEMP_DIRS):
+        shutil.rmtree(temp, ignore_errors=True)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)

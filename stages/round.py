@@ -21,6 +21,7 @@ from schemas import MAIN_ADAPTER, learn_stage
 
 from replay.errors import ReplayError
 from replay.storage import is_remote, log_dir, resolve
+from replay.storage.local import open_lock, refuse_unusual
 from replay.store import Store
 
 LOCK_FILE = ".round.lock"
@@ -64,8 +65,8 @@ def store_lock(root: Path, wait: bool = False) -> Iterator[None]:
             raise ReplayError(f"the round lease {lease.path} was taken over while this tick ran (it could not "
                               f"renew it for {LEASE_SECONDS:.0f} s): another tick may have run the same stages")
         return
-    root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    refuse_unusual(root)  # before the lock and rounds.log are written: no link or FIFO in the store
+    fd = open_lock(root, root / LOCK_FILE)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))

@@ -33,11 +33,14 @@ def manifest(stage, round, counts, config=None):
 def learn_rows(round, prompts):
     audit = [dict(round=round, adapter_name="main", prompt_id=p["prompt_id"], sample_idx=i, rollout_round=round,
                   objective="lens", confidence=0.5, shaped_reward=0.0, advantage=0.0, weight=1.0,
-                  group_kind="mixed", num_tokens=2) for p in prompts for i in range(G)]
+                  group_kind="mixed", num_tokens=2, origin="group", behaviour_round=round)
+             for p in prompts for i in range(G)]
     metrics = [dict(round=round, adapter_name="main", objective="lens", step=s, epoch=0, loss=0.1, clip_frac=0.0,
                     dual_clip_frac=0.0, ratio_mean=1.0, ratio_max=1.0, grad_norm=1.0, tokens=10,
                     nonzero_adv_share=1.0, negative_group_share=0.0, lr=1e-5, seconds=0.1, grad_share_negative=None,
-                    grad_share_mixed=1.0, grad_share_positive=0.0) for s in range(2)]
+                    grad_share_mixed=1.0, grad_share_positive=0.0, replayed_rows=None, replay_mean_age=None,
+                    behaviour_weight_mean=None, behaviour_weight_max=None, behaviour_truncated_share=None,
+                    behaviour_masked_share=None, replay_ess=None) for s in range(2)]
     return audit, metrics
 
 

@@ -23,8 +23,8 @@ import schemas
 
 from ..adapters import MARKER
 from ..storage import is_remote, resolve, storage_of
-from ..storage.local import pid_alive
-from ..store import STORE_FILE, duckdb_type
+from ..storage.local import pid_alive, unusual_entries
+from ..store import STORE_FILE, _store_root, duckdb_type
 
 EXAMPLES = 5  # duplicate keys listed one per line; the total is always given
 # (what, SQL yielding filename, count, example): one problem per file
@@ -83,8 +83,8 @@ def check_store(path: str | os.PathLike, deep: bool = False) -> list[Problem]:
 
 
 def diagnose(path: str | os.PathLike, deep: bool = False) -> Diagnosis:
-    result = Diagnosis(resolve(path))  # a directory or an s3:// store
-    if not _meta_ok(result):
+    result = Diagnosis(_store_root(path))  # a directory or an s3:// store
+    if not _meta_ok(result) or _unusual(result):
         return result
     good = {table: _table_files(result, table, deep) for table in schemas.TABLES}
     manifests = _read_manifests(result)
@@ -131,6 +131,17 @@ def _meta_ok(result: Diagnosis) -> bool:
     return True
 
 
+def _unusual(result: Diagnosis) -> bool:
+    """Each link, FIFO, socket or device in the store (replay makes none, and its write commands refuse
+    a store holding one). True if any: then nothing else is read, since a reader would follow the
+    link out of the store or block on the FIFO."""
+    found = [] if is_remote(result.root) else list(unusual_entries(result.root))
+    for path, what in found:
+        result.add(path, f"{what}: replay's write commands refuse this store until it is removed "
+                         "(nothing else was checked)")
+    return bool(found)
+
+
 def _table_files(result: Diagnosis, table: str, deep: bool) -> list[Path]:
     """The table's part files that open and match its schema (the others are reported)."""
     base, partitioned = result.root / table, table in schemas.PARTITIONED
@@ -145,7 +156,7 @@ def _table_files(result: Diagnosis, table: str, deep: bool) -> list[Path]:
         result.files += 1
         if path.parent in bad_dirs:
             continue
-        message, n = _file_problem(path, expected, partitioned)
+        message, n = _file_problem(path, expected, partitioned, table in schemas.GROWN)
         message = message or (_read_pages(path) if deep else None)
         if message:
             result.add(path, message)
@@ -156,7 +167,7 @@ def _table_files(result: Diagnosis, table: str, deep: bool) -> list[Path]:
     return good
 
 
-def _file_problem(path: Path, expected: pa.Schema, partitioned: bool) -> tuple[str | None, int]:
+def _file_problem(path: Path, expected: pa.Schema, partitioned: bool, grown: bool = False) -> tuple[str | None, int]:
     try:
         with path.open("rb") as fh, pq.ParquetFile(fh) as parquet:  # a local file or an S3 object
             schema, meta = parquet.schema_arrow, parquet.metadata
@@ -164,7 +175,8 @@ def _file_problem(path: Path, expected: pa.Schema, partitioned: bool) -> tuple[s
         return f"unreadable Parquet file (truncated or corrupt): {exc}", 0
     in_file = partitioned and "round" in schema.names
     wrong = ["has a 'round' column (it belongs in the directory name)"] if in_file else []
-    missing = [f.name for f in expected if f.name not in schema.names]
+    # a grown table's files written before a nullable column existed lack it (the store reads NULL)
+    missing = [f.name for f in expected if f.name not in schema.names and not (grown and f.nullable)]
     extra = [n for n in schema.names if n not in expected.names and n != "round"]
     wrong += [f"missing column(s) {', '.join(missing)}"] if missing else []
     wrong += [f"unknown column(s) {', '.join(extra)}"] if extra else []
@@ -200,6 +212,7 @@ def _register(con: duckdb.DuckDBPyConnection, table: str, files: list[Path]) -> 
         return
     listed = ", ".join("'" + str(p).replace("'", "''") + "'" for p in files)
     hive = ", hive_partitioning = true, hive_types = {'round': INTEGER}" if table in schemas.PARTITIONED else ""
+    hive += ", union_by_name = true" if table in schemas.GROWN else ""  # older files lack grown columns
     con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{listed}], filename = true{hive})")
 
 

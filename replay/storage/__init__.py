@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 from ..errors import ReplayError
-from .local import LocalStorage
+from .local import LocalStorage, writable
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):(//)?")
 
@@ -72,8 +72,9 @@ def is_remote(root) -> bool:
 
 
 def log_dir(root) -> Path:
-    """<store>/logs, or for an s3:// store (no appends there) a local one under the replay cache."""
+    """<store>/logs, or for an s3:// store (no appends there) a local one under the replay cache.
+    A linked <store>/logs is refused: logs would be appended wherever it leads."""
     if is_remote(root):
         cache = Path(os.environ.get("REPLAY_CACHE", Path.home() / ".cache" / "replay"))
         return cache / "logs" / root.storage.bucket / root.key
-    return Path(root) / "logs"
+    return writable(root, Path(root) / "logs")

@@ -2,6 +2,11 @@
 
 Temp files are named `.tmp-<pid>-<host tag>-…`: hidden from readers (they glob `part-*`), and reaped
 only by a writer on the same host once the process that wrote them is gone.
+
+replay makes only regular files and directories in a store, so anything else below its root (a
+symbolic link, a FIFO, a socket, a device) was put there by someone else: `unusual` says what it is,
+the one rule that writers (`writable`, `open_lock`, `refuse_unusual`), the SQL read path and
+`replay doctor` apply. A writer never follows a link it did not make.
 """
 
 from __future__ import annotations
@@ -11,9 +16,12 @@ import hashlib
 import os
 import shutil
 import socket
+import stat
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from ..errors import ReplayError
 
 
 # temp files name their writer's host: shard workers on several machines share a store directory,
@@ -124,8 +132,77 @@ def clean_temp_files(directory: Path) -> int:
     return removed
 
 
+class UnsafePath(ReplayError):
+    """Something below a store's root that replay did not make and will not write through."""
+
+
+def unusual(path: Path) -> str | None:
+    """What `path` is if replay never makes such a thing (a link is not followed), else None."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(mode):
+        return f"a symbolic link (to {os.readlink(path)})"
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device file"
+
+
+def unusual_entries(root: Path) -> Iterator[tuple[Path, str]]:
+    """Every unusual entry below `root`, in path order; links to directories are not descended."""
+    for directory, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            if what := unusual(Path(directory, name)):
+                yield Path(directory, name), what
+
+
+def refusal(path: Path, what: str) -> UnsafePath:
+    return UnsafePath(f"refused: {path} is {what}; replay writes only regular files and directories "
+                      "in a store and follows no link: remove it (`replay doctor` lists them all)")
+
+
+def refuse_unusual(root: Path) -> None:
+    """Before a write command: its reads must not leave the store either (a linked rollouts/round=R
+    would be scored into this store) nor block (a FIFO part)."""
+    if first := next(unusual_entries(root), None):
+        raise refusal(*first)
+
+
+def writable(root: Path, path: Path) -> Path:
+    """`path` if no component of it below `root` is unusual: a linked directory would take the
+    write (and the temp-file cleanup beside it) out of the store; a linked file, its target."""
+    current = Path(root)
+    for part in Path(path).relative_to(root).parts:
+        current = current / part
+        if what := unusual(current):
+            raise refusal(current, what)
+    return path
+
+
+def open_lock(root: Path, path: Path) -> int:
+    """A descriptor of the lock file `path`, created if missing. Its holder's name is written into
+    it and truncated on release, so it must be the store's own regular file: O_NOFOLLOW refuses a
+    link at `path` itself, `writable` one above it, fstat anything else (O_NONBLOCK: a FIFO opens
+    without waiting for a writer, to be refused)."""
+    writable(root, path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise refusal(path, unusual(path) or "a symbolic link") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise refusal(path, unusual(path) or "not a regular file")
+    return fd
+
+
 class LocalStorage:
-    """Writes for a store directory; reads use the Path objects themselves."""
+    """Writes for a store directory; reads use the Path objects themselves. Every write checks its
+    path with `writable` first."""
 
     remote = False
 
@@ -133,14 +210,15 @@ class LocalStorage:
         self.root = root
 
     def put(self, path: Path, payload: bytes) -> None:
-        atomic_write_bytes(path, payload)
+        atomic_write_bytes(writable(self.root, path), payload)
 
     def put_if_absent(self, path: Path, payload: bytes) -> bool:
-        return create_exclusive(path, payload)
+        return create_exclusive(writable(self.root, path), payload)
 
     def write_parquet(self, path: Path, table, **options) -> None:
         import pyarrow.parquet as pq  # not at import: the CLI's read commands run without pyarrow
 
+        writable(self.root, path)  # before mkdir and the temp-file cleanup in its directory
         path.parent.mkdir(parents=True, exist_ok=True)
         clean_temp_files(path.parent)
         atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd", **options))

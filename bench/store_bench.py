@@ -64,6 +64,9 @@ QUESTIONS = {
     "rounds view": "SELECT * FROM rounds",
     "confident mistakes, one round": (f"SELECT prompt_id, sample_idx, confidence, extracted_answer "
                                       f"FROM confident_mistakes WHERE round = {ROUNDS - 1} LIMIT 20"),
+    # what `learn --round R --rescue replay` picks from: every stored success of each negative group's prompt
+    "rescue candidates, one round": (f"SELECT count(*) AS candidates, count(DISTINCT prompt_id) AS groups "
+                                     f"FROM rescue_candidates WHERE round = {ROUNDS - 1}"),
 }
 
 
@@ -115,7 +118,8 @@ def make_prompts(n: int, rng, pool: np.ndarray) -> pa.Table:
         "prompt_id": ids, "source": pa.repeat("bench", n), "split": pa.repeat("train", n),
         "problem": problems, "answer": pa.array(rng.integers(0, 1000, n).astype(str)),
         "level": pa.array(rng.integers(1, 6, n, dtype=np.int32)), "subject": pa.nulls(n, pa.string()),
-        "unique_id": pa.nulls(n, pa.string()), "created_at": pa.array(np.full(n, NOW_US), TS)})
+        "unique_id": pa.nulls(n, pa.string()), "created_at": pa.array(np.full(n, NOW_US), TS),
+        "solution": pa.nulls(n, pa.string())})
 
 
 def make_batch(rnd: int, prompt_rows: np.ndarray, prompts: pa.Table, difficulty: np.ndarray, rng, pool):

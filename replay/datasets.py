@@ -3,6 +3,17 @@ Hugging Face `datasets` (a save_to_disk directory, or a hub id when the hub is r
 
 Every reader validates the whole input before anything is written, and a problem is reported
 with the file, the line (or row) and the field.
+
+Reference solutions (the prompts table's `solution`, NULL where there is none):
+- arith: worked from the generated expression, one line per operation in evaluation order (every
+  × first, left to right, then + and - left to right), each "a op b = c" in exact integers, and a
+  last line "\\boxed{answer}". "What is 3 + 4 × 5 - 2?" gets "4 × 5 = 20", "3 + 20 = 23",
+  "23 - 2 = 21", "\\boxed{21}" (arith_solution).
+- GSM8K: the `answer` text before "#### N", its calculator notes "<<48/2=24>>" removed (the text
+  around each already states the result: "48/2 = <<48/2=24>>24" reads "48/2 = 24"), and a last
+  line "\\boxed{N}" (gsm8k_solution).
+- MATH / MATH-500 and any other JSONL/Parquet/Hugging Face input: its optional `solution` field as
+  is (MATH's boxes the answer); a `solution` field also takes precedence over GSM8K's derived one.
 """
 
 from __future__ import annotations
@@ -46,20 +57,49 @@ class Prompt:
     level: int | None = None
     subject: str | None = None
     unique_id: str | None = None
+    solution: str | None = None  # a worked reference solution (see the module docstring)
 
 
-def arith_problem(seed: int, split: str, index: int, level: int) -> tuple[str, int]:
-    """One seeded arithmetic problem with an exact integer answer."""
+def _arith_terms(seed: int, split: str, index: int, level: int) -> tuple[list[int], list[str]]:
+    """The operands and operators ("+", "-", "*") of one seeded arithmetic problem."""
     n_operands, digits, ops = ARITH_LEVELS[level]
     rng = random.Random(f"arith:{seed}:{split}:{level}:{index}")  # str seeds hash with sha512
     numbers = [rng.randint(1 if digits == 1 else 10 ** (digits - 1), 10**digits - 1) for _ in range(n_operands)]
     operators = [rng.choice(ops) for _ in range(n_operands - 1)]
+    return numbers, operators
+
+
+def arith_problem(seed: int, split: str, index: int, level: int) -> tuple[str, int]:
+    """One seeded arithmetic problem with an exact integer answer."""
+    numbers, operators = _arith_terms(seed, split, index, level)
     expression = str(numbers[0])
     for op, number in zip(operators, numbers[1:]):
         expression += f" {op} {number}"
     # the expression is built from digits and + - * only, so eval is exact integer arithmetic
     answer = eval(expression, {"__builtins__": {}})  # noqa: S307
     return f"What is {expression.replace('*', '×')}?", answer
+
+
+def arith_solution(seed: int, split: str, index: int, level: int) -> str:
+    """The worked solution of arith_problem(seed, split, index, level): one line per operation in
+    evaluation order, then "\\boxed{answer}" (module docstring). Worked step by step on its own, not
+    copied from the problem's answer, so the tests can check that the two agree."""
+    numbers, operators = _arith_terms(seed, split, index, level)
+    lines, terms, signs = [], [numbers[0]], []
+    for op, number in zip(operators, numbers[1:]):  # products first: each × folds into the term before it
+        if op == "*":
+            lines.append(f"{terms[-1]} × {number} = {terms[-1] * number}")
+            terms[-1] *= number
+        else:
+            terms.append(number)
+            signs.append(op)
+    total = terms[0]
+    for op, term in zip(signs, terms[1:]):  # then the sums and differences, left to right
+        result = total + term if op == "+" else total - term
+        lines.append(f"{total} {op} {term} = {result}")
+        total = result
+    lines.append(f"\\boxed{{{total}}}")
+    return "\n".join(lines)
 
 
 ARITH_TEST_SHARE = 4  # one problem in 4 belongs to the test pool
@@ -93,7 +133,8 @@ def arith_prompts(num_prompts: int, split: str = "train", seed: int = 0,
             continue
         seen.add(problem)
         source = f"{ARITH}-{seed}"
-        prompts.append(Prompt(keys.prompt_id(source, problem), source, split, problem, str(answer), level))
+        prompts.append(Prompt(keys.prompt_id(source, problem), source, split, problem, str(answer), level,
+                              solution=arith_solution(seed, split, index - 1, level)))  # index moved on
     return prompts
 
 
@@ -197,6 +238,28 @@ def _gold(where: str, row: dict, answer_key: str, gsm8k: bool) -> str:
         raise DatasetError(f"{where}: field {answer_key!r} has {exc}") from None
 
 
+_CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")
+
+
+def gsm8k_solution(answer_field: str) -> str:
+    """GSM8K's `answer` field as a reference solution: the worked text before "#### N" with its
+    calculator notes removed ("48/2 = <<48/2=24>>24" -> "48/2 = 24": the text already states each
+    result), then a last line "\\boxed{N}" (N as the gold: thousands commas dropped)."""
+    head, final = split_gsm8k_answer(answer_field)
+    head = _CALCULATOR_NOTE.sub("", head).strip()
+    return f"{head}\n\\boxed{{{final}}}" if head else f"\\boxed{{{final}}}"
+
+
+def _solution(where: str, row: dict, answer_key: str, gsm8k: bool) -> str | None:
+    """The row's `solution` field (text, or absent/null), else GSM8K's worked answer; None if neither."""
+    value = row.get("solution")
+    if value is None:
+        return gsm8k_solution(text_field(where, row, answer_key)) if gsm8k else None
+    if not isinstance(value, str):
+        raise DatasetError(f"{where}: field 'solution' must be text, got {type(value).__name__}")
+    return storable_text(where, "solution", value) if value.strip() else None
+
+
 def file_prompts(path: str | Path, num_prompts: int | None = None, split: str = "train",
                  problem_key: str | None = None, answer_key: str | None = None) -> list[Prompt]:
     """Prompts from a JSONL/Parquet file; the whole file is validated before returning."""
@@ -209,7 +272,8 @@ def file_prompts(path: str | Path, num_prompts: int | None = None, split: str = 
 
 def rows_prompts(rows: list[tuple[str, dict]], source: str, num_prompts: int | None, split: str,
                  problem_key: str | None, answer_key: str | None) -> list[Prompt]:
-    """Prompts from (location, row) pairs of any reader: MATH or GSM8K fields, or the given keys."""
+    """Prompts from (location, row) pairs of any reader: MATH or GSM8K fields, or the given keys; an
+    optional `solution` field (GSM8K: derived from its answer, notes removed; see gsm8k_solution)."""
     first = rows[0][1]
     gsm8k = problem_key is None and "problem" not in first and "question" in first
     problem_key = problem_key or ("question" if gsm8k else "problem")
@@ -225,6 +289,7 @@ def rows_prompts(rows: list[tuple[str, dict]], source: str, num_prompts: int | N
             seen_ids[unique_id] = where
         level = _level(where, row)
         subject = optional_text(where, row, "subject")
+        solution = _solution(where, row, answer_key, gsm8k)
         if problem in seen_problems:  # the same problem twice would be one prompt_id twice
             first, first_answer = seen_problems[problem]
             if first_answer != answer:
@@ -233,7 +298,7 @@ def rows_prompts(rows: list[tuple[str, dict]], source: str, num_prompts: int | N
             continue
         seen_problems[problem] = (where, answer)
         prompts.append(Prompt(keys.prompt_id(source, problem), source, split, problem, answer, level,
-                              subject, unique_id))
+                              subject, unique_id, solution))
     return prompts[:num_prompts] if num_prompts else prompts
 
 

@@ -44,8 +44,8 @@ def select_prompt_set(store: Store, sql: str) -> PromptSet:
     if not ids:
         raise ReplayError(f"--prompts: the query returned no prompt ids ({sql!r})")
     rows = store.query("SELECT DISTINCT ON (prompt_id) prompt_id, source, split, problem, answer, level, subject, "
-                       "unique_id FROM prompts WHERE prompt_id IN (SELECT unnest(?)) ORDER BY prompt_id, created_at",
-                       [ids]).to_pylist()
+                       "unique_id, solution FROM prompts WHERE prompt_id IN (SELECT unnest(?)) "
+                       "ORDER BY prompt_id, created_at", [ids]).to_pylist()
     unknown = sorted(set(ids) - {r["prompt_id"] for r in rows})
     if unknown:
         raise ReplayError(f"--prompts: {len(unknown)} id(s) the query returned are not prompts of {store.root} "

@@ -54,6 +54,9 @@ PROMPTS = _schema(
     ("subject", "string", True),
     ("unique_id", "string", True),
     ("created_at", "timestamp", False),
+    # a worked reference solution: arith's steps, GSM8K's and MATH's own (each boxes the gold answer),
+    # or the input's `solution` column; NULL where there is none and in files written before the column
+    ("solution", "string", True),
 )
 
 ROLLOUTS = _schema(
@@ -208,7 +211,7 @@ PARTITIONED = frozenset({"rollouts", "verdicts", "learn_audit", "learn_metrics",
 
 # Small tables that gained (nullable) columns within this schema version: read by column name, so
 # files written before a column existed show it as NULL.
-GROWN = frozenset({"learn_metrics", "learn_audit"})
+GROWN = frozenset({"learn_metrics", "learn_audit", "prompts"})
 
 # Tables whose files cache a view: the store registers the view (current files only), not the files.
 CACHES = frozenset({"group_summary"})

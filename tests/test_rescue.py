@@ -19,8 +19,8 @@ from tests._tiny_model import save_tiny_model
 from tests.test_learn_ratio import TOKENIZER, _policy, engine_samples
 from tests._tiny_model import tiny_model
 
-A, B, C, D = (prompt_row(f"w{i} w{i + 1}", answer=str(i)) for i in range(4))
-ID = {name: p["prompt_id"] for name, p in zip("ABCD", (A, B, C, D))}
+A, B, C, D, E = (prompt_row(f"w{i} w{i + 1}", answer=str(i)) for i in range(5))
+ID = {name: p["prompt_id"] for name, p in zip("ABCDE", (A, B, C, D, E))}
 PLAN_STAGE = "generate.ps-000000000000-k1"
 
 
@@ -37,9 +37,10 @@ def _rows(round, name, correct, overrides=None):
 
 def build(root):
     """Round 0: A solved twice by its own G and once by a rescue-sampling set (sample 4), B only by an
-    import, C solved, D solved once by a row of unreproducible sampling. Round 1: A, B, D negative, C mixed."""
+    import, C solved, D solved once by a row of unreproducible sampling, E negative. Round 1: A, B, D
+    negative, C mixed, E solved (a later success never rescues an earlier round)."""
     store = Store.create(root)
-    store.write("prompts", [A, B, C, D])
+    store.write("prompts", [A, B, C, D, E])
     groups = [
         _rows(0, "A", [False, False, True, True, True], {3: {"policy_round": 0}}),
         _rows(0, "B", [False, False, False, False, True], {4: {"engine": "import", "logprobs_mode": "unknown",
@@ -47,10 +48,10 @@ def build(root):
         _rows(0, "C", [True, False, False, False]),
         _rows(0, "D", [False, True, False, False], {1: {"logprobs_mode": "unknown", "temperature": 0.7}}),
         _rows(1, "A", [False] * 4), _rows(1, "B", [False] * 4), _rows(1, "C", [True, False, False, False]),
-        _rows(1, "D", [False] * 4),
+        _rows(1, "D", [False] * 4), _rows(0, "E", [False] * 4), _rows(1, "E", [False, True, False, False]),
     ]
     for round in (0, 1):
-        chosen = groups[:4] if round == 0 else groups[4:]
+        chosen = [g for g in groups if g[0][0]["round"] == round]
         store.write("rollouts", [r for g in chosen for r in g[0]], round=round)
         store.write("verdicts", [v for g in chosen for v in g[1]], round=round)
     store.write_manifest(0, PLAN_STAGE, {"stage": PLAN_STAGE, "round": 0, "status": "complete",
@@ -82,7 +83,7 @@ def test_the_view_lists_every_correct_rollout_of_a_negative_groups_prompt(store)
         ID["A"]: [(1, 0, 2, None, "generate", 1), (1, 0, 3, 0, "generate", 1), (1, 0, 4, None, "rescue_sampling", 1)],
         ID["B"]: [(1, 0, 4, None, "import", 1)],
         ID["D"]: [(1, 0, 1, None, "generate", 1)],
-    }  # round 0's negative groups (B, D) have no earlier success; C is mixed in both rounds
+    }  # round 0's negative group E has no earlier success (round 1's does not count); C is mixed
 
 
 def test_the_default_pick_is_newest_policy_first_then_rollout_id(store):
@@ -269,9 +270,9 @@ def test_inspect_rescuable_counts_groups_by_source_and_age(store):
     from replay.read.inspect import inspect_report
 
     _, rows = inspect_report(store, "rescuable")
-    # round 0 has no negative group (B and D were solved there); round 1: A, B, D, all three rescuable
+    # round 0: E alone is negative, with no earlier success; round 1: A, B, D, all three rescuable
     assert [tuple(r) for r in rows.rows] == [
-        (1, 3, "any", "any", 3, 5), (1, 3, "generate", "1", 2, 3), (1, 3, "import", "1", 1, 1),
+        (0, 1, "any", "any", 0, 0), (1, 3, "any", "any", 3, 5), (1, 3, "generate", "1", 2, 3), (1, 3, "import", "1", 1, 1),
         (1, 3, "rescue_sampling", "1", 1, 1)]
     assert "rescue_sampling" in invoke_ok("inspect", "rescuable", "--store", store.root, "--round", 1)
 

@@ -5,20 +5,19 @@ from __future__ import annotations
 DEFAULT_INSTRUCTION = "Reason briefly, step by step, then put your final answer in \\boxed{}."
 
 
-def user_message(problem: str, instruction: str = DEFAULT_INSTRUCTION) -> str:
-    """The user turn: the problem, then the answer-format instruction (if any)."""
-    problem = problem.strip()
-    return f"{problem}\n\n{instruction}" if instruction else problem
+def user_message(problem: str, instruction: str = DEFAULT_INSTRUCTION, hint: str | None = None) -> str:
+    """The user turn: the problem, then a hint (replay.hints), then the answer-format instruction."""
+    return "\n\n".join(part for part in (problem.strip(), hint, instruction) if part)
 
 
 def chat_prompt_ids(tokenizer, problem: str, instruction: str = DEFAULT_INSTRUCTION,
-                    system: str | None = None) -> list[int]:
+                    system: str | None = None, hint: str | None = None) -> list[int]:
     """Token ids of the prompt that ends where the assistant's answer starts.
 
     With no chat template (a base model) the prompt is plain text ending in "Answer:".
     system=None keeps the template's own default system turn, if it has one.
     """
-    content = user_message(problem, instruction)
+    content = user_message(problem, instruction, hint)
     if getattr(tokenizer, "chat_template", None):
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": content}]

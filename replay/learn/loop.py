@@ -147,7 +147,7 @@ def _kind_shares(advantage, weight, kind, samples, rows, aggregation) -> dict:
 
 
 def _replay_metrics(samples, rows) -> dict:
-    stats = [samples[i].behaviour_stats for i in rows if samples[i].origin == "replay"]
+    stats = [samples[i].behaviour_stats for i in rows if samples[i].replayed]
     return replay_metrics(torch.tensor([r["sequence_weight"] for r in stats], dtype=torch.float64),
                           sum(r["weight_sum"] for r in stats), max((r["weight_max"] for r in stats), default=0.0),
                           sum(r["tokens"] for r in stats), sum(r["truncated"] for r in stats),
@@ -160,7 +160,7 @@ def _micro_step(scorer, samples, idx, advantage, weight, cfg, step_samples, step
                        [s.distribution for s in chunk])
     logprobs = scorer(*(getattr(batch, f).to(device) for f in batch.__dataclass_fields__))
     old = _padded([s.old_logprobs for s in chunk], batch.targets.shape[1]).to(device)
-    replayed = any(s.origin == "replay" for s in chunk)  # on-policy batches: the exact path of before
+    replayed = any(s.replayed for s in chunk)  # on-policy batches: the exact path of before
     token_weights = _padded([s.token_weights or [1.0] * len(s.completion_ids) for s in chunk],
                             batch.targets.shape[1]).to(device) if replayed else None
     shaped = torch.tensor([s.shaped for s in chunk], device=device) if replayed else None

@@ -31,7 +31,7 @@ WITH picked AS (
     JOIN negative_groups_here n ON n.round = c.round AND n.prompt_id = c.prompt_id
     {user}
 )
-SELECT p.round AS group_round, p.prompt_id, p.rollout_round, p.sample_idx, p.rollout_id, v.reward,
+SELECT p.round AS group_round, p.prompt_id, p.rollout_round, p.sample_idx, p.rollout_id, p.source, v.reward,
        r.prompt_token_ids, r.completion_token_ids, r.completion_logprobs, r.completion_text,
        r.policy_round, r.policy_adapter, {sampling}
 FROM picked p
@@ -47,6 +47,8 @@ def negative_groups(samples: list[LearnSample]) -> list[tuple[int, str]]:
     """(round, prompt_id) of the groups in `samples` whose every member is wrong."""
     right: dict[tuple[int, str], bool] = {}
     for s in samples:
+        if s.group_tag is not None:  # a hint set's own group (--hinted-as prompt) is not rescued
+            continue
         key = (s.round, s.prompt_id)
         right[key] = right.get(key, False) or s.reward > 0
     return sorted(key for key, any_right in right.items() if not any_right)
@@ -107,7 +109,8 @@ def replayed_samples(rows: list[dict], group_prompts: dict[tuple[int, str], list
         out.append(LearnSample(int(r["group_round"]), r["prompt_id"], int(r["sample_idx"]), float(r["reward"]),
                                list(group_prompts[(r["group_round"], r["prompt_id"])]), r["completion_token_ids"],
                                None, distribution, r["policy_round"], r["policy_adapter"],
-                               origin="replay", behaviour_round=int(r["rollout_round"]),
+                               origin="hint" if r["source"] == "hint" else "replay",
+                               behaviour_round=int(r["rollout_round"]),
                                behaviour_logprobs=r["completion_logprobs"], completion_text=r["completion_text"]))
     return out
 
@@ -152,7 +155,7 @@ def add_replayed(store: Store, cfg, samples: list[LearnSample], start_adapter, m
                  dtype: str) -> tuple[list[LearnSample], dict]:
     """`samples` plus the replayed rows of their negative groups (in group order), and an account."""
     groups = negative_groups(samples)
-    prompts = {(s.round, s.prompt_id): s.prompt_ids for s in samples}
+    prompts = {(s.round, s.prompt_id): s.prompt_ids for s in samples if s.group_tag is None}  # the plain prompt
     rows = pick_rows(store, groups, cfg.rescue_max, cfg.rescue_sql)
     replayed = replayed_samples(rows, prompts, cfg.behaviour_correction)
     if replayed:
@@ -170,9 +173,8 @@ def add_replayed(store: Store, cfg, samples: list[LearnSample], start_adapter, m
     merged = []
     for i, s in enumerate(samples):  # groups are contiguous: each one's replayed rows follow its own
         merged.append(s)
-        key = (s.round, s.prompt_id)
-        if i + 1 == len(samples) or (samples[i + 1].round, samples[i + 1].prompt_id) != key:
-            merged.extend(by_group.get(key, []))
+        if i + 1 == len(samples) or samples[i + 1].group != s.group:
+            merged.extend(by_group.get(s.group[:2], []) if s.group_tag is None else [])
     account = {"rescue": cfg.rescue, "negative_groups": len(groups), "rescued_groups": len(by_group),
                "replayed": len(replayed), "behaviour_correction": cfg.behaviour_correction,
                "start_adapter": str(start_adapter) if start_adapter else None, "rescue_sql": cfg.rescue_sql}

@@ -1,4 +1,5 @@
--- Per round x prompt, aggregated from the rows: every prompt with rollouts, n = 0 until scored.
+-- Per round x prompt, aggregated from the rows (hint sets' rows left out): every prompt with rollouts,
+-- n = 0 until scored.
 -- `replay score` writes this as the group_summary table; the store's `group_summary` view reads
 -- those files where they are current and falls back to this (slow at scale) where they are not.
 CREATE OR REPLACE VIEW group_summary_raw AS
@@ -19,5 +20,7 @@ SELECT
         WHEN count(*) FILTER (WHERE correct) = count(correct) THEN 'positive'
         ELSE 'mixed'
     END AS kind
-FROM samples
+FROM samples s
+ANTI JOIN hinted_samples h  -- hinted rows describe another prompt
+    ON h.round = s.round AND h.prompt_id = s.prompt_id AND h.sample_idx = s.sample_idx
 GROUP BY round, prompt_id;

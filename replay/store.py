@@ -159,8 +159,11 @@ class Store:
                              "create one with `replay generate` or `replay import`")
         try:
             meta = json.loads(meta_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: broken JSON, and bytes that are not UTF-8
             raise StoreError(f"{meta_path}: unreadable store metadata: {exc}") from None
+        if not isinstance(meta, dict):  # `[]`, `null`: valid JSON, but no store's metadata
+            raise StoreError(f"{meta_path}: unreadable store metadata: a JSON object expected, found "
+                             f"{json.dumps(meta)[:40]}")
         version = meta.get("schema_version")
         if version != schemas.SCHEMA_VERSION:
             raise StoreError(f"{meta_path}: store schema version {version}, this replay reads "
@@ -226,7 +229,8 @@ class Store:
         directory = self.table_dir(table, round)
         final = directory / f"part-{name or uuid.uuid4().hex}.parquet"
         try:
-            self.storage.write_parquet(final, arrow, **_parquet_options(table))
+            # page checksums (CRC32): `replay doctor --deep` verifies them; DuckDB's reader does not
+            self.storage.write_parquet(final, arrow, write_page_checksum=True, **_parquet_options(table))
         except OSError as exc:
             raise StoreError(f"cannot write {final}: {exc.strerror or exc}") from None
         return final
@@ -309,20 +313,23 @@ class Store:
         return f"SELECT {cols} WHERE false"
 
     def _sample_plans_source(self) -> str:
-        """Rescue sampling's plans (prompt-set generate manifests): per round, stage and prompt, the
-        first sample_idx the set added and how many (the rows `sample_idx` in that range are its)."""
-        columns = "round INTEGER, stage VARCHAR, prompt_id VARCHAR, first_sample_idx INTEGER, num_samples INTEGER"
+        """Rescue sampling's and hint sets' plans (prompt-set generate manifests): per round, stage and
+        prompt, the first sample_idx the set added, how many (the rows `sample_idx` in that range are
+        its), and the set's hint (NULL for plain rescue sampling)."""
+        columns = ("round INTEGER, stage VARCHAR, prompt_id VARCHAR, first_sample_idx INTEGER, num_samples INTEGER, "
+                   "hint_kind VARCHAR, hint_fraction DOUBLE")
         paths = [p for p in self.root.glob("manifests/round=*/generate.*.json") if not p.name.startswith(".")]
         if not paths:
             return "SELECT " + ", ".join(f"CAST(NULL AS {c.split()[1]}) AS {c.split()[0]}"
                                          for c in columns.split(", ")) + " WHERE false"
         path = str(self.root / "manifests" / "round=*" / "generate.*.json").replace("'", "''")
         return (f"SELECT round, stage, unnest(map_keys(plan)) AS prompt_id, "
-                f"unnest(map_values(plan)) AS first_sample_idx, num_samples FROM ("
-                f"SELECT round, stage, plan, CAST(config->>'num_samples' AS INTEGER) AS num_samples "
+                f"unnest(map_values(plan)) AS first_sample_idx, num_samples, hint.kind AS hint_kind, "
+                f"hint.fraction AS hint_fraction FROM ("
+                f"SELECT round, stage, plan, hint, CAST(config->>'num_samples' AS INTEGER) AS num_samples "
                 f"FROM read_json('{path}', columns = {{stage: 'VARCHAR', round: 'INTEGER', "
-                f"plan: 'MAP(VARCHAR, INTEGER)', config: 'JSON'}}, hive_partitioning = false) "
-                f"WHERE plan IS NOT NULL)")
+                f"plan: 'MAP(VARCHAR, INTEGER)', config: 'JSON', hint: 'STRUCT(kind VARCHAR, fraction DOUBLE)'}}, "
+                f"hive_partitioning = false) WHERE plan IS NOT NULL)")
 
     def _stage_runs_source(self) -> str:
         """The manifests as rows: which stage ran on which round, its status, time and counts."""
@@ -385,10 +392,17 @@ class Store:
         """One line for a failed query. DuckDB names a file whose footer is damaged, not one with a
         corrupt page behind a sound footer: then point at `replay doctor --deep`, which finds it."""
         message = f"query failed: {_first_line(exc)}"
+        if "hive partition column" in message and (odd := self._odd_round_dirs()):
+            return StoreError(f"{odd[0]}: round {odd[0].name[6:]!r} is not an integer, so no query of its "
+                              f"table can run; move it out of the store (`replay doctor` lists every one)")
         if type(exc) in _DATA_ERRORS and str(self.root) not in message:
             message += (f" (a file of the store may be corrupt: `replay doctor --store {self.root} --deep` "
                         "names it)")
         return StoreError(message)
+
+    def _odd_round_dirs(self) -> list[Path]:
+        """`<table>/round=X` directories whose X is not an integer (DuckDB fails every read of the table)."""
+        return sorted(d for d in self.root.glob("*/round=*") if not d.name[6:].lstrip("-").isdigit())
 
     def query(self, sql: str, params: list | None = None) -> pa.Table:
         """Trusted, internal query (stages use it); returns an Arrow table."""

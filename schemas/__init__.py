@@ -252,6 +252,7 @@ MANIFEST_KEYS = ("stage", "round", "status", "started_at", "finished_at", "confi
 VIEW_FILES = (
     "unique_prompts",
     "samples",
+    "hinted_samples",
     "group_summary_raw",
     "group_summary",  # in CACHES: the store builds it (current summary files, else group_summary_raw)
     "groups",
@@ -262,6 +263,7 @@ VIEW_FILES = (
     "eval_passk",
     "rescue_eval",
     "rescue_candidates",
+    "hint_outcomes",
 )
 
 

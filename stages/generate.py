@@ -17,12 +17,14 @@ from pathlib import Path
 from replay import adapters, keys
 from replay.datasets import Prompt, load_prompts
 from replay.errors import ReplayError
+from replay.hints import Hint, hint_text, parse_hint
 from replay.locks import locked_stage
 from replay.manifests import finish_manifest, record_run, start_manifest
 from replay.progress import note, progress_bar
 from replay.prompt_sets import PromptSet, record_prompt_set, select_prompt_set
 from replay.rows import register_prompts, rollout_row
-from replay.store import Store, utc_now
+from replay.storage import resolve
+from replay.store import STORE_FILE, Store, utc_now
 
 
 @dataclass
@@ -51,6 +53,26 @@ class GenerateConfig:
     stage: str = "generate"  # manifest name; eval writes its own
     prompts: str | None = None  # SQL choosing prompt ids (instead of dataset); adds K samples to stored groups
     prompts_from: str | None = None  # store the --prompts query runs on (default: this store; eval: the main one)
+    hint: str | None = None  # with --prompts: re-sample with a hint (replay.hints): prefix:F | answer | ladder
+
+    def validate(self) -> None:
+        """The settings alone, before any file is touched (locked_stage calls it before the lock; `round`
+        before its first stage)."""
+        from replay.core.sampling import check_settings
+
+        if self.round < 0:
+            raise ReplayError(f"--round must be 0 or more (rounds count from 0), got {self.round}")
+        if self.num_samples < 1:
+            raise ReplayError(f"--num-samples must be at least 1, got {self.num_samples}")
+        if self.max_new_tokens < 1:
+            raise ReplayError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.num_prompts is not None and self.num_prompts < 0:
+            raise ReplayError(f"--num-prompts must be 0 (all) or more, got {self.num_prompts}")
+        try:
+            check_settings(self.temperature, self.top_p, self.top_k)
+        except ValueError as exc:
+            raise ReplayError(f"--{str(exc).replace('_', '-')}") from None
+        keys.parse_shard(self.shard)
 
 
 def pick_engine(name: str) -> str:
@@ -115,7 +137,17 @@ def run(store_path: str, cfg: GenerateConfig, engine=None) -> dict:
         raise ReplayError(f"--num-samples must be at least 1, got {cfg.num_samples}")
     if cfg.max_new_tokens < 1:
         raise ReplayError(f"--max-new-tokens must be at least 1, got {cfg.max_new_tokens}")
+    if cfg.batch_size < 1:
+        raise ReplayError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    from replay.engines import ENGINES
+
+    if cfg.engine not in ("auto", *ENGINES):
+        raise ReplayError(f"unknown --engine {cfg.engine!r}; choose from auto, {', '.join(sorted(ENGINES))}")
     shard_index, shard_count = keys.parse_shard(cfg.shard)
+    hints = parse_hint(cfg.hint) if cfg.hint else None
+    if hints and not cfg.prompts:
+        raise ReplayError("--hint re-samples a prompt set: choose it with --prompts SQL (e.g. the round's "
+                          "negative groups)")
     prompt_set = select_prompt_set(Store.open(cfg.prompts_from or store_path), cfg.prompts) if cfg.prompts else None
     prompts = list(prompt_set.prompts) if prompt_set else load_prompts(
         cfg.dataset, cfg.num_prompts, cfg.split, cfg.seed, cfg.problem_key, cfg.answer_key,
@@ -133,21 +165,31 @@ def run(store_path: str, cfg: GenerateConfig, engine=None) -> dict:
     model_ref = resolve_model(cfg.model)
     tokenizer = _tokenizer(model_ref)
     prompt_ids = prompt_token_ids(tokenizer, prompts, cfg, context_length(model_ref.path))  # before any write
+    # what needs the store is checked before its first write (store.json included): the adapter, the base
+    # model, the group size of the round's stored groups
+    existing = Store.open(store_path) if (resolve(store_path) / STORE_FILE).exists() else None
+    if existing and existing.meta.get("base_model") not in (None, model_ref.name):
+        raise ReplayError(f"store {existing.root} was made with base model {existing.meta['base_model']!r}, "
+                          f"not {model_ref.name!r}: adapters only fit their own base model")
+    policy_round, adapter_path = policy_adapter(existing or Store(resolve(store_path), {}), cfg.round, cfg.adapter)
+    stored = stored_groups(existing, cfg.round, cfg.num_samples) if existing and not prompt_set else None
     store = Store.create(store_path, base_model=model_ref.name)
     if store.meta.get("base_model") not in (None, model_ref.name):
         raise ReplayError(f"store {store.root} was made with base model {store.meta['base_model']!r}, "
                           f"not {model_ref.name!r}: adapters only fit their own base model")
-    policy_round, adapter_path = policy_adapter(store, cfg.round, cfg.adapter)
     stage = keys.shard_stage(prompt_set_stage(cfg, prompt_set), shard_index, shard_count)
     record = start_manifest(stage, cfg.round, asdict(cfg) | {"engine": pick_engine(cfg.engine)})
     register_prompts(store, prompts)
+    if hints:
+        return _hint_sets(store, cfg, hints, prompt_set, prompts, tokenizer, settings, model_ref, policy_round,
+                          adapter_path, engine, shard_index, shard_count)
     if prompt_set:
         record_prompt_set(store, prompt_set)
         record["plan"] = sample_plan(store, cfg.round, stage, [p.prompt_id for p in prompts])
         store.write_manifest(cfg.round, stage, record)  # the plan first: a rerun resumes it exactly
         todo = missing_samples(store, cfg.round, prompts, record["plan"], cfg.num_samples)
     else:
-        done = stored_groups(store, cfg.round, cfg.num_samples)
+        done = stored if stored is not None else stored_groups(store, cfg.round, cfg.num_samples)
         todo = [(p, list(range(cfg.num_samples))) for p in prompts if p.prompt_id not in done]
 
     new_rows = new_tokens = 0
@@ -158,24 +200,9 @@ def run(store_path: str, cfg: GenerateConfig, engine=None) -> dict:
             note(label, f"{len(todo)} of {len(prompts)} prompts to sample; starting the {pick_engine(cfg.engine)} "
                         f"engine")
         engine = engine or _build_engine(cfg, model_ref, adapter_path)
-        started = time.perf_counter()
-        with _closing(engine, built=own_engine), \
-                progress_bar(label, total=len(prompts), done=len(prompts) - len(todo), unit="prompts") as bar:
-            for start in range(0, len(todo), cfg.batch_size):
-                batch = todo[start:start + cfg.batch_size]
-                requests = [prompt_ids[p.prompt_id] for p, indices in batch for _ in indices]
-                seeds = [keys.sample_seed(cfg.seed, cfg.round, p.prompt_id, i) for p, indices in batch for i in indices]
-                completions = iter(engine.generate(requests, seeds, settings))
-                rows = []
-                for prompt, indices in batch:
-                    group = [next(completions) for _ in indices]
-                    rows += rollout_rows(cfg, engine, settings, prompt, prompt_ids[prompt.prompt_id], group,
-                                         policy_round, adapter_path, model_ref.name, indices)
-                store.write("rollouts", rows, round=cfg.round)  # whole groups: atomic per batch
-                new_rows += len(rows)
-                new_tokens += sum(r["num_completion_tokens"] for r in rows)
-                elapsed = time.perf_counter() - started
-                bar.advance(len(batch), f"{new_tokens} tokens, {new_tokens / elapsed:.0f} tok/s")
+        with _closing(engine, built=own_engine):
+            new_rows, new_tokens = sample_groups(store, cfg, engine, settings, todo, prompt_ids, len(prompts), label,
+                                                 policy_round, adapter_path, model_ref.name)
     versions = {"engine": getattr(engine, "name", pick_engine(cfg.engine)),
                 "engine_version": getattr(engine, "version", None)}
     counts = {"prompts": len(prompts), "groups_written": len(todo), "rollouts_written": new_rows,
@@ -183,6 +210,97 @@ def run(store_path: str, cfg: GenerateConfig, engine=None) -> dict:
     record = finish_manifest(record, counts, versions, policy_round=policy_round, adapter=adapter_path,
                              base_model=model_ref.name, prompt_set=prompt_set and prompt_set.prompt_set_id)
     return record_run(store, cfg.round, stage, record, did_work=bool(todo))
+
+
+def sample_groups(store: Store, cfg: GenerateConfig, engine, settings, todo: list[tuple[Prompt, list[int]]],
+                  prompt_ids: dict[str, list[int]], total: int, label: str, policy_round, adapter_path,
+                  base_model: str) -> tuple[int, int]:
+    """Sample the `todo` (prompt, sample indices) and write them, whole groups per part file;
+    returns (rows, tokens) written."""
+    new_rows = new_tokens = 0
+    started = time.perf_counter()
+    with progress_bar(label, total=total, done=total - len(todo), unit="prompts") as bar:
+        for start in range(0, len(todo), cfg.batch_size):
+            batch = todo[start:start + cfg.batch_size]
+            requests = [prompt_ids[p.prompt_id] for p, indices in batch for _ in indices]
+            seeds = [keys.sample_seed(cfg.seed, cfg.round, p.prompt_id, i) for p, indices in batch for i in indices]
+            completions = iter(engine.generate(requests, seeds, settings))
+            rows = []
+            for prompt, indices in batch:
+                group = [next(completions) for _ in indices]
+                rows += rollout_rows(cfg, engine, settings, prompt, prompt_ids[prompt.prompt_id], group,
+                                     policy_round, adapter_path, base_model, indices)
+            store.write("rollouts", rows, round=cfg.round)  # whole groups: atomic per batch
+            new_rows += len(rows)
+            new_tokens += sum(r["num_completion_tokens"] for r in rows)
+            elapsed = time.perf_counter() - started
+            bar.advance(len(batch), f"{new_tokens} tokens, {new_tokens / elapsed:.0f} tok/s")
+    return new_rows, new_tokens
+
+
+def _hint_sets(store: Store, cfg: GenerateConfig, hints: list[Hint], prompt_set: PromptSet, prompts: list[Prompt],
+               tokenizer, settings, model_ref, policy_round, adapter_path, engine, shard_index: int,
+               shard_count: int) -> dict:
+    """One hint set per tier (a manifest of its own, `<set stage>-hint-<slug>`, with its plan and its
+    hint): hinted prompts get K samples each, beside the round's own groups; a ladder's next tier
+    takes only the prompts that no earlier tier solved (checked with the verifier). Resumable like
+    rescue sampling: a rerun finds each tier's plan and draws only what is missing."""
+    by_id = {p.prompt_id: p for p in prompts}
+    base_stage = prompt_set_stage(cfg, prompt_set)
+    unsolved, records, own_engine = list(prompts), [], engine is None
+    try:
+        for hint in hints:
+            stage = keys.shard_stage(f"{base_stage}-hint-{hint.slug}", shard_index, shard_count)
+            previous = store.read_manifest(cfg.round, stage)
+            if previous and isinstance(previous.get("plan"), dict):  # a rerun: the tier's prompts are its plan's
+                tier = [by_id[pid] for pid in previous["plan"] if pid in by_id]
+            else:
+                tier = [p for p in unsolved if hint_text(hint, p.solution, p.answer) is not None]
+            record = start_manifest(stage, cfg.round, asdict(cfg) | {"engine": pick_engine(cfg.engine)})
+            record["hint"] = {"kind": hint.kind, "fraction": hint.fraction}
+            record["plan"] = sample_plan(store, cfg.round, stage, [p.prompt_id for p in tier])
+            store.write_manifest(cfg.round, stage, record)  # the plan (and the hint) before any sample
+            hinted_ids = {p.prompt_id: _prompt_ids(tokenizer, p, cfg, hint_text(hint, p.solution, p.answer))
+                          for p in tier}
+            todo = missing_samples(store, cfg.round, tier, record["plan"], cfg.num_samples)
+            rows = tokens = 0
+            if todo:
+                engine = engine or _build_engine(cfg, model_ref, adapter_path)
+                rows, tokens = sample_groups(store, cfg, engine, settings, todo, hinted_ids, len(tier),
+                                             f"{cfg.stage} round {cfg.round} hint {hint.slug}", policy_round,
+                                             adapter_path, model_ref.name)
+            solved = solved_prompts(store, cfg.round, record["plan"], cfg.num_samples, by_id)
+            counts = {"prompts": len(tier), "groups_written": len(todo), "rollouts_written": rows,
+                      "tokens_written": tokens, "groups_already_stored": len(tier) - len(todo),
+                      "solved_with_hint": len(solved), "no_hint": len(unsolved) - len(tier) if not previous else 0}
+            record = finish_manifest(record, counts, {"engine": getattr(engine, "name", pick_engine(cfg.engine)),
+                                                      "engine_version": getattr(engine, "version", None)},
+                                     policy_round=policy_round, adapter=adapter_path, base_model=model_ref.name,
+                                     prompt_set=prompt_set.prompt_set_id)
+            records.append(record_run(store, cfg.round, stage, record, did_work=bool(todo)))
+            unsolved = [p for p in unsolved if p.prompt_id not in solved]
+    finally:
+        if own_engine and engine is not None and hasattr(engine, "close"):
+            engine.close()
+    last = dict(records[-1])
+    last["counts"] = {key: sum(r["counts"][key] for r in records) for key in records[0]["counts"]} | {
+        "prompts": len(prompts), "tiers": len(records), "unsolved": len(unsolved),
+        "no_hint": records[0]["counts"]["no_hint"]}  # every tier skips the same prompts
+    return last
+
+
+def solved_prompts(store: Store, round: int, plan: dict[str, int], k: int, by_id: dict[str, Prompt]) -> set[str]:
+    """The planned prompts with a right answer among their hinted samples (by the scorer's verifier)."""
+    from replay.verify import VerifierPool
+
+    rows = store.query("SELECT prompt_id, sample_idx, completion_text FROM rollouts WHERE round = ? AND "
+                       "prompt_id IN (SELECT unnest(?))", [round, list(plan)]).to_pylist()
+    items = [((r["prompt_id"], r["sample_idx"]), by_id[r["prompt_id"]].answer, r["completion_text"]) for r in rows
+             if plan[r["prompt_id"]] <= r["sample_idx"] < plan[r["prompt_id"]] + k]
+    if not items:
+        return set()
+    with VerifierPool(workers=1) as pool:
+        return {v.key[0] for v in pool.verify_many(items) if v.correct}
 
 
 def prompt_set_stage(cfg: GenerateConfig, prompt_set: PromptSet | None) -> str:
@@ -220,8 +338,14 @@ def missing_samples(store: Store, round: int, prompts: list[Prompt], plan: dict[
 
 @contextlib.contextmanager
 def _closing(engine, built: bool):
+    """Close the engine built here; after a Ctrl-C stop it at once (`interrupt`: a short grace, then its
+    processes are killed), as the groups in hand are redrawn by a rerun anyway."""
     try:
         yield engine
+    except KeyboardInterrupt:
+        if built and hasattr(engine, "interrupt"):
+            engine.interrupt()
+        raise
     finally:
         if built and hasattr(engine, "close"):
             engine.close()
@@ -273,8 +397,8 @@ def prompt_token_ids(tokenizer, prompts: list[Prompt], cfg: GenerateConfig, cont
     return ids
 
 
-def _prompt_ids(tokenizer, prompt: Prompt, cfg: GenerateConfig) -> list[int]:
+def _prompt_ids(tokenizer, prompt: Prompt, cfg: GenerateConfig, hint: str | None = None) -> list[int]:
     from replay.prompting import DEFAULT_INSTRUCTION, chat_prompt_ids
 
     instruction = DEFAULT_INSTRUCTION if cfg.instruction is None else cfg.instruction
-    return chat_prompt_ids(tokenizer, prompt.problem, instruction)
+    return chat_prompt_ids(tokenizer, prompt.problem, instruction, hint=hint)

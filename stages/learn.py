@@ -38,7 +38,7 @@ def compute_advantages(cfg: LearnConfig, samples: list[LearnSample]):
     from replay.core.advantages import KIND_NAMES, compute_advantages as core_advantages
 
     group_index: dict[tuple, int] = {}
-    gids = [group_index.setdefault((s.round, s.prompt_id), len(group_index)) for s in samples]
+    gids = [group_index.setdefault(s.group, len(group_index)) for s in samples]
     rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
     confidence = torch.tensor([s.confidence for s in samples], dtype=torch.float64)
     options = advantage_options(cfg)
@@ -117,7 +117,7 @@ def run(store_path: str, cfg: LearnConfig) -> dict:
             store.write("learn_audit", audit_rows(cfg, samples, result, kinds), round=cfg.round, name=cfg.adapter_name)
             store.write("learn_metrics", metrics_rows, round=cfg.round, name=cfg.adapter_name)
             counts = {"samples": len(samples), "groups": selection["groups"],
-                      "replayed": sum(s.origin == "replay" for s in samples),
+                      "replayed": sum(s.replayed for s in samples),
                       "trained_samples": train_summary["trained_samples"], "optimizer_steps": len(metrics_rows)}
             record = finish_manifest(record, counts, selection=selection, metrics=train_summary | adv_metrics,
                                      adapter=str(out_dir), init_adapter=str(init) if init else None,

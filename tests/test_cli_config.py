@@ -64,7 +64,7 @@ def test_learn_flags_reach_the_config(monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
     args = ["learn", "--store", str(tmp_path), "--round", "3", "--objective", "nsr", "--adapter-name", "side",
-            "--window", "2", "--where", "true", "--recompute-old-logprobs", "--fresh", "--model", "m",
+            "--window", "2", "--where", "true", "--recompute-old-logprobs", "--partial", "--fresh", "--model", "m",
             "--device", "cpu", "--dtype", "bfloat16", "--lora-r", "8", "--lora-alpha", "4", "--lora-dropout", "0.1",
             "--target-modules", "q_proj, v_proj", "--lr", "0.5", "--epochs", "2", "--micro-batch-size", "3",
             "--grad-accum", "5", "--max-grad-norm", "2", "--clip-eps", "0.3", "--clip-eps-high", "0.4",
@@ -72,13 +72,13 @@ def test_learn_flags_reach_the_config(monkeypatch, tmp_path):
             "--lens-d-imp", "off", "--no-lens-inv-group-size", "--w-reinforce-lambda", "0.2",
             "--gradient-checkpointing", "--zero-advantage", "keep", "--rescue", "replay", "--rescue-max", "3",
             "--rescue-sql", "select rollout_id from rescue_candidates", "--behaviour-correction", "seq-mask",
-            "--behaviour-cap", "3", "--shaping-gamma", "0.5", "--seed", "7", "--force",
+            "--behaviour-cap", "3", "--shaping-gamma", "0.5", "--hinted-as", "prompt", "--seed", "7", "--force",
             "--report-to", "tensorboard"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     cfg = seen["cfg"]
     assert cfg == LearnConfig(round=3, objective="nsr", adapter_name="side", window=2, where="true",
-                              recompute_old_logprobs=True, init_from_previous=False, model="m", device="cpu",
+                              recompute_old_logprobs=True, partial=True, init_from_previous=False, model="m", device="cpu",
                               dtype="bfloat16", lora_r=8, lora_alpha=4, lora_dropout=0.1,
                               target_modules=("q_proj", "v_proj"), lr=0.5, epochs=2, micro_batch_size=3,
                               grad_accum=5, max_grad_norm=2.0, clip_eps=0.3, clip_eps_high=0.4, dual_clip=None,
@@ -86,7 +86,8 @@ def test_learn_flags_reach_the_config(monkeypatch, tmp_path):
                               lens_inv_group_size=False, w_reinforce_lambda=0.2, gradient_checkpointing=True,
                               zero_advantage="keep", rescue="replay", rescue_max=3,
                               rescue_sql="select rollout_id from rescue_candidates",
-                              behaviour_correction="seq-mask", behaviour_cap=3.0, shaping_gamma=0.5, seed=7,
+                              behaviour_correction="seq-mask", behaviour_cap=3.0, shaping_gamma=0.5,
+                              hinted_as="prompt", seed=7,
                               force=True, report_to="tensorboard")
     # every field was set away from its default above: a flag the command dropped would show here
     changed = {f.name for f in dataclasses.fields(LearnConfig) if getattr(cfg, f.name) != getattr(LearnConfig(), f.name)}
@@ -99,18 +100,20 @@ def test_learn_flags_reach_the_config(monkeypatch, tmp_path):
       "--dataset-split", "s", "--problem-key", "q", "--answer-key", "a", "--levels", "2,3", "--model", "m",
       "--engine", "transformers", "--adapter", "none", "-G", "3", "--temperature", "0.5", "--top-p", "0.9",
       "--top-k", "5", "--max-new-tokens", "9", "--seed", "4", "--batch-size", "2", "--shard", "1/2",
-      "--prompts", "select 1"],
+      "--prompts", "select 1", "--hint", "answer"],
      GenerateConfig(round=2, dataset="d.jsonl", num_prompts=None, split="test", dataset_config="c",
                     dataset_split="s", problem_key="q", answer_key="a", levels=(2, 3), model="m",
                     engine="transformers", adapter="none", num_samples=3, temperature=0.5, top_p=0.9, top_k=5,
-                    max_new_tokens=9, seed=4, batch_size=2, shard="1/2", prompts="select 1")),
-    ("score", "stages.score", ["--round", "3", "--workers", "5", "--timeout", "2", "--rescore", "--shard", "0/3"],
-     ScoreConfig(round=3, workers=5, timeout=2.0, rescore=True, shard="0/3")),
+                    max_new_tokens=9, seed=4, batch_size=2, shard="1/2", prompts="select 1", hint="answer")),
+    ("score", "stages.score", ["--round", "3", "--workers", "5", "--timeout", "2", "--rescore", "--shard", "0/3",
+                               "--partial"],
+     ScoreConfig(round=3, workers=5, timeout=2.0, rescore=True, shard="0/3", partial=True)),
     ("import", "stages.import_rollouts",
      ["f.jsonl", "--round", "1", "--source", "s", "--problem-key", "p", "--answer-key", "a",
-      "--completion-key", "c", "--model", "m", "--tokenizer", "t"],
+      "--completion-key", "c", "--model", "m", "--tokenizer", "t", "--temperature", "0.7", "--top-p", "0.8",
+      "--top-k", "5", "--logprobs-mode", "raw"],
      ImportConfig(round=1, file="f.jsonl", source="s", problem_key="p", answer_key="a", completion_key="c",
-                  model="m", tokenizer="t")),
+                  model="m", tokenizer="t", temperature=0.7, top_p=0.8, top_k=5, logprobs_mode="raw")),
 ])
 def test_stage_flags_reach_their_config(monkeypatch, tmp_path, command, module, args, expected):
     from typer.testing import CliRunner

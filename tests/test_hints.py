@@ -239,3 +239,31 @@ def test_hinted_as_prompt_trains_each_hint_set_as_a_group_of_its_own(hinted_stor
             assert r["group_kind"] == ("positive" if r["prompt_id"] == solved else "negative")
     manifest = store.read_manifest(0, "learn.questa")
     assert manifest["counts"]["groups"] == 6 and manifest["counts"]["replayed"] == 0
+
+
+def test_hint_outcomes_in_the_view_inspect_and_report(hinted_store, tmp_path):
+    store, solved = hinted_store
+    rows = store.query("SELECT * FROM hint_outcomes").to_pylist()
+    assert rows == [{"round": 0, "hint_kind": "prefix", "hint_fraction": 0.5, "prompts_tried": 3,
+                     "solved_with_hint": 1, "sampled_next_round": 0, "solved_next_round_without_hint": 0}]
+    assert "prefix" in invoke_ok("inspect", "hints", "--store", store.root)
+    invoke_ok("report", "--store", store.root, "--out", tmp_path / "report")
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "Hint sets" in page and "solved with the hint" in page
+
+
+def test_prompts_without_a_solution_are_skipped_with_a_count(tmp_path, model):
+    import json
+
+    data = tmp_path / "problems.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"w{i} w{i + 1}", "answer": str(i)}) + "\n" for i in (1, 2)))
+    root = tmp_path / "store"
+    invoke_ok("generate", "--store", root, "--round", 0, "--dataset", data, "-G", 2, "--max-new-tokens", 4,
+              "--engine", "transformers", "--model", model, "-q")
+    invoke_ok("score", "--store", root, "--round", 0, "--workers", 1, "-q")
+    out = invoke_ok("generate", "--store", root, "--round", 0, "--prompts", NEGATIVE, "--hint", "prefix:0.5", "-G", 2,
+                    "--max-new-tokens", 4, "--engine", "transformers", "--model", model, "-q")
+    assert "0 groups written" in out and "2 skipped: no reference solution" in out
+    out = invoke_ok("generate", "--store", root, "--round", 0, "--prompts", NEGATIVE, "--hint", "answer", "-G", 2,
+                    "--max-new-tokens", 4, "--engine", "transformers", "--model", model, "-q")
+    assert "2 groups written" in out and "skipped" not in out  # the answer needs no solution

@@ -62,14 +62,22 @@ def generate(
     prompts: Optional[str] = typer.Option(None, "--prompts", help="A read-only SQL query choosing prompt ids of "
                                           "this store instead of --dataset; a prompt that already has a group in "
                                           "the round gets -G more samples (rescue sampling)."),
+    hint: Optional[str] = typer.Option(None, "--hint", help="With --prompts: re-sample them with a hint in the "
+                                       "user turn, as a sample set of its own: prefix:F (the first fraction F of "
+                                       "the reference solution's lines) | answer | ladder (prefix 0.25, 0.5, 0.75 "
+                                       "for the prompts still unsolved)."),
 ):
     """Sample G completions per prompt and store them with token ids and per-token logprobs."""
     from stages.generate import GenerateConfig, run
 
     record = run(store, config_from(GenerateConfig, locals(), num_prompts=num_prompts or None, levels=_levels(levels)))
     c = record["counts"]
+    solved = (f"; {c['solved_with_hint']} of {c['prompts']} prompts solved with the hint"
+              + (f" over {c['tiers']} tiers" if c.get("tiers", 1) > 1 else "")
+              + (f" ({c['no_hint']} skipped: no reference solution to take a prefix from)" if c.get("no_hint") else "")
+              ) if "solved_with_hint" in c else ""
     typer.echo(f"round {round}: {c['groups_written']} groups written ({c['rollouts_written']} rollouts, "
-               f"{c['tokens_written']} tokens), {c['groups_already_stored']} already stored")
+               f"{c['tokens_written']} tokens), {c['groups_already_stored']} already stored{solved}")
 
 
 @command(long_running=True, short_help="Verify a round's rollouts with math-verify.")
@@ -81,6 +89,8 @@ def score(
     timeout: float = typer.Option(10.0, help="Hard wall-clock limit per answer, seconds (then status=timeout)."),
     rescore: bool = typer.Option(False, help="Re-verify rollouts lacking a verdict of the current verifier version."),
     shard: str = typer.Option("0/1", help="i/n: this worker's share of the rollouts (by prompt_id, as generate)."),
+    partial: bool = typer.Option(False, help="Score what is stored while the round's generate/import is running "
+                                 "or unfinished (refused otherwise: the record would cover part of a round)."),
 ):
     """Verify the round's unscored rollouts with math-verify (worker processes, hard timeouts)."""
     from stages.score import ScoreConfig, run
@@ -105,6 +115,15 @@ def import_(
     tokenizer: Optional[str] = typer.Option(None, help="Model whose vocabulary the token ids use (default: the "
                                             "store's base model): ids are checked against it, missing prompt "
                                             "ids are derived with its chat template."),
+    temperature: Optional[float] = typer.Option(None, help="Temperature the completions were sampled at (a row's "
+                                                "own `temperature` field must agree). Without it, rows with "
+                                                "logprobs are of unknown sampling: learn refuses them unless "
+                                                "--recompute-old-logprobs."),
+    top_p: Optional[float] = typer.Option(None, help="Their top-p (default with --temperature: 1, no cut)."),
+    top_k: Optional[int] = typer.Option(None, help="Their top-k (default with --temperature: 0, no cut)."),
+    logprobs_mode: str = typer.Option("processed", help="What the logprobs are under: processed (the sampling "
+                                      "distribution, temperature/top-k/top-p applied, as replay and vLLM's "
+                                      "processed_logprobs store them) | raw (the model's softmax at T = 1)."),
 ):
     """Import completions made elsewhere as rollouts of a round (groups formed by problem)."""
     from stages.import_rollouts import ImportConfig, run
@@ -131,6 +150,8 @@ def learn(
                                         "matches)."),
     recompute_old_logprobs: bool = typer.Option(L.recompute_old_logprobs, help="Recompute behaviour logprobs with "
                                                 "each row's policy."),
+    partial: bool = typer.Option(L.partial, help="Train on the fully scored groups of a window whose rounds are "
+                                 "not all scored or still written (refused otherwise)."),
     fresh: bool = typer.Option(not L.init_from_previous, help="Start a new LoRA instead of continuing round-1's "
                                "adapter."),
     model: Optional[str] = typer.Option(L.model, help="Base model (default: the store's)."),
@@ -168,6 +189,9 @@ def learn(
     behaviour_cap: float = typer.Option(L.behaviour_cap, help="C: tis truncates weights at C; seq-mask drops "
                                         "rows outside [1/C, C]."),
     shaping_gamma: float = typer.Option(L.shaping_gamma, help="γ of shaping's f(π) = π/(π+γ)."),
+    hinted_as: str = typer.Option(L.hinted_as, help="Rows of hint sets (generate --hint): rescue (right ones "
+                                  "are rescue sources of their plain prompt's negative group, scored under the "
+                                  "plain prompt) | prompt (each hinted prompt is a group of its own)."),
     seed: int = typer.Option(L.seed),
     force: bool = typer.Option(L.force, help="Retrain a round whose learn is already complete."),
     report_to: str = ReportToOpt,
@@ -184,14 +208,25 @@ def learn(
     record = run(store, cfg)
     if record.get("rank", 0) != 0:
         return  # under torchrun rank 0 alone reports
+    left_out = _partial_note(record)
     if record.get("skipped"):
-        typer.echo(f"round {round}: learn already complete ({record['adapter']}); --force retrains")
+        typer.echo(f"round {round}: learn already complete ({record['adapter']}{left_out}); --force retrains")
         return
     c = record["counts"]
     replayed = f"; {c['replayed']} replayed into negative groups" if c.get("replayed") else ""
     typer.echo(f"round {round}: {cfg.objective} on {plural(c['samples'], 'sample')} in "
                f"{plural(c['groups'], 'group')} ({c['trained_samples']} with gradient{replayed}), "
-               f"{plural(c['optimizer_steps'], 'step')} -> {record['adapter']}")
+               f"{plural(c['optimizer_steps'], 'step')} -> {record['adapter']}{left_out}")
+
+
+def _partial_note(record: dict) -> str:
+    """A learn run with --partial says what it left out, then and whenever it is found complete."""
+    config, selection = record.get("config") or {}, record.get("selection") or {}
+    skipped = selection.get("groups_skipped")
+    if not config.get("partial") or not skipped:
+        return ""
+    return f"; --partial: {plural(skipped, 'group')} of the window left out (not fully scored then" + \
+        (", or not matching --where)" if selection.get("where") else ")")
 
 
 def plural(n: int, noun: str) -> str:

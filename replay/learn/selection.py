@@ -36,23 +36,29 @@ NOT_SAMPLING = frozenset({
 RULE_ARGUMENTS = ("logprobs_mode", "temperature", "top_k", "top_p")
 SAMPLING_COLUMNS = tuple(f.name for f in schemas.ROLLOUTS if f.name not in NOT_SAMPLING)
 
+# a hint set's rows (hinted_samples) are a group of their own (`hint_set`, the set's stage name) under
+# --hinted-as prompt, and left out under --hinted-as rescue (they reach learn as rescue sources)
 SELECT_SQL = """
 WITH in_window AS (
-    SELECT * FROM samples WHERE round BETWEEN $lo AND $hi
+    SELECT s.*, h.stage AS hint_set
+    FROM samples s
+    LEFT JOIN hinted_samples h ON h.round = s.round AND h.prompt_id = s.prompt_id AND h.sample_idx = s.sample_idx
+    WHERE s.round BETWEEN $lo AND $hi {hinted}
 ),
 matched AS ({matched}),
 complete AS (
-    SELECT round, prompt_id FROM in_window GROUP BY round, prompt_id HAVING bool_and(correct IS NOT NULL)
+    SELECT round, prompt_id, hint_set FROM in_window GROUP BY ALL HAVING bool_and(correct IS NOT NULL)
 )
-SELECT s.round, s.prompt_id, s.sample_idx, s.reward, s.problem, s.completion_text,
+SELECT s.round, s.prompt_id, s.sample_idx, s.hint_set, s.reward, s.problem, s.completion_text,
        r.prompt_token_ids, r.completion_token_ids, r.completion_logprobs,
        r.policy_round, r.policy_adapter, {sampling}
 FROM in_window s
 JOIN matched m ON m.round = s.round AND m.prompt_id = s.prompt_id
-JOIN complete c ON c.round = s.round AND c.prompt_id = s.prompt_id
+JOIN complete c ON c.round = s.round AND c.prompt_id = s.prompt_id AND c.hint_set IS NOT DISTINCT FROM s.hint_set
 JOIN rollouts r ON r.round = s.round AND r.prompt_id = s.prompt_id AND r.sample_idx = s.sample_idx
-ORDER BY s.round, s.prompt_id, s.sample_idx
+ORDER BY s.round, s.prompt_id, s.hint_set NULLS FIRST, s.sample_idx
 """
+WITHOUT_HINTED = "AND h.stage IS NULL"
 # the two fixed forms of `matched`: every group of the window, or the pairs --where matched
 ALL_GROUPS = "SELECT DISTINCT round, prompt_id FROM in_window"
 WHERE_GROUPS = "SELECT round, prompt_id FROM where_matched"
@@ -71,7 +77,8 @@ class LearnSample:
     policy_round: int | None
     policy_adapter: str | None
     # a replayed row (replay.learn.rescue) joins group (round, prompt_id) from another round:
-    origin: str = "group"  # group | replay
+    origin: str = "group"  # group | replay | hint (a hint set's row: its own group, or replayed)
+    group_tag: str | None = None  # a hint set's rows form their own group of (round, prompt_id): its stage
     behaviour_round: int | None = None  # the round the row was sampled in (None: this group's round)
     behaviour_logprobs: list[float] | None = None  # μ: its stored logprobs (old_logprobs are θ_old's)
     raw_logprobs: list[float] | None = None  # θ_old at T = 1, nothing cut: LENS's confidence of the row
@@ -83,6 +90,15 @@ class LearnSample:
     @property
     def name(self) -> str:
         return f"round {self.round} prompt {self.prompt_id} sample {self.sample_idx}"
+
+    @property
+    def group(self) -> tuple:
+        return self.round, self.prompt_id, self.group_tag
+
+    @property
+    def replayed(self) -> bool:
+        """Put into a negative group from elsewhere (replay.learn.rescue), not a member of its own."""
+        return self.behaviour_round is not None
 
     @property
     def sampled_round(self) -> int:
@@ -122,10 +138,11 @@ def where_matched_groups(store: Store, where: str, lo: int, hi: int):
         con.close()
 
 
-def select_rows(store: Store, lo: int, hi: int, where: str | None) -> list[dict]:
+def select_rows(store: Store, lo: int, hi: int, where: str | None, hinted_groups: bool = False) -> list[dict]:
     matched = where_matched_groups(store, where, lo, hi) if where else None
     sql = SELECT_SQL.format(matched=ALL_GROUPS if matched is None else WHERE_GROUPS,
-                            sampling=", ".join(f"r.{c}" for c in SAMPLING_COLUMNS))
+                            sampling=", ".join(f"r.{c}" for c in SAMPLING_COLUMNS),
+                            hinted="" if hinted_groups else WITHOUT_HINTED)
     con = store.connect()
     try:
         if matched is not None:
@@ -146,7 +163,12 @@ def row_distribution(row: dict, recompute: bool) -> Distribution:
 
 def load_samples(store: Store, cfg, model_ref, device: str = "auto", dtype: str = "auto") -> tuple[list[LearnSample], dict]:
     lo, hi = cfg.round - cfg.window + 1, cfg.round
-    rows = select_rows(store, lo, hi, cfg.where)
+    if not getattr(cfg, "partial", False):
+        refuse_half_done(store, lo, hi)
+    rows = select_rows(store, lo, hi, cfg.where, hinted_groups=cfg.hinted_as == "prompt")
+    from replay.read.doctor import refuse_corrupt_rows  # DuckDB reads a corrupt page as numbers: check them
+
+    refuse_corrupt_rows(rows, store.root, getattr(model_ref, "path", None), logprobs=not cfg.recompute_old_logprobs)
     total_groups = store.query("SELECT count(DISTINCT (round, prompt_id)) AS n FROM rollouts "
                                "WHERE round BETWEEN ? AND ?", [int(lo), int(hi)]).column("n")[0].as_py()
     if not rows:
@@ -167,15 +189,63 @@ def load_samples(store: Store, cfg, model_ref, device: str = "auto", dtype: str 
                               f"{RECOMPUTE_HINT}") from None
         samples.append(LearnSample(r["round"], r["prompt_id"], r["sample_idx"], float(r["reward"]),
                                    r["prompt_token_ids"], r["completion_token_ids"], r["completion_logprobs"],
-                                   distribution, r["policy_round"], r["policy_adapter"]))
+                                   distribution, r["policy_round"], r["policy_adapter"],
+                                   origin="hint" if r["hint_set"] else "group", group_tag=r["hint_set"]))
+    if not cfg.recompute_old_logprobs:
+        refuse_unknown_sampling(rows)
     if cfg.recompute_old_logprobs:
         _tokenize_text_rows(samples, rows, model_ref)
         recompute_old_logprobs(samples, model_ref, cfg.micro_batch_size, device, dtype)
-    groups = len({(s.round, s.prompt_id) for s in samples})
+    groups = len({s.group for s in samples})
     selection = {"rounds": [lo, hi], "where": cfg.where, "groups": groups, "samples": len(samples),
                  "groups_skipped": total_groups - groups,
                  "old_logprobs": "recomputed" if cfg.recompute_old_logprobs else "stored"}
     return samples, selection
+
+
+COVERAGE_SQL = """
+SELECT r.round, count(*) AS n, count(v.vr) AS scored
+FROM rollouts r
+LEFT JOIN (SELECT DISTINCT round AS vr, prompt_id AS vp, sample_idx AS vs FROM verdicts WHERE round BETWEEN ? AND ?) v
+       ON v.vr = r.round AND v.vp = r.prompt_id AND v.vs = r.sample_idx
+WHERE r.round BETWEEN ? AND ?
+GROUP BY r.round ORDER BY r.round
+"""
+
+
+def refuse_half_done(store: Store, lo: int, hi: int) -> None:
+    """Learn trains on whole rounds: refuse while a round of the window has rollouts without a verdict, or
+    is still being written or scored (a stage holds its lock), or a manifest says a generate, import or
+    score of it did not finish (a shard without one included), naming what and how to go on. `--partial`
+    trains on the fully scored groups instead."""
+    from replay.locks import lock_holder, unfinished_stages
+
+    problems = []
+    for row in store.query(COVERAGE_SQL, [int(lo), int(hi), int(lo), int(hi)]).to_pylist():
+        r, why = row["round"], []
+        if row["scored"] < row["n"]:
+            why.append(f"{row['n'] - row['scored']} of its {row['n']} rollouts have no verdict")
+        why += [f"{holder} is writing its {table}" for table in ("rollouts", "verdicts")
+                if (holder := lock_holder(store.root, r, table))]
+        why += [f"{stage} did not finish" for stage in unfinished_stages(store.root, r, ("generate", "import", "score"))]
+        if why:
+            problems.append(f"round {r}: {', '.join(why)}")
+    if problems:
+        raise ReplayError(f"{'; '.join(problems)}: learn would train on part of the round; finish it (`replay "
+                          f"score --round R`, every shard), or pass --partial to train on the fully scored groups")
+
+
+def refuse_unknown_sampling(rows: list[dict]) -> None:
+    """Stored logprobs of unknown sampling (an import without --temperature) are under a distribution
+    nobody recorded: reading them as T = 1, nothing cut, gives a wrong ratio whenever they were not."""
+    unknown = [r for r in rows if r.get("logprobs_mode") == "unknown" and r["completion_logprobs"] is not None]
+    if unknown:
+        r = unknown[0]
+        raise ReplayError(f"{len(unknown)} selected rollouts carry logprobs of unknown sampling (logprobs_mode "
+                          f"'unknown': imported without --temperature; e.g. round {r['round']} prompt "
+                          f"{r['prompt_id']} sample {r['sample_idx']}): pass --recompute-old-logprobs to "
+                          f"recompute them, or re-import them with the --temperature/--top-p/--top-k they were "
+                          f"sampled at")
 
 
 def _refused(row: dict) -> bool:

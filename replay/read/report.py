@@ -39,6 +39,7 @@ QUERIES = {
              "FROM learn_metrics ORDER BY round, adapter_name, step",
     "rescue_eval": "SELECT round, adapter_name, prompt_set_id, prompt_set_sql, n_prompts, n_samples, k, pass_at_k, "
                    "solved_share FROM rescue_eval ORDER BY prompt_set_id, round, adapter_name, k",
+    "hints": "SELECT * FROM hint_outcomes",
     "negatives": report_negatives.QUERY,
     "negative_totals": report_negatives.TOTALS,
 }
@@ -151,6 +152,21 @@ def rescues_section(rounds: list[dict], rescues: list[dict]) -> Section:
     s.columns = ["prompt", "negative in round", "rescued in round", "then", "pass rate", "problem"]
     s.rows = [[r["prompt_id"][:12], str(r["negative_round"]), str(r["rescued_round"]), r["rescued_kind"],
                _pct(r["rescued_pass_rate"]), _short(r["problem"])] for r in rescues[:MAX_TABLE_ROWS]]
+    return s
+
+
+def hints_section(rows: list[dict]) -> Section:
+    s = Section("hints", "Hint sets")
+    if not rows:
+        s.note = "No hint sets: `replay generate --prompts SQL --hint prefix:F|answer|ladder` makes them."
+        return s
+    s.note = ("Negative prompts re-sampled with a hint: how many each hint solved, and how many the next "
+              "round solved without it (its own samples of the plain prompt).")
+    s.columns = ["round", "hint", "prompts tried", "solved with the hint", "sampled next round",
+                 "solved next round without it"]
+    s.rows = [[str(r["round"]), r["hint_kind"] + (f" {r['hint_fraction']:g}" if r["hint_fraction"] is not None else ""),
+               str(r["prompts_tried"]), str(r["solved_with_hint"]), str(r["sampled_next_round"]),
+               str(r["solved_next_round_without_hint"])] for r in rows]
     return s
 
 
@@ -341,7 +357,7 @@ def write_report(store_path: str | os.PathLike, out_dir: str | os.PathLike,
     label, data = stores[0]
     sections = [passk_section(data["eval"]), adapters_section(data["eval"], data["learn"]),
                 shares_section(data["rounds"]), rescues_section(data["rounds"], data["rescues"]),
-                rescue_eval_section(data["rescue_eval"]),
+                rescue_eval_section(data["rescue_eval"]), hints_section(data["hints"]),
                 confidence_section(data["wrong"]), learn_section(data["learn"]),
                 negatives_section(data["negatives"], data["negative_totals"])]
     sections += compare_sections(stores) if len(stores) > 1 else []

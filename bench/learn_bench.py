@@ -11,6 +11,9 @@ gradient accumulation is batch / M, so every variant makes one optimizer step ov
          projection) + replay.core.loss.policy_loss + backward + clip + AdamW, as replay/learn/loop.py,
          in a process with replay.runtime.return_freed_memory applied as stages/learn.py does
          (REPLAY_MALLOC_TUNING: glibc's defaults unless set)
+  replay the same as ours, with 2 rows of every group of 8 trained as replayed rows (learn --rescue
+         replay): a per-token behaviour factor (tis, truncated at 2) and the shaping mask reach
+         policy_loss, as replay/learn/loop.py passes them; its cost per token should equal ours'
   naive  the same, but logprobs from model(input_ids).logits [B, L, V] -> log_softmax -> gather
   trl    trl.GRPOTrainer.train() (same LoRA via peft_config, loss_type="grpo", beta=0, same micro-batch
          and accumulation); its generation is replaced by a function returning the fixed batch, so a
@@ -120,7 +123,7 @@ def naive_token_logprobs(model, batch) -> torch.Tensor:
     return per_position.gather(1, batch.source_positions) * batch.target_mask
 
 
-def replay_child(args, data, micro: int, logprob_fn) -> dict:
+def replay_child(args, data, micro: int, logprob_fn, replayed: bool = False) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from replay.core.loss import policy_loss
@@ -145,13 +148,20 @@ def replay_child(args, data, micro: int, logprob_fn) -> dict:
         batch = make_batch(data["prompts"][rows].tolist(),
                            [data["completions"][r, :lengths[r]].tolist() for r in rows])
         width = batch.targets.shape[1]
-        micro_batches.append((batch, data["old"][rows, :width], data["advantages"][rows], len(rows) / len(active)))
+        extra = {}
+        if replayed:  # rows 6 and 7 of each group of 8 are replayed: behaviour factors in [0.5, 2]
+            factors = torch.ones(len(rows), width)
+            late = torch.tensor([r % GROUP >= GROUP - 2 for r in rows])
+            factors[late] = torch.rand(int(late.sum()), width, generator=torch.Generator().manual_seed(0)) * 1.5 + 0.5
+            extra = {"token_weights": factors, "shaped": torch.zeros(len(rows), dtype=torch.bool)}
+        micro_batches.append((batch, data["old"][rows, :width], data["advantages"][rows], len(rows) / len(active),
+                              extra))
 
     def step() -> float:
         total = 0.0
-        for batch, old, adv, share in micro_batches:
+        for batch, old, adv, share, extra in micro_batches:
             loss, _ = policy_loss(logprob_fn(model, batch), old, adv, batch.target_mask, clip_eps=CLIP_EPS,
-                                  dual_clip=None, aggregation="seq-mean-token-mean")
+                                  dual_clip=None, aggregation="seq-mean-token-mean", **extra)
             (loss * share).backward()
             total += float(loss.detach()) * share
             del loss
@@ -257,7 +267,8 @@ def child_main(args) -> None:
     else:
         from replay.learn.policy import token_logprobs
         ours = functools.partial(token_logprobs, chunk_size=args.chunk or None)
-        out = replay_child(args, data, micro, ours if kind == "ours" else naive_token_logprobs)
+        out = replay_child(args, data, micro, naive_token_logprobs if kind == "naive" else ours,
+                           replayed=kind == "replay")
     out["peak_kib"] = status_kib("VmHWM")
     out["matmul_flops"] = max(peak_before, matmul_peak())
     report_to.write(json.dumps(out) + "\n")

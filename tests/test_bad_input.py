@@ -343,3 +343,241 @@ def test_disk_full_at_the_manifest_write_is_one_line(store, tmp_path, monkeypatc
 
     monkeypatch.setattr(os, "replace", manifest_disk_full)
     fails_cleanly(invoke("import", path, "--store", store.root), "No space left on device")
+
+
+# -- issue 24 §4: tracebacks that became one line -----------------------------------------------------
+def imported_store(store, tmp_path):
+    path = write_lines(tmp_path / "done.jsonl", [IMPORT_GOOD, IMPORT_GOOD | {"completion": "3"}])
+    assert invoke("import", path, "--store", store.root).exit_code == 0
+    return store
+
+
+@pytest.mark.parametrize("plant", ["zero-length part", "not Parquet", "random bytes"])
+@pytest.mark.parametrize("args", [["status"], ["inspect", "rounds"], ["sql", "select count(*) from rollouts"]])
+def test_read_commands_over_a_part_that_is_no_parquet_file(store, tmp_path, plant, args):
+    imported_store(store, tmp_path)
+    part = store.table_dir("rollouts", 0) / "part-planted.parquet"
+    part.write_bytes({"zero-length part": b"", "not Parquet": b"hello, this is no parquet file\n",
+                      "random bytes": os.urandom(4096)}[plant])
+    before = snapshot(store.root)
+    fails_cleanly(invoke(*args, "--store", store.root), part)
+    assert snapshot(store.root) == before
+
+
+@pytest.mark.parametrize("args", [["status"], ["inspect", "rounds"], ["score"], ["sql", "select round from rollouts"]])
+def test_a_round_directory_that_is_no_integer_is_named(store, tmp_path, args):
+    imported_store(store, tmp_path)
+    odd = store.root / "rollouts" / "round=abc"
+    shutil.copytree(store.table_dir("rollouts", 0), odd)
+    before = snapshot(store.root)
+    fails_cleanly(invoke(*args, "--store", store.root), odd, "round 'abc' is not an integer")
+    assert snapshot(store.root) == before
+
+
+@pytest.mark.parametrize("meta", [b"[]", b"null", b"42", b'"store"', b"\xff\xfe{}"])
+@pytest.mark.parametrize("args", [["status"], ["sql", "select 1"], ["score"], ["learn"]])
+def test_store_json_that_is_no_object(store, meta, args):
+    (store.root / "store.json").write_bytes(meta)
+    before = snapshot(store.root)
+    fails_cleanly(invoke(*args, "--store", store.root), store.root / "store.json", "unreadable store metadata")
+    assert snapshot(store.root) == before
+
+
+# every writer's first write is its lock file: a full or read-only file system fails there
+def lock_open_fails(code, monkeypatch):
+    real = os.open
+
+    def fake(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise OSError(code, os.strerror(code), str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", fake)
+
+
+@pytest.mark.parametrize("code, hint", [(errno.ENOSPC, "the file system is full"),
+                                        (errno.EROFS, "the file system is read-only")])
+@pytest.mark.parametrize("command", ["import", "import into a new store", "score", "learn", "generate", "round"])
+def test_a_lock_file_on_a_full_or_read_only_file_system(store, model_dir, tmp_path, monkeypatch, code, hint,
+                                                        command):
+    imported_store(store, tmp_path)
+    path = write_lines(tmp_path / "more.jsonl", [IMPORT_GOOD | {"problem": "2+2?", "answer": "4"}])
+    root = tmp_path / "fresh" if command == "import into a new store" else store.root
+    args = {"import": ["import", path], "import into a new store": ["import", path], "score": ["score"],
+            "learn": ["learn"], "generate": ["generate", "--model", model_dir, "--engine", "transformers"],
+            "round": ["round"]}[command]
+    lock = root / (".round.lock" if command == "round" else ".locks")
+    before = snapshot(store.root)
+    lock_open_fails(code, monkeypatch)
+    line = fails_cleanly(invoke(*args, "--store", root), f"cannot write {lock}", os.strerror(code), hint,
+                         "the store's files are whole")
+    assert ".lock" in line
+    monkeypatch.undo()
+    assert snapshot(store.root) == before
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_the_lock_holders_name_on_a_full_disk_names_the_store(store, tmp_path, monkeypatch):
+    path = write_lines(tmp_path / "done.jsonl", [IMPORT_GOOD])
+    monkeypatch.setattr(os, "pwrite", lambda *a: no_space())  # pwrite's OSError names no file
+    fails_cleanly(invoke("import", path, "--store", store.root), f"cannot write store {store.root}",
+                  "No space left on device", "the file system is full")
+    assert part_and_temp_files(store.root) == []
+
+
+def test_a_new_store_on_a_read_only_file_system(tmp_path, monkeypatch):
+    path = write_lines(tmp_path / "done.jsonl", [IMPORT_GOOD])
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    real = os.mkdir
+
+    def read_only(target, *args, **kwargs):
+        if str(target).startswith(str(parent)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(target))
+        return real(target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", read_only)
+    fails_cleanly(invoke("import", path, "--store", parent / "store"), f"cannot write {parent / 'store'}",
+                  "Read-only file system")
+    monkeypatch.undo()
+    assert list(parent.iterdir()) == []
+
+
+def test_a_part_write_on_a_read_only_file_system(store, tmp_path, monkeypatch):
+    path = write_lines(tmp_path / "done.jsonl", [IMPORT_GOOD])
+
+    def read_only(table, where, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(where))
+
+    monkeypatch.setattr(pq, "write_table", read_only)
+    line = fails_cleanly(invoke("import", path, "--store", store.root), "cannot write", "Read-only file system")
+    assert f"{store.root}/prompts/part-" in line  # the first part an import writes
+    assert part_and_temp_files(store.root) == []
+
+
+def test_a_manifest_write_on_a_read_only_file_system(store, tmp_path, monkeypatch):
+    path = write_lines(tmp_path / "done.jsonl", [IMPORT_GOOD])
+    real = os.replace
+
+    def read_only(src, dst):
+        if str(dst).endswith(".json"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", read_only)
+    fails_cleanly(invoke("import", path, "--store", store.root),
+                  f"cannot write {store.manifest_path(0, 'import')}", "Read-only file system")
+    monkeypatch.undo()
+    assert [p for p in store.root.rglob(".tmp-*")] == []  # the rows are whole parts; no temp file is left
+    assert store.read_manifest(0, "import") is None
+
+
+@pytest.mark.parametrize("flags, detail", [
+    (["--batch-size", 0], "--batch-size must be at least 1, got 0"),
+    (["--batch-size", -2], "--batch-size must be at least 1, got -2"),
+    (["--engine", "foo"], "unknown --engine 'foo'; choose from auto, transformers, vllm"),
+])
+def test_bad_generate_flags_write_nothing(model_dir, tmp_path, flags, detail):
+    args = ["generate", "--store", tmp_path / "fresh", "--model", model_dir, "-G", 2, "--num-prompts", 2, *flags]
+    fails_cleanly(invoke(*args), detail)
+    assert not (tmp_path / "fresh").exists()
+
+
+@pytest.fixture()
+def learnable(tmp_path, model_dir):
+    """A scored round of the tiny model's token ids: what learn selects and trains on."""
+    from replay.manifests import finish_manifest, start_manifest
+    from tests._store_rows import prompt_row, rollout_row, verdict_row
+
+    store = Store.create(tmp_path / "learnable", base_model=str(model_dir))
+    prompts = [prompt_row(f"problem {i}") for i in range(2)]
+    store.write("prompts", prompts)
+    rows = [rollout_row(0, p["prompt_id"], i) for p in prompts for i in range(2)]
+    store.write("rollouts", rows, round=0)
+    store.write("verdicts", [verdict_row(0, r["prompt_id"], r["sample_idx"], r["sample_idx"] == 0) for r in rows],
+                round=0)
+    store.write_manifest(0, "generate", finish_manifest(start_manifest("generate", 0, {"num_samples": 2}), {}))
+    return store
+
+
+@pytest.mark.parametrize("flags, detail", [
+    (["--lr", "nan"], "--lr must be a finite number >= 0, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number >= 0, got inf"),
+    (["--lr", -1e-5], "--lr must be a finite number >= 0, got -1e-05"),
+    (["--lora-r", 0], "--lora-r must be at least 1, got 0"),
+    (["--lora-alpha", 0], "--lora-alpha must be at least 1, got 0"),
+    (["--lora-dropout", 1], "--lora-dropout must be in [0, 1), got 1.0"),
+    (["--max-grad-norm", "nan"], "--max-grad-norm must be a finite number above 0"),
+    (["--clip-eps", -0.1], "--clip-eps must be a finite number above 0"),
+    (["--lens-alpha", "nan"], "--lens-alpha must be a finite number >= 0"),
+    (["--dual-clip", 0.5], "--dual-clip must be a finite number above 1"),
+    (["--target-modules", ","], "--target-modules names no module"),
+    (["--target-modules", "nosuch"], "--target-modules nosuch: no module of LlamaForCausalLM has that name; "
+                                     "its linear layers are down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj"),
+    (["--target-modules", "q_proj,nosuch"], "--target-modules nosuch: no module"),
+])
+def test_bad_learn_flags(learnable, model_dir, flags, detail):
+    before = snapshot(learnable.root)
+    fails_cleanly(invoke("learn", "--store", learnable.root, "--model", model_dir, "--device", "cpu", *flags),
+                  detail, progress_before=True)
+    assert snapshot(learnable.root) == before
+
+
+@pytest.mark.parametrize("content, detail", [(b"\xff\xfe[learn]\nlr = 1e-5\n", "not UTF-8 text (byte 0)"),
+                                             (b"[learn]\nlr = nan\n", "[learn] lr: nan is not a valid float"),
+                                             (None, "is a directory; --config takes a TOML file")])
+def test_bad_round_config_files(store, tmp_path, content, detail):
+    config = tmp_path / "round.toml"
+    config.mkdir() if content is None else config.write_bytes(content)
+    before = snapshot(store.root)
+    fails_cleanly(invoke("round", "--store", store.root, "--config", config), config, detail)
+    assert snapshot(store.root) == before
+
+
+@pytest.mark.parametrize("output", ["file", "-"])
+def test_sql_result_parquet_cannot_hold(store, tmp_path, output):
+    target = tmp_path / "out.parquet" if output == "file" else "-"
+    result = invoke("sql", "select interval 1 day as x", "--store", store.root, "-f", "parquet", "-o", target)
+    fails_cleanly(result, "the result cannot be written as Parquet", "month_day_nano_interval", "CAST(x AS VARCHAR)")
+    assert list(tmp_path.glob("out.parquet")) == [] and list(tmp_path.glob(".tmp-*")) == []
+
+
+def test_import_of_an_endless_line_stops_at_the_cap(store, tmp_path, monkeypatch):
+    from stages import import_rollouts
+
+    monkeypatch.setattr(import_rollouts, "MAX_LINE_BYTES", 1 << 20)
+    path = tmp_path / "one-line.jsonl"
+    path.write_bytes(json.dumps(IMPORT_GOOD).encode() + b"\n" + b"\0" * (3 << 20))  # as /dev/zero: no line break
+    before = snapshot(store.root)
+    fails_cleanly(invoke("import", path, "--store", store.root), f"{path}:line 2",
+                  "longer than 1,048,576 bytes without a line break")
+    assert snapshot(store.root) == before
+
+
+def test_import_from_an_endless_stream(store, tmp_path, monkeypatch):
+    """/dev/zero without reading it: a FIFO fed zeros by a thread until the reader stops."""
+    import threading
+
+    from stages import import_rollouts
+
+    monkeypatch.setattr(import_rollouts, "MAX_LINE_BYTES", 1 << 20)
+    fifo = tmp_path / "zero"
+    os.mkfifo(fifo)
+    fed = []
+
+    def feed():
+        with open(fifo, "wb") as fh:
+            try:
+                while True:
+                    fh.write(b"\0" * 65536)
+                    fed.append(65536)
+            except (BrokenPipeError, ValueError):
+                return
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    before = snapshot(store.root)
+    fails_cleanly(invoke("import", fifo, "--store", store.root), f"{fifo}:line 1", "without a line break")
+    writer.join(timeout=10)
+    assert not writer.is_alive() and sum(fed) < 8 << 20  # stopped reading at the cap, not at MemoryError
+    assert snapshot(store.root) == before

@@ -49,6 +49,8 @@ def _coerce(where: str, hint, value):
         if target in (int, float, str, bool):
             if target is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
+            if target is float and target(value) != target(value):  # TOML's nan: no setting takes it
+                raise ValueError(value)
             return target(value)
     except (TypeError, ValueError):
         raise ReplayError(f"{where}: {value!r} is not a valid {getattr(target, '__name__', target)}") from None
@@ -69,6 +71,12 @@ def load_settings(path: str | None, overrides: list[str] = ()) -> dict[str, dict
             data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ReplayError(f"{path}: no such config file") from None
+        except IsADirectoryError:
+            raise ReplayError(f"{path}: is a directory; --config takes a TOML file") from None
+        except UnicodeDecodeError as exc:
+            raise ReplayError(f"{path}: not valid TOML: not UTF-8 text (byte {exc.start})") from None
+        except OSError as exc:
+            raise ReplayError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ReplayError(f"{path}: not valid TOML: {exc}") from None
         for section, table in data.items():

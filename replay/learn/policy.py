@@ -166,6 +166,7 @@ def load_policy(model_ref, init_adapter, lora: LoraSettings, gradient_checkpoint
     if init_adapter is not None:
         model = PeftModel.from_pretrained(base, str(init_adapter), is_trainable=True)
     else:
+        check_targets(base, lora.target_modules)
         config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                             target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
         model = get_peft_model(base, config, autocast_adapter_dtype=True)
@@ -175,6 +176,19 @@ def load_policy(model_ref, init_adapter, lora: LoraSettings, gradient_checkpoint
     check_head(model)
     fuse_for_training(model)
     return model
+
+
+def check_targets(model, targets: tuple[str, ...]) -> None:
+    """Each --target-modules name must match a module (peft's rule: the module's dotted name is the
+    target or ends with `.target`); the default list needs only some to match (model families differ)."""
+    names = [name for name, _ in model.named_modules() if name]
+    missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
+    if not missing or (tuple(targets) == LearnConfig.target_modules and len(missing) < len(targets)):
+        return
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                     if isinstance(module, torch.nn.Linear)})
+    raise ReplayError(f"--target-modules {','.join(missing)}: no module of {type(model).__name__} has that name; "
+                      f"its linear layers are {', '.join(linear)}")
 
 
 def frozen_policy(model_ref, adapter, device: str = "auto", dtype: str = "auto"):

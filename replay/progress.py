@@ -100,10 +100,11 @@ class _PlainBar:
         self._thread.start()
         return self
 
-    def finish(self, ok: bool) -> None:
+    def finish(self, ok: bool, last_line: bool = True) -> None:
         self._stop.set()
         self._thread.join()
-        self._print("done " if ok else "stopped ")
+        if last_line:
+            self._print("done " if ok else "stopped ")
 
 
 class _RichBar:
@@ -130,6 +131,9 @@ def progress_bar(label: str, total: int, done: int = 0, unit: str = "items") -> 
         bar = _PlainBar(label, total, done, unit, stream, interval()).start()
         try:
             yield bar
+        except KeyboardInterrupt:  # the command says "interrupted", and nothing else
+            bar.finish(ok=False, last_line=False)
+            raise
         except BaseException:
             bar.finish(ok=False)
             raise

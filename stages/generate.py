@@ -66,12 +66,10 @@ class GenerateConfig:
             raise ReplayError(f"--num-samples must be at least 1, got {self.num_samples}")
         if self.max_new_tokens < 1:
             raise ReplayError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if self.num_prompts is not None and self.num_prompts < 0:
-            raise ReplayError(f"--num-prompts must be 0 (all) or more, got {self.num_prompts}")
         try:
             check_settings(self.temperature, self.top_p, self.top_k)
         except ValueError as exc:
-            raise ReplayError(f"--{str(exc).replace('_', '-')}") from None
+            raise ReplayError(str(exc)) from None
         keys.parse_shard(self.shard)
 
 
@@ -104,8 +102,12 @@ def policy_adapter(store: Store, round: int, adapter: str) -> tuple[int | None, 
 
 
 def stored_groups(store: Store, round: int, num_samples: int) -> set[str]:
-    """prompt_ids whose group of this round is already stored; refuses a changed group size."""
-    rows = store.query("SELECT prompt_id, count(*) AS n FROM rollouts WHERE round = ? GROUP BY prompt_id", [round])
+    """prompt_ids whose group of this round is already stored; refuses a changed group size. The
+    rows of prompt-set runs (rescue sampling, hint sets: their plans' ranges) are not the round's G."""
+    rows = store.query("SELECT r.prompt_id, count(*) FILTER (WHERE p.stage IS NULL) AS n FROM rollouts r "
+                       "LEFT JOIN sample_plans p ON p.round = r.round AND p.prompt_id = r.prompt_id "
+                       "AND r.sample_idx >= p.first_sample_idx AND r.sample_idx < p.first_sample_idx + p.num_samples "
+                       "WHERE r.round = ? GROUP BY r.prompt_id", [round])
     sizes = dict(zip(rows.column("prompt_id").to_pylist(), rows.column("n").to_pylist()))
     odd = {pid: n for pid, n in sizes.items() if n != num_samples}
     if odd:

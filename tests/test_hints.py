@@ -267,3 +267,18 @@ def test_prompts_without_a_solution_are_skipped_with_a_count(tmp_path, model):
     out = invoke_ok("generate", "--store", root, "--round", 0, "--prompts", NEGATIVE, "--hint", "answer", "-G", 2,
                     "--max-new-tokens", 4, "--engine", "transformers", "--model", model, "-q")
     assert "2 groups written" in out and "skipped" not in out  # the answer needs no solution
+
+
+def test_the_rounds_own_generate_reruns_after_hint_and_rescue_sets(tmp_path, model):
+    """The round's own groups are G whatever sets were added beside them: a rerun of the plain
+    generate is still a no-op (it counted the sets' rows into the group size before)."""
+    store = plain_round(tmp_path / "store", model)
+    for extra in (["--hint", "answer"], []):  # a hint set, then plain rescue sampling
+        invoke_ok("generate", "--store", store.root, "--round", 0, "--prompts", NEGATIVE, *extra, "-G", 3,
+                  "--max-new-tokens", 4, "--engine", "transformers", "--model", model, "-q")
+    out = invoke_ok("generate", "--store", store.root, "--round", 0, "--num-prompts", 3, "-G", 2,
+                    "--max-new-tokens", 4, "--engine", "transformers", "--model", model, "--levels", "1", "-q")
+    assert "0 groups written" in out and "3 already stored" in out
+    result = invoke("generate", "--store", store.root, "--round", 0, "--num-prompts", 3, "-G", 4,
+                    "--max-new-tokens", 4, "--engine", "transformers", "--model", model, "--levels", "1", "-q")
+    assert result.exit_code == 1 and "already holds groups of 2 samples" in result.output

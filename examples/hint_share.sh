@@ -7,7 +7,7 @@ set -euo pipefail
 STORE="${1:-hint-store}"; ENGINE="${2:-transformers}"
 COMMON=(--store "$STORE" --engine "$ENGINE" --max-new-tokens 128 --seed 0 -q)
 replay generate --round 0 --dataset arith --num-prompts 32 -G 4 "${COMMON[@]}"
-replay score --store "$STORE" --round 0 -q
+replay score --store "$STORE" --round 0 --partial -q   # --partial: a rerun may find a hint set half done
 NEGATIVE="select prompt_id from negative_groups where round = 0"
 for hint in prefix:0.25 prefix:0.5 prefix:0.75 answer; do
   replay generate --round 0 --prompts "$NEGATIVE" --hint "$hint" -G 4 "${COMMON[@]}"

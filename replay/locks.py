@@ -16,9 +16,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import json
 import os
+import re
 import shutil
 import socket
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -62,10 +65,14 @@ def locked_stage(table: str | Callable[[object], str], stage: str, creates_store
     """Decorate a stage's `run(store_path, cfg, ...)`: it runs holding `table`'s lock on cfg.round.
 
     Under torchrun only rank 0 takes it (it alone writes); a missing store is left to the stage's own
-    error unless the stage creates stores."""
+    error unless the stage creates stores. The config is checked first (`cfg.validate()`, where the
+    config has one), and a stage that creates stores refuses a directory that holds something but no
+    store.json, so a refused command takes no lock and writes nothing."""
     def decorate(run):
         @functools.wraps(run)
         def wrapper(store_path, cfg, *args, **kwargs):
+            if callable(getattr(cfg, "validate", None)):
+                cfg.validate()
             root = resolve(store_path)
             if int(os.environ.get("RANK", "0")) != 0 or not (creates_store or (root / "store.json").exists()):
                 return run(store_path, cfg, *args, **kwargs)
@@ -75,17 +82,44 @@ def locked_stage(table: str | Callable[[object], str], stage: str, creates_store
                             cfg.round):
                     return run(store_path, cfg, *args, **kwargs)
             refuse_unusual(root)  # a link or FIFO anywhere in the store: this run would read or write through it
-            fresh = not root.exists()
+            refuse_non_store(root)
+            fresh, had_locks = not root.exists(), (root / LOCK_DIR).exists()
+            shard = parse_shard(getattr(cfg, "shard", "0/1"))
+            # the lock this run holds exclusively (a shard worker's own; the table's is shared by shards)
+            own = lock_path(root, cfg.round, name if shard[1] == 1 else f"{name}.shard-{shard[0]}-of-{shard[1]}")
+            made = not own.exists()
             try:
-                with stage_lock(root, cfg.round, name, stage, parse_shard(getattr(cfg, "shard", "0/1"))):
-                    return run(store_path, cfg, *args, **kwargs)
+                with stage_lock(root, cfg.round, name, stage, shard):
+                    try:
+                        return run(store_path, cfg, *args, **kwargs)
+                    except BaseException:
+                        if made:  # a refused run leaves no lock file either
+                            _remove_own_lock(own)
+                        raise
             finally:
                 if not (root / "store.json").exists():  # refused before creating the store: leave no trace
-                    shutil.rmtree(root / LOCK_DIR, ignore_errors=True)
+                    if not had_locks:
+                        shutil.rmtree(root / LOCK_DIR, ignore_errors=True)
                     if fresh and root.is_dir() and not any(root.iterdir()):
                         root.rmdir()
         return wrapper
     return decorate
+
+
+# replay's own entries in a directory that is becoming a store (a `replay round` tick locks it first)
+OWN_ENTRIES = (LOCK_DIR, ".round.lock")
+
+
+def refuse_non_store(root: Path) -> None:
+    """A directory without store.json that holds anything but lock files is not replay's to fill: a store
+    that lost its store.json (the rows there may be another base model's), or someone's other files."""
+    if is_remote(root) or (root / "store.json").exists() or not root.is_dir():
+        return
+    other = sorted(p.name for p in root.iterdir() if p.name not in OWN_ENTRIES)
+    if other:
+        listed = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
+        raise ReplayError(f"{root} is not a replay store (no store.json) and is not empty ({listed}): give a new "
+                          f"or empty directory, or restore the store's store.json")
 
 
 @contextlib.contextmanager
@@ -113,14 +147,8 @@ def table_lock(root, table: str) -> contextlib.AbstractContextManager:
 
 @contextlib.contextmanager
 def _flock(root: Path, path: Path, mode: int, wait: bool, stage: str, round: int) -> Iterator[None]:
-    fd = open_lock(root, path)  # never through a link: the holder is written into it, truncated after
+    fd = _acquire(root, path, mode, wait, stage, round)
     try:
-        try:
-            fcntl.flock(fd, mode | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "shard workers"
-            raise StageBusy(f"cannot run {stage} on round {round}: another process is writing that round "
-                            f"({holder}); let it finish, then rerun to pick up anything left") from None
         if mode == fcntl.LOCK_EX:
             os.pwrite(fd, f"{stage}, pid {os.getpid()} on {socket.gethostname()}".ljust(300).encode(), 0)
         try:
@@ -130,3 +158,116 @@ def _flock(root: Path, path: Path, mode: int, wait: bool, stage: str, round: int
                 os.ftruncate(fd, 0)  # shared holders write nothing: no stale name for the next message
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def _acquire(root: Path, path: Path, mode: int, wait: bool, stage: str, round: int) -> int:
+    """A descriptor of the lock file `path`, locked. A stage run that fails removes the lock file it
+    created, while it still holds it (`locked_stage`): a lock then taken on a file that is no longer at
+    `path` guards nothing, so it is dropped and the file at `path` now is locked instead."""
+    for _ in range(100):
+        try:
+            fd = open_lock(root, path)  # never through a link: the holder is written into it, truncated after
+        except FileNotFoundError:  # its directory was removed between the mkdir and the open: again
+            continue
+        try:
+            fcntl.flock(fd, mode | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "shard workers"
+            os.close(fd)
+            raise StageBusy(f"cannot run {stage} on round {round}: another process is writing that round "
+                            f"({holder}); let it finish, then rerun to pick up anything left") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        if _same_file(fd, path):
+            return fd
+        os.close(fd)
+    raise ReplayError(f"cannot lock {path}: it keeps being removed")
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        at_path = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (at_path.st_dev, at_path.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _remove_own_lock(path: Path) -> None:
+    """Unlink a lock file this run created and still holds exclusively (then its round's directory, if
+    that is empty): a refused run leaves no lock file behind. Whoever opened the file meanwhile finds
+    it gone once it gets the lock (`_acquire`) and locks the new one."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()
+
+
+def lock_holder(root, round: int, table: str) -> str | None:
+    """Who holds `table`'s lock on `round`, or one of its shard locks (the holder's name, or "shard
+    workers"); None when nobody does. A probe: it creates nothing and waits for nothing (a shared lock
+    taken and dropped at once; a writer that starts in that same instant is refused as by any holder,
+    and can rerun). An s3:// store's leases are not probed: None."""
+    if is_remote(root):
+        return None
+    directory = lock_path(root, round, table).parent
+    if not directory.is_dir():
+        return None
+    for path in [directory / f"{table}.lock", *sorted(directory.glob(f"{table}.shard-*.lock"))]:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:  # missing, or a link (the write commands refuse those)
+            continue
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return os.pread(fd, 300, 0).decode(errors="replace").strip() or "shard workers"
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+    return None
+
+
+SHARD_STAGE = re.compile(r"(.+)\.shard-(\d+)-of-(\d+)")
+
+
+def stage_kind(stage: str) -> str:
+    """generate.shard-0-of-4 -> generate, eval-score -> score, generate.ps-…-k4 -> generate."""
+    return stage.split(".")[0].removeprefix("eval-")
+
+
+def stage_manifests(root, round: int, kinds: tuple[str, ...]) -> dict[str, dict | None]:
+    """The round's manifests of stages of these kinds, by stage name (None: unreadable)."""
+    found = {}
+    for path in sorted((root / "manifests" / f"round={int(round)}").glob("*.json")):
+        stage = path.name[:-len(".json")]
+        if path.name.startswith(".tmp-") or stage_kind(stage) not in kinds:
+            continue
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            record = None
+        found[stage] = record if isinstance(record, dict) else None
+    return found
+
+
+def unfinished_stages(root, round: int, kinds: tuple[str, ...]) -> list[str]:
+    """The stages of these kinds that did not finish `round`, as the manifests say: one whose manifest
+    is not complete (a prompt-set generate records `running` before it samples), and each shard of a
+    sharded run without a manifest (unless an unsharded run of the stage completed the round)."""
+    records = stage_manifests(root, round, kinds)
+    complete = {s for s, r in records.items() if r is not None and r.get("status") == "complete"}
+    out = [f"{s} (its manifest says {'nothing readable' if r is None else repr(r.get('status'))})"
+           for s, r in records.items() if s not in complete]
+    shards: dict[tuple[str, int], set[int]] = {}
+    for s in records:
+        if m := SHARD_STAGE.fullmatch(s):
+            shards.setdefault((m[1], int(m[3])), set()).add(int(m[2]))
+    for (base, count), seen in sorted(shards.items()):
+        if base not in complete:
+            out += [f"{base} --shard {i}/{count} (no manifest)" for i in range(count) if i not in seen]
+    return out

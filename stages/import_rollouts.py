@@ -2,12 +2,18 @@
 
 Groups are formed by problem. Rows without token ids / logprobs are stored with
 `logprobs_mode = 'none'`, so `learn` refuses them unless asked to recompute behaviour logprobs.
+Rows with logprobs record how they were sampled (`--temperature/--top-p/--top-k`, or the row's own
+fields): then `processed` (or `raw`, `--logprobs-mode raw`); without a temperature `unknown`, which
+learn refuses unless --recompute-old-logprobs, since the logprobs' distribution is not known.
 The whole file is validated before anything is written; re-importing skips groups already stored.
 """
 
 from __future__ import annotations
 
+import json
+import unicodedata
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +27,8 @@ from replay.storage import resolve
 from replay.store import STORE_FILE, Store, utc_now
 
 FLOAT32_MAX = 3.4028234663852886e38  # completion_logprobs are stored as float32
+# one JSONL row at most: a file without line breaks (/dev/zero, a binary file) stops here, not in MemoryError
+MAX_LINE_BYTES = 256 << 20
 
 
 @dataclass
@@ -33,6 +41,126 @@ class ImportConfig:
     completion_key: str = "completion"
     model: str = "imported"  # recorded as base_model of the rows
     tokenizer: str | None = None  # model whose vocabulary token ids use; default: the store's base model
+    # how the completions were sampled (a row's own temperature/top_p/top_k fields must agree): without a
+    # temperature, rows with logprobs are stored as logprobs_mode 'unknown', which learn refuses unless
+    # --recompute-old-logprobs
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    logprobs_mode: str = "processed"  # what the file's logprobs are under: processed (the sampling
+    # distribution: temperature, top-k, top-p applied; what replay samples) | raw (the model's softmax, T = 1)
+
+    def validate(self) -> None:
+        """The settings alone, before any file is touched (locked_stage calls it before the lock)."""
+        from replay.core.sampling import check_settings
+
+        if self.round < 0:
+            raise ReplayError(f"--round must be 0 or more, got {self.round}")
+        try:
+            check_settings(self.temperature, self.top_p, self.top_k)
+        except ValueError as exc:
+            raise ReplayError(f"{exc} (--temperature, --top-p, --top-k)") from None
+        if self.temperature is None and (self.top_p is not None or self.top_k is not None):
+            raise ReplayError("--top-p/--top-k without --temperature: give the temperature the completions were "
+                              "sampled at too (1 if none was set)")
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ReplayError(f"unknown --logprobs-mode {self.logprobs_mode!r}; choose from "
+                              f"{', '.join(LOGPROBS_MODES)}")
+
+
+LOGPROBS_MODES = ("processed", "raw")
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k")
+MAX_PROMPT_ID = 256  # characters
+
+
+class PromptIds:
+    """Each row's prompt_id: its own (checked), else a hash of (source, problem); one id names one
+    problem, so a second problem under an id seen before is refused naming both rows."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.first: dict[str, tuple[str, str]] = {}  # prompt_id -> (where, problem) of its first row
+
+    def of(self, where: str, row: dict, problem: str) -> str:
+        value = row.get("prompt_id")
+        pid = keys.prompt_id(self.source, problem) if value is None else explicit_prompt_id(where, value)
+        first_where, first_problem = self.first.setdefault(pid, (where, problem))
+        if first_problem != problem:
+            raise DatasetError(f"{where}: prompt_id {pid!r} names the problem {_short(problem)} here but "
+                               f"{_short(first_problem)} at {first_where}: one id, one problem")
+        return pid
+
+
+def explicit_prompt_id(where: str, value) -> str:
+    """A row's own prompt_id: text (an integer is written in decimal) of 1 to MAX_PROMPT_ID characters,
+    not only spaces, without control characters or line breaks (ids are printed, and passed to SQL)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise DatasetError(f"{where}: field 'prompt_id' must be text (or an integer), got {type(value).__name__}")
+    text = storable_text(where, "prompt_id", str(value))
+    if not text.strip():
+        raise DatasetError(f"{where}: field 'prompt_id' is empty")
+    if len(text) > MAX_PROMPT_ID:
+        raise DatasetError(f"{where}: field 'prompt_id' is {len(text):,} characters long: at most {MAX_PROMPT_ID}")
+    bad = next((c for c in text if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
+    if bad is not None:
+        raise DatasetError(f"{where}: field 'prompt_id' holds the control character {bad!r}")
+    return text
+
+
+def _short(text: str) -> str:
+    return repr(text if len(text) <= 60 else text[:60] + "…")
+
+
+def row_sampling(where: str, row: dict, cfg: ImportConfig) -> dict:
+    """temperature / top_p / top_k of one row: its own fields, which must agree with the flags when both
+    are given, else the flags. Without a temperature nothing is known (all None); with one, a missing
+    top_p / top_k means no cut (1.0 / 0)."""
+    from replay.core.sampling import check_settings
+
+    out = {}
+    for key in SAMPLING_FIELDS:
+        flag, value = getattr(cfg, key), row.get(key)
+        if value is None:
+            out[key] = flag
+            continue
+        if key == "top_k" and isinstance(value, float) and value.is_integer():  # pandas: ints with gaps
+            value = int(value)
+        try:
+            check_settings(**{key: value})
+        except ValueError as exc:
+            raise DatasetError(f"{where}: field {exc}") from None
+        if flag is not None and value != flag:
+            raise DatasetError(f"{where}: field {key!r} is {value!r} but --{key.replace('_', '-')} is {flag!r}: "
+                               f"which one sampled this row? (the flags are for rows without the field)")
+        out[key] = value
+    if out["temperature"] is None:
+        if out["top_p"] is not None or out["top_k"] is not None:
+            raise DatasetError(f"{where}: top_p/top_k without a temperature (field or --temperature): give the "
+                               f"temperature it was sampled at too (1 if none was set)")
+        return out
+    return {"temperature": float(out["temperature"]),
+            "top_p": 1.0 if out["top_p"] is None else float(out["top_p"]),
+            "top_k": 0 if out["top_k"] is None else int(out["top_k"])}
+
+
+def check_stored_prompts(store: Store, prompts: list[Prompt], rows: list[dict]) -> None:
+    """A prompt id the store already holds must name the same problem and gold here: register_prompts keeps
+    the stored row, so these completions would be scored against the other problem's answer."""
+    by_id = {p.prompt_id: p for p in prompts}
+    first = {}
+    for r in rows:
+        first.setdefault(r["prompt_id"], r["where"])
+    stored = store.query("SELECT prompt_id, any_value(problem) AS problem, any_value(answer) AS answer FROM prompts "
+                         "WHERE prompt_id IN (SELECT unnest(?)) GROUP BY prompt_id ORDER BY prompt_id",
+                         [list(by_id)]).to_pylist()
+    for row in stored:
+        mine = by_id[row["prompt_id"]]
+        if (row["problem"], row["answer"]) != (mine.problem, mine.answer):
+            what = "problem" if row["problem"] != mine.problem else "gold"
+            theirs, ours = (row["problem"], mine.problem) if what == "problem" else (row["answer"], mine.answer)
+            raise DatasetError(f"{first[mine.prompt_id]}: prompt_id {mine.prompt_id!r} names the {what} "
+                               f"{_short(ours)} here but {_short(theirs)} in the store's prompts: one id, one "
+                               f"problem (give this row another prompt_id)")
 
 
 def _is_int(value) -> bool:
@@ -82,7 +210,8 @@ def parse_rows(path: Path, cfg: ImportConfig) -> tuple[list[Prompt], list[dict]]
     prompts: dict[str, Prompt] = {}
     by_prompt: dict[str, list[dict]] = defaultdict(list)
     seen_keys: dict[tuple, str] = {}
-    for where, row in read_rows(path):
+    ids = PromptIds(source)
+    for where, row in stream_rows(path):
         problem = text_field(where, row, cfg.problem_key)
         answer = text_field(where, row, cfg.answer_key)
         completion = row.get(cfg.completion_key)
@@ -90,13 +219,15 @@ def parse_rows(path: Path, cfg: ImportConfig) -> tuple[list[Prompt], list[dict]]
             raise DatasetError(f"{where}: field {cfg.completion_key!r} must be text, got "
                                f"{type(completion).__name__ if completion is not None else 'nothing'}")
         storable_text(where, cfg.completion_key, completion)
-        pid = (storable_text(where, "prompt_id", str(row["prompt_id"])) if row.get("prompt_id") is not None
-               else keys.prompt_id(source, problem))
+        pid = ids.of(where, row, problem)
         if pid in prompts and prompts[pid].answer != answer:
             raise DatasetError(f"{where}: problem has gold {answer!r} here but {prompts[pid].answer!r} earlier")
         prompts.setdefault(pid, Prompt(pid, source, "train", problem, answer))
         token_ids = _token_ids(where, row, "completion_token_ids")
         prompt_ids = _token_ids(where, row, "prompt_token_ids")
+        if prompt_ids == []:  # the first completion token would be scored after padding, not after a prompt
+            raise DatasetError(f"{where}: prompt_token_ids is empty: give the prompt's ids, or leave the field "
+                               f"out to have them derived with the chat template")
         logprobs = _logprobs(where, row)
         if logprobs is not None and (token_ids is None or len(token_ids) != len(logprobs)):
             raise DatasetError(f"{where}: completion_logprobs needs completion_token_ids of the same length")
@@ -108,20 +239,69 @@ def parse_rows(path: Path, cfg: ImportConfig) -> tuple[list[Prompt], list[dict]]
         seen_keys[(pid, idx)] = where
         by_prompt[pid].append(dict(where=where, prompt_id=pid, sample_idx=idx, completion_text=completion,
                                    prompt_token_ids=prompt_ids, completion_token_ids=token_ids,
-                                   completion_logprobs=logprobs))
+                                   completion_logprobs=logprobs, **row_sampling(where, row, cfg)))
     if not by_prompt:
         raise DatasetError(f"{path}: no rows")
     return list(prompts.values()), [r for rows in by_prompt.values() for r in rows]
 
 
+def stream_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    """(location, row) pairs as `replay.datasets.read_rows` gives them, a JSONL file read one line at a
+    time: memory holds one line (at most MAX_LINE_BYTES) besides the parsed rows, whatever the file is."""
+    if path.suffix == ".parquet":
+        yield from read_rows(path)
+        return
+    if path.is_dir():
+        raise DatasetError(f"{path}: is a directory, not a JSONL file")
+    try:
+        fh = open(path, "rb")
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    with fh:
+        number = 0
+        while True:
+            try:
+                line = fh.readline(MAX_LINE_BYTES + 1)
+            except OSError as exc:
+                raise DatasetError(f"{path}:line {number + 1}: cannot read: {exc.strerror or exc}") from None
+            if not line:
+                return
+            number += 1
+            where = f"{path}:line {number}"
+            if len(line) > MAX_LINE_BYTES:
+                raise DatasetError(f"{where}: longer than {MAX_LINE_BYTES:,} bytes without a line break: "
+                                   "not a JSON Lines file of completions")
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise DatasetError(f"{where}: not UTF-8 (byte {exc.start})") from None
+            except json.JSONDecodeError as exc:
+                raise DatasetError(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+            except RecursionError:
+                raise DatasetError(f"{where}: not valid JSON: nested too deeply") from None
+            except ValueError as exc:  # e.g. an integer of more digits than Python converts
+                raise DatasetError(f"{where}: not valid JSON: {exc}") from None
+            if not isinstance(row, dict):
+                raise DatasetError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            yield where, row
+
+
 def imported_row(cfg: ImportConfig, r: dict, now) -> dict:
-    """A rollout row of an imported completion: no sampling settings, seed or policy are known."""
+    """A rollout row of an imported completion: its sampling settings as given (row fields or flags); no
+    seed or policy is known. Logprobs without a temperature are of unknown sampling: learn refuses them
+    unless --recompute-old-logprobs (replay.learn.selection.refuse_unknown_sampling)."""
     logprobs = r["completion_logprobs"]
+    sampling = {key: r.get(key) for key in SAMPLING_FIELDS}
+    mode = ("none" if logprobs is None else "raw" if cfg.logprobs_mode == "raw"
+            else "unknown" if sampling["temperature"] is None else "processed")
     return rollout_row(cfg.round, r["prompt_id"], r["sample_idx"], prompt_token_ids=r["prompt_token_ids"],
                        completion_token_ids=r["completion_token_ids"], completion_logprobs=logprobs,
                        completion_text=r["completion_text"], finish_reason="unknown", base_model=cfg.model,
-                       engine="import", engine_version="0", logprobs_mode="none" if logprobs is None else "unknown",
-                       created_at=now)
+                       engine="import", engine_version="0", logprobs_mode=mode, created_at=now, **sampling)
 
 
 def complete_token_ids(store_path: str, cfg: ImportConfig, prompts: list[Prompt], rows: list[dict]) -> tuple[str, int]:
@@ -157,6 +337,8 @@ def run(store_path: str, cfg: ImportConfig) -> dict:
     derived = 0
     if any(r["completion_token_ids"] is not None for r in rows):
         tokenizer_model, derived = complete_token_ids(store_path, cfg, prompts, rows)
+    if (resolve(store_path) / STORE_FILE).exists():  # before the first write, as every check
+        check_stored_prompts(Store.open(store_path), prompts, rows)
     store = Store.create(store_path, base_model=tokenizer_model)
     if tokenizer_model and store.meta.get("base_model") not in (None, tokenizer_model):
         raise ReplayError(f"store {store.root} was made with base model {store.meta['base_model']!r}; these "
@@ -178,8 +360,16 @@ def run(store_path: str, cfg: ImportConfig) -> dict:
               "prompt_token_ids_derived": derived,
               "groups_already_stored": len({r["prompt_id"] for r in rows} & stored)}
     record = record_run(store, cfg.round, "import", finish_manifest(record, counts), did_work=bool(new))
+    notes = []
     if len(new) and any(r["completion_logprobs"] is None for r in rows):
-        record["note"] = "rows without token ids/logprobs: learn needs --recompute-old-logprobs for them"
+        notes.append("rows without token ids/logprobs: learn needs --recompute-old-logprobs for them")
+    unknown = sum(r["logprobs_mode"] == "unknown" for r in new)
+    if unknown:
+        notes.append(f"{unknown} rows carry logprobs but no sampling settings (logprobs_mode 'unknown'): learn "
+                     f"refuses them unless --recompute-old-logprobs; import them with the --temperature (--top-p, "
+                     f"--top-k) they were sampled at, or --logprobs-mode raw for the model's own T = 1 logprobs")
+    if notes:
+        record["note"] = "; ".join(notes)
     return record
 
 

@@ -99,19 +99,39 @@ def _logger(root: Path) -> logging.Logger:
     return log
 
 
+def check_settings(settings: dict[str, dict]) -> None:
+    """Every stage's config of a tick, built and checked before the first stage runs: a bad [learn] or
+    [score] value fails the tick at once, not after generate (and score) did their work."""
+    from replay.metrics_sink import check_report_to
+    from stages import generate, learn, score
+
+    report_to = RoundSettings(**settings.get("round", {})).report_to
+    check_report_to(report_to)
+    generate.GenerateConfig(**settings.get("generate", {})).validate()
+    score.ScoreConfig(**settings.get("score", {})).validate()
+    learn_cfg = learn.LearnConfig(**({"report_to": report_to} | settings.get("learn", {})))
+    learn_cfg.validate()
+    check_report_to(learn_cfg.report_to)
+
+
 def run_one(store_path: str, settings: dict[str, dict], echo=print) -> RoundResult:
     from stages import generate, learn, score
 
     root = resolve(store_path)
     gen_cfg = generate.GenerateConfig(**settings.get("generate", {}))
-    log = _logger(root)
+    # logs live in a store: on a new path they start once generate has made it (a refused tick leaves none)
+    log = _logger(root) if (root / "store.json").exists() else None
     learn_cfg_fields = settings.get("learn", {})
     # a new store is created by generate, which records the base model in store.json
     r = next_round(Store.open(root), learn_cfg_fields.get("adapter_name", MAIN_ADAPTER)) if (root / "store.json").exists() else 0
-    log.info("round %d: start", r)
+    if log:
+        log.info("round %d: start", r)
     records = {}
     gen_cfg.round = r
     records["generate"] = generate.run(str(root), gen_cfg)
+    if log is None:
+        log = _logger(root)
+        log.info("round %d: start", r)
     log.info("round %d: generate %s", r, records["generate"]["counts"])
     echo(f"round {r}: generate {records['generate']['counts']}")
     records["score"] = score.run(str(root), score.ScoreConfig(round=r, **settings.get("score", {})))
@@ -156,14 +176,29 @@ def run(store_path: str, settings: dict[str, dict], rounds: int = 1, wait: bool 
         raise ReplayError(f"--until must be a round number (0 or more), got {until}")
     root = resolve(store_path)
     adapter_name = settings.get("learn", {}).get("adapter_name", MAIN_ADAPTER)
-    from replay.metrics_sink import check_report_to
-
-    check_report_to(settings.get("round", {}).get("report_to", "none"))
+    if not is_remote(root) and root.exists():
+        refuse_unusual(root)  # a link or FIFO in the store is named before anything else is said
+    check_settings(settings)
     results = []
-    with store_lock(root, wait=wait):
-        while _wants_another(root, adapter_name, len(results), rounds, until):
-            results.append(run_one(str(root), settings, echo))
+    fresh, held = not is_remote(root) and not root.exists(), False
+    try:
+        with store_lock(root, wait=wait):
+            held = True
+            while _wants_another(root, adapter_name, len(results), rounds, until):
+                results.append(run_one(str(root), settings, echo))
+    finally:
+        if fresh and held and not (root / "store.json").exists():  # refused before generate made the store
+            _leave_no_trace(root)
     return results
+
+
+def _leave_no_trace(root: Path) -> None:
+    """A tick that failed before its store existed removes what it made there: the round lock (released by
+    now; no store means no other tick has work there) and the directory, if nothing else is in it."""
+    with contextlib.suppress(FileNotFoundError):
+        (root / LOCK_FILE).unlink()
+    with contextlib.suppress(OSError):
+        root.rmdir()  # only when empty
 
 
 def _wants_another(root: Path, adapter_name: str, done: int, rounds: int, until: int | None) -> bool:

@@ -11,11 +11,12 @@ exists. Never imports torch.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 from replay import keys
 from replay.errors import ReplayError
-from replay.locks import locked_stage
+from replay.locks import lock_holder, locked_stage, stage_manifests, unfinished_stages
 from replay.manifests import finish_manifest, record_run, start_manifest
 from replay.progress import progress_bar
 from replay.store import Store, utc_now
@@ -32,6 +33,51 @@ class ScoreConfig:
     chunk_size: int = 2000  # verdicts per written part file
     stage: str = "score"
     shard: str = "0/1"  # i/n: only the rollouts of prompts in shard i (keys.shard_of)
+    partial: bool = False  # score the round while its generate/import is unfinished (what is stored now)
+
+    def validate(self) -> None:
+        """The settings alone, before any file is touched (locked_stage calls it before the lock)."""
+        if self.round < 0:
+            raise ReplayError(f"--round must be 0 or more, got {self.round}")
+        if not 0 < self.timeout < float("inf"):  # `not` also refuses nan
+            raise ReplayError(f"--timeout must be a positive number of seconds, got {self.timeout}")
+        cap = max_workers()
+        if self.workers is not None and not 1 <= self.workers <= cap:
+            raise ReplayError(f"--workers must be between 1 and {cap} (4 per CPU, at most {WORKER_CAP}), "
+                              f"got {self.workers}")
+        if self.chunk_size < 1:
+            raise ReplayError(f"chunk_size must be at least 1, got {self.chunk_size}")
+        keys.parse_shard(self.shard)
+
+
+WORKER_CAP = 256  # verifier processes: each is a Python interpreter; 100 000 of them never finish starting
+
+
+def max_workers() -> int:
+    return min(WORKER_CAP, 4 * (os.cpu_count() or 1))
+
+
+WRITERS = ("generate", "import")
+
+
+def refuse_unfinished_writers(store: Store, round: int) -> None:
+    """Score records a round complete: refuse while the round's rollouts may still grow, so the record
+    never covers part of a round without saying so: a generate or import holding the round's rollouts
+    lock, a generate/import manifest that is not complete or a shard that has none, or rollouts that no
+    manifest accounts for (a run killed before its manifest). `--partial` scores what is stored."""
+    how = ("let it finish (or rerun it to finish the round), then score; --partial scores what is stored "
+           "now")
+    holder = lock_holder(store.root, round, "rollouts")
+    if holder:
+        raise ReplayError(f"round {round} is still being written ({holder}): score would record it complete "
+                          f"with part of its rollouts; {how}")
+    if not stage_manifests(store.root, round, WRITERS):
+        raise ReplayError(f"round {round} has rollouts but no generate or import manifest: the run that wrote "
+                          f"them did not finish (killed?); rerun that generate or import to finish the round, "
+                          f"or pass --partial to score what is stored now")
+    unfinished = unfinished_stages(store.root, round, WRITERS)
+    if unfinished:
+        raise ReplayError(f"round {round} is not completely written: {'; '.join(unfinished)}; {how}")
 
 
 def pending_rollouts(store: Store, round: int, version: str, rescore: bool, shard: tuple[int, int] = (0, 1)):
@@ -62,10 +108,6 @@ def verdict_row(rollout: dict, verdict, version: str) -> dict:
 
 @locked_stage("verdicts", "score")
 def run(store_path: str, cfg: ScoreConfig) -> dict:
-    if cfg.timeout <= 0:
-        raise ReplayError(f"--timeout must be positive, got {cfg.timeout}")
-    if cfg.workers is not None and cfg.workers < 1:
-        raise ReplayError(f"--workers must be at least 1, got {cfg.workers}")
     shard = keys.parse_shard(cfg.shard)
     stage = keys.shard_stage(cfg.stage, *shard)
     store = Store.open(store_path)
@@ -76,6 +118,8 @@ def run(store_path: str, cfg: ScoreConfig) -> dict:
     if not counts_by_prompt:  # the whole round, not the shard: few prompts can leave a shard empty
         raise ReplayError(f"round {cfg.round} has no rollouts in {store.root}: run `replay generate` "
                           f"or `replay import` first")
+    if not cfg.partial:
+        refuse_unfinished_writers(store, cfg.round)
     total = sum(n for pid, n in counts_by_prompt.items() if keys.in_shard(pid, *shard))
     todo = pending_rollouts(store, cfg.round, version, cfg.rescore, shard)
     statuses: dict[str, int] = {}

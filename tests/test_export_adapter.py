@@ -44,7 +44,7 @@ def trained(tmp_path_factory):
         rows += [_row(f"w{a} w{a + 1}", str(a), text, i) for i, text in enumerate(texts)]
     (tmp / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     root = tmp / "store"
-    invoke_ok("import", tmp / "rows.jsonl", "--store", root, "--tokenizer", model)
+    invoke_ok("import", tmp / "rows.jsonl", "--store", root, "--tokenizer", model, "--temperature", 1)
     invoke_ok("score", "--store", root, "--round", 0, "--workers", 1)
     for name, lr in (("main", "5e-2"), ("side", "1e-2")):
         invoke_ok("learn", "--store", root, "--round", 0, "--model", model, "--adapter-name", name,

@@ -44,7 +44,8 @@ def learn(root, model, *extra):
 
 def test_import_score_learn_with_completion_ids_only(tmp_path, model):
     root = tmp_path / "store"
-    out = invoke_ok("import", write(tmp_path / "rows.jsonl", rows()), "--store", root, "--tokenizer", model)
+    out = invoke_ok("import", write(tmp_path / "rows.jsonl", rows()), "--store", root, "--tokenizer", model,
+                    "--temperature", 1)  # the logprobs' distribution: T = 1, nothing cut
     assert "imported 12 rollouts" in out
     store = Store.open(root)
     stored = store.query("SELECT prompt_id, prompt_token_ids, completion_token_ids FROM rollouts "

@@ -122,7 +122,13 @@ def test_an_unknown_logprobs_mode_and_a_recorded_setting_on_an_import_are_refuse
     store = hand_store(tmp_path / "b", logprobs_mode="unknown", temperature=0.6)
     with pytest.raises(ReplayError, match="2 selected rollouts.*temperature=0.6"):
         load_samples(store, LearnConfig(), None)
+    # an import without sampling settings: the distribution of its logprobs is unknown (issue 24) ...
     store = hand_store(tmp_path / "c", logprobs_mode="unknown", temperature=None, top_p=None, top_k=None)
+    with pytest.raises(ReplayError, match="2 selected rollouts carry logprobs of unknown sampling.*"
+                                          "--recompute-old-logprobs"):
+        load_samples(store, LearnConfig(), None)
+    # ... while raw logprobs (import --logprobs-mode raw) are the plain softmax's, however they were sampled
+    store = hand_store(tmp_path / "d", logprobs_mode="raw", temperature=None, top_p=None, top_k=None)
     samples, _ = load_samples(store, LearnConfig(), None)
     assert {s.distribution.temperature for s in samples} == {1.0}
 

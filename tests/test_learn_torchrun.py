@@ -97,6 +97,24 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(store):
     assert "error" not in run([sys.executable, "-m", "replay", "doctor", "--store", str(store.root)]).lower()
 
 
+def test_steps_under_two_ranks_equal_one_process(store):
+    """learn --steps 3: the same plan on every rank (16 samples -> steps of 6, 5, 5, micro-batches of 2:
+    passes [2, 2, 2] and [2, 2, 1], so rank 1 pads one step), --grad-accum unused either way."""
+    steps = ["--round", "0", "--objective", "grpo", "--lr", "1e-3", "--micro-batch-size", "2", "--epochs", "1",
+             "--device", "cpu", "--steps", "3"]
+    run([sys.executable, "-m", "replay", "learn", "--store", str(store.root), "--adapter-name", "steps-one",
+         "--grad-accum", "5", *steps])
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "replay",
+         "learn", "--store", str(store.root), "--adapter-name", "steps-two", *steps])
+    one, two = adapter(store, "steps-one"), adapter(store, "steps-two")
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=0)
+    rows_one, rows_two = metrics(store, "steps-one"), metrics(store, "steps-two")
+    assert [r["step"] for r in rows_one] == [r["step"] for r in rows_two] == [0, 1, 2]
+    for a, b in zip(rows_one, rows_two):
+        assert b["tokens"] == a["tokens"] and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
 def test_rank_share_pads_with_empty_passes():
     steps = [[1, 2], [3, 4], [5]]
     assert rank_share_of(steps, 0, 2) == [[1, 2], [5]]

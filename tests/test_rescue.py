@@ -37,13 +37,13 @@ def _rows(round, name, correct, overrides=None):
 
 def build(root):
     """Round 0: A solved twice by its own G and once by a rescue-sampling set (sample 4), B only by an
-    import, C solved, D solved once by a row of unreproducible sampling, E negative. Round 1: A, B, D
+    import (of raw logprobs), C solved, D solved once by a row of unreproducible sampling, E negative. Round 1: A, B, D
     negative, C mixed, E solved (a later success never rescues an earlier round)."""
     store = Store.create(root)
     store.write("prompts", [A, B, C, D, E])
     groups = [
         _rows(0, "A", [False, False, True, True, True], {3: {"policy_round": 0}}),
-        _rows(0, "B", [False, False, False, False, True], {4: {"engine": "import", "logprobs_mode": "unknown",
+        _rows(0, "B", [False, False, False, False, True], {4: {"engine": "import", "logprobs_mode": "raw",
                                                                  "temperature": None, "top_p": None, "top_k": None}}),
         _rows(0, "C", [True, False, False, False]),
         _rows(0, "D", [False, True, False, False], {1: {"logprobs_mode": "unknown", "temperature": 0.7}}),
@@ -187,7 +187,7 @@ def test_an_unreproducible_row_is_refused_with_one_line_unless_shaping(tmp_path,
     result = learn(store, tiny, "refused", "--rescue", "replay")
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"cannot replay round 0 prompt {ID['D']} sample 1" in result.output
-    assert "temperature=0.69" in result.output and "--behaviour-correction shaping" in result.output
+    assert "logprobs_mode='unknown'" in result.output and "--behaviour-correction shaping" in result.output
     assert not store.adapter_dir(1, "refused").exists()
     shaped = learn(store, tiny, "shaped", "--rescue", "replay", "--behaviour-correction", "shaping")
     assert shaped.exit_code == 0, shaped.output
@@ -301,3 +301,25 @@ def test_the_reports_learn_page_plots_the_replayed_rows(tmp_path, tiny):
     invoke_ok("report", "--store", store.root, "--out", tmp_path / "report")
     pngs = sorted(p.name for p in (tmp_path / "report").rglob("*.png"))
     assert any("learn_metrics-replay" in name for name in pngs), pngs
+
+
+def test_version_and_a_completed_learn_of_another_objective_say_so(tmp_path, tiny):
+    assert invoke_ok("--version").startswith("replay 0.")
+    store = build(tmp_path / "store")
+    assert learn(store, tiny, "main").exit_code == 0  # grpo
+    out = invoke("learn", "--store", store.root, "--round", 1, "--model", tiny, "--objective", "lens").output
+    assert "already complete" in out and "with objective grpo, not lens" in out and "--adapter-name" in out
+
+
+def test_a_row_imported_without_sampling_settings_is_refused_too(tmp_path, tiny):
+    """'unknown' logprobs with no settings recorded: refused for replay as for a group's own rows,
+    unless shaping (which needs no μ)."""
+    store = build(tmp_path / "store")
+    only_b = f"select rollout_id from rescue_candidates where prompt_id = '{ID['B']}'"
+    store.write("rollouts", [rollout_row(0, ID["B"], 5, policy_round=None) | {
+        "engine": "import", "logprobs_mode": "unknown", "temperature": None, "top_p": None, "top_k": None}], round=0)
+    store.write("verdicts", [verdict_row(0, ID["B"], 5, True)], round=0)
+    result = learn(store, tiny, "unknown", "--rescue", "replay", "--rescue-sql", only_b, "--partial")
+    assert result.exit_code == 1 and "logprobs_mode='unknown'" in result.output, result.output
+    assert learn(store, tiny, "shaped", "--rescue", "replay", "--rescue-sql", only_b, "--partial",
+                 "--behaviour-correction", "shaping").exit_code == 0

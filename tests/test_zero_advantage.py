@@ -71,7 +71,7 @@ def store(tmp_path_factory):
     path = tmp / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     root = tmp / "store"
-    invoke_ok("import", path, "--store", root, "--tokenizer", model)
+    invoke_ok("import", path, "--store", root, "--tokenizer", model, "--temperature", 1)  # logprobs at T = 1
     invoke_ok("score", "--store", root, "--round", 0, "--workers", 1)
     return Store.open(root), model
 

@@ -74,7 +74,7 @@ def status(store: str = StoreOpt):
     print_table(status_table(opened), title=f"store {opened.root}")
 
 
-@command(short_help="Export scored rollouts (TRL rollout_func, JSONL) or a round's adapter (peft, merged).")
+@command(short_help="Export rollouts (TRL, JSONL) or a round's adapter (peft, merged).")
 def export(
     store: str = StoreOpt,
     format: str = typer.Option("jsonl", "--format", "-f", help="trl (prompt_ids, completion_ids, logprobs) | jsonl "

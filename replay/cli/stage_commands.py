@@ -163,7 +163,13 @@ def learn(
     lora_dropout: float = typer.Option(L.lora_dropout),
     target_modules: str = typer.Option(",".join(L.target_modules), help="Comma-separated module names."),
     lr: float = typer.Option(L.lr), epochs: int = typer.Option(L.epochs),
-    micro_batch_size: int = typer.Option(L.micro_batch_size), grad_accum: int = typer.Option(L.grad_accum),
+    micro_batch_size: int = typer.Option(L.micro_batch_size),
+    grad_accum: int = typer.Option(L.grad_accum, help="Micro-batches per optimizer step (per process under "
+                                   "torchrun); unused with --steps."),
+    steps: Optional[int] = typer.Option(L.steps, help="Exactly this many optimizer steps per epoch, whatever "
+                                        "the number n of planned rows: steps of ⌈n/S⌉ or ⌊n/S⌋ rows, cut "
+                                        "into --micro-batch-size passes; --grad-accum is then ignored. "
+                                        "Refused when n < S."),
     max_grad_norm: float = typer.Option(L.max_grad_norm),
     clip_eps: float = typer.Option(L.clip_eps), clip_eps_high: Optional[float] = typer.Option(L.clip_eps_high),
     dual_clip: Optional[float] = typer.Option(L.dual_clip, help="Dual-clip bound for negative advantages (0: off)."),
@@ -210,7 +216,10 @@ def learn(
         return  # under torchrun rank 0 alone reports
     left_out = _partial_note(record)
     if record.get("skipped"):
-        typer.echo(f"round {round}: learn already complete ({record['adapter']}{left_out}); --force retrains")
+        done_with = (record.get("config") or {}).get("objective")
+        other = (f" with objective {done_with}, not {cfg.objective}: --adapter-name NAME trains a side adapter "
+                 f"with it, or") if done_with and done_with != cfg.objective else ";"
+        typer.echo(f"round {round}: learn already complete ({record['adapter']}{left_out}){other} --force retrains")
         return
     c = record["counts"]
     replayed = f"; {c['replayed']} replayed into negative groups" if c.get("replayed") else ""

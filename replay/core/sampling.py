@@ -93,3 +93,17 @@ def recompute_distribution(temperature=None, top_k=None, top_p=None, **_ignored)
         return Distribution(float(temperature), *_truncation(top_k, top_p))
     except UnreproducibleSampling:
         return Distribution(float(temperature))
+
+
+def check_settings(temperature=None, top_p=None, top_k=None) -> None:
+    """Refuse sampling settings no engine can honour and no learner can read (ValueError naming the
+    setting); None is not given. temperature: a finite number >= 0 (0: greedy); top_p: in (0, 1];
+    top_k: an integer >= -1 (0 and -1 cut nothing). NaN fails every comparison, so each test is
+    written to refuse it: `nan` as a temperature once sampled token 0 with NaN logprobs."""
+    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                                    or not 0 <= temperature < float("inf")):
+        raise ValueError(f"temperature must be >= 0 and finite (0: greedy), got {temperature!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < -1):
+        raise ValueError(f"top_k must be an integer >= -1 (0 and -1: no cut), got {top_k!r}")

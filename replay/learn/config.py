@@ -39,6 +39,7 @@ class LearnConfig:
     epochs: int = 1
     micro_batch_size: int = 4
     grad_accum: int = 4
+    steps: int | None = None  # exactly this many optimizer steps per epoch (grad_accum then unused)
     max_grad_norm: float = 1.0
     clip_eps: float = 0.2
     clip_eps_high: float | None = None
@@ -69,6 +70,8 @@ class LearnConfig:
             raise ReplayError(f"unknown --aggregation {self.aggregation!r}; choose from {', '.join(AGGREGATIONS)}")
         if self.epochs < 1 or self.micro_batch_size < 1 or self.grad_accum < 1 or self.window < 1:
             raise ReplayError("--epochs, --micro-batch-size, --grad-accum and --window must be at least 1")
+        if self.steps is not None and not self.steps >= 1:
+            raise ReplayError(f"--steps must be at least 1, got {self.steps}")
         if self.lens_d_imp not in D_IMP_MODES:
             raise ReplayError(f"unknown --lens-d-imp {self.lens_d_imp!r}; choose from {', '.join(D_IMP_MODES)}")
         if self.zero_advantage not in ZERO_ADVANTAGE:

@@ -37,19 +37,43 @@ def _padded(values: list[list[float]], width: int) -> torch.Tensor:
 
 
 def plan_steps(indices: list[int], lengths: list[int], micro: int, accum: int, seed: int,
-               epochs: int) -> list[tuple[int, list[list[int]]]]:
+               epochs: int, steps: int | None = None) -> list[tuple[int, list[list[int]]]]:
     """[(epoch, micro-batches of one optimizer step)]: each epoch shuffles the samples and cuts
     them into steps of micro * accum; inside a step the samples are sorted by length before they
     are cut into micro-batches. A step's gradient depends only on its set of samples, so the
-    sort changes nothing but the padding (real completions vary from a few tokens to the cap)."""
-    steps = []
+    sort changes nothing but the padding (real completions vary from a few tokens to the cap).
+
+    `steps` (learn --steps S) replaces micro * accum: each epoch's n samples are cut into exactly S
+    steps whose sizes differ by at most one (the first n mod S steps take ⌈n/S⌉, the rest ⌊n/S⌋:
+    10 samples, S = 3 -> 4, 3, 3), so every learn takes S steps per epoch whatever n is; accum is
+    then unused. n < S cannot make S steps and is refused (n = 0 plans nothing, as without S)."""
+    plan = []
     for epoch in range(epochs):
         order = list(indices)
         random.Random(seed * 1000 + epoch).shuffle(order)
-        for start in range(0, len(order), micro * accum):
-            step = sorted(order[start:start + micro * accum], key=lambda i: lengths[i])
-            steps.append((epoch, [step[j:j + micro] for j in range(0, len(step), micro)]))
-    return steps
+        for step in _cut(order, micro * accum, steps):
+            step = sorted(step, key=lambda i: lengths[i])
+            plan.append((epoch, [step[j:j + micro] for j in range(0, len(step), micro)]))
+    return plan
+
+
+def _cut(order: list[int], size: int, steps: int | None) -> list[list[int]]:
+    """One epoch's shuffled samples as optimizer steps: of `size` each (the last may be smaller), or
+    exactly `steps` balanced ones."""
+    if steps is None:
+        return [order[start:start + size] for start in range(0, len(order), size)]
+    if steps < 1:
+        raise ReplayError(f"--steps must be at least 1, got {steps}")
+    if 0 < len(order) < steps:
+        raise ReplayError(f"--steps {steps} cuts each epoch's planned rows into {steps} optimizer steps, but this "
+                          f"learn plans {len(order)} row(s): pass --steps {len(order)} or less")
+    if not order:
+        return []
+    small, larger = divmod(len(order), steps)
+    ends = [0]
+    for k in range(steps):
+        ends.append(ends[-1] + small + (k < larger))
+    return [order[a:b] for a, b in zip(ends, ends[1:])]
 
 
 def _mean(rows: list[dict], key: str) -> float:
@@ -85,7 +109,10 @@ def train(model, samples, advantages, cfg, adv_metrics: dict | None = None,
     lengths = [len(s.prompt_ids or []) + len(s.completion_ids or []) for s in samples]
     # --grad-accum counts per rank: N ranks step on micro x accum x N samples, as one rank with accum x N
     planned = live if cfg.zero_advantage == "keep" else active
-    steps = plan_steps(planned, lengths, cfg.micro_batch_size, cfg.grad_accum * ranks.world, cfg.seed, cfg.epochs)
+    # --steps S: exactly S steps per epoch, the same plan on every rank (each takes its share of a step's
+    # micro-batches, as below); --grad-accum is then unused
+    steps = plan_steps(planned, lengths, cfg.micro_batch_size, cfg.grad_accum * ranks.world, cfg.seed, cfg.epochs,
+                       cfg.steps)
     rows: list[dict] = []
     started = time.perf_counter()
     bar_context = progress_bar(f"learn round {cfg.round} ({cfg.objective})", total=len(steps), unit="steps") \

@@ -97,6 +97,8 @@ def replayed_samples(rows: list[dict], group_prompts: dict[tuple[int, str], list
         where = (f"round {r['rollout_round']} prompt {r['prompt_id']} sample {r['sample_idx']}, replayed into "
                  f"round {r['group_round']}")
         try:
+            if r["logprobs_mode"] == "unknown":  # as for a group's own rows (refuse_unknown_sampling)
+                raise UnreproducibleSampling("logprobs_mode", "unknown", "imported without its sampling settings")
             distribution = row_distribution(r, recompute=False)
             if r["completion_logprobs"] is None or r["completion_token_ids"] is None:
                 raise UnreproducibleSampling("completion_logprobs", None, "no stored token ids and logprobs")

@@ -1,7 +1,10 @@
 """`replay doctor`: check a store's files and the invariants between them, naming each problem's path.
 
 Per-file checks read Parquet footers (schema, row and null counts), cheap; `deep=True` also
-decompresses every page. Cross-file checks (duplicate keys, orphans, group sizes, manifest counts)
+decompresses every page, verifies its CRC32 (replay writes page checksums; DuckDB's reader never
+checks them, so a flipped byte in a data page reads as wrong numbers, not as an error), and checks
+the values learn relies on (`VALUE_CHECKS`: finite logprobs <= 0, token ids inside the vocabulary,
+lengths that agree). Cross-file checks (duplicate keys, orphans, group sizes, manifest counts)
 run in DuckDB over the files that passed, so a corrupt shard is named once instead of failing every
 query. Each current group summary is compared with the rows it summarises. Adapters: safetensors header only (no torch). Leftover temp files are warnings, not errors.
 """
@@ -9,6 +12,7 @@ query. Each current group summary is compared with the rows it summarises. Adapt
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections import Counter
@@ -22,6 +26,7 @@ import pyarrow.parquet as pq
 import schemas
 
 from ..adapters import MARKER
+from ..errors import ReplayError
 from ..storage import is_remote, resolve, storage_of
 from ..storage.local import pid_alive, unusual_entries
 from ..store import STORE_FILE, _store_root, duckdb_type
@@ -61,6 +66,7 @@ class Diagnosis:
     manifests: int = 0
     adapters: int = 0
     eval_stores: int = 0
+    notes: list[str] = field(default_factory=list)  # what a check could not cover (shown in the summary)
 
     @property
     def errors(self) -> list[Problem]:
@@ -74,7 +80,7 @@ class Diagnosis:
         warnings = len(self.problems) - len(self.errors)
         return (f"ok: {self.root}: {self.files} Parquet files ({tables}), {self.manifests} manifests, "
                 f"{self.adapters} adapters, {self.eval_stores} eval stores"
-                + (f"; {warnings} warning(s)" if warnings else ""))
+                + (f"; {warnings} warning(s)" if warnings else "") + "".join(f"; {n}" for n in self.notes))
 
 
 def check_store(path: str | os.PathLike, deep: bool = False) -> list[Problem]:
@@ -87,6 +93,8 @@ def diagnose(path: str | os.PathLike, deep: bool = False) -> Diagnosis:
     if not _meta_ok(result) or _unusual(result):
         return result
     good = {table: _table_files(result, table, deep) for table in schemas.TABLES}
+    if not deep:  # a corrupt page behind a sound footer reads as numbers: say what was not looked at
+        result.notes.append("footers only: --deep reads every page, verifies its checksum and checks the values")
     manifests = _read_manifests(result)
     try:
         with duckdb.connect(":memory:") as con:
@@ -95,8 +103,10 @@ def diagnose(path: str | os.PathLike, deep: bool = False) -> Diagnosis:
                 con.execute("SET enable_progress_bar = false")
             for table, files in good.items():
                 _register(con, table, files)
-            for check in (_keys, _group_sizes, _manifest_counts):
+            for check in (_keys, _group_sizes, _manifest_counts, _verdict_coverage):
                 check(result, con, manifests)
+            if deep:
+                _value_ranges(result, con)
     except duckdb.Error as exc:  # a page is corrupt behind a sound footer: find the file
         culprits = [(p, m) for files in good.values() for p in files if (m := _read_pages(p))]
         for culprit, message in culprits:
@@ -195,13 +205,141 @@ def _file_problem(path: Path, expected: pa.Schema, partitioned: bool, grown: boo
 
 
 def _read_pages(path: Path) -> str | None:
+    """Decompress every page, verifying the CRC32 of each that has one (files replay wrote before it
+    wrote checksums have none: their pages are only decoded)."""
     try:
-        with path.open("rb") as fh, pq.ParquetFile(fh) as parquet:
+        with path.open("rb") as fh, pq.ParquetFile(fh, page_checksum_verification=True) as parquet:
             for i in range(parquet.num_row_groups):
                 parquet.read_row_group(i)
     except (pa.ArrowException, OSError, ValueError) as exc:
+        if "CRC" in str(exc):
+            return f"corrupt data pages: page checksum mismatch, its bytes changed after replay wrote it ({exc})"
         return f"corrupt data pages: {exc}"
     return None
+
+
+# -- values (--deep) --------------------------------------------------------------------------------
+LOGPROB_SLACK = 1e-6  # processed logprobs are <= 0 exactly; float noise of another tool's import
+LOGPROB_FLOOR = -1e4  # float32 probabilities underflow near e^-104: no sampled token is this unlikely
+_LP, _IDS, _PIDS = "completion_logprobs", "completion_token_ids", "prompt_token_ids"
+# each list is aggregated once per row (lp_min, ...: `_LIST_STATS`), the checks read the aggregates
+_LIST_STATS = (f"list_min({_LP}) AS lp_min, list_max({_LP}) AS lp_max, list_sum({_LP}) AS lp_sum, len({_LP}) AS "
+               f"lp_len, list_min({_IDS}) AS id_min, list_max({_IDS}) AS id_max, len({_IDS}) AS id_len, "
+               f"list_min({_PIDS}) AS pid_min, list_max({_PIDS}) AS pid_max")
+# (check name, severity, what is wrong, SQL condition over a rollout row and its _LIST_STATS; NULL passes)
+VALUE_CHECKS = (
+    ("logprob-finite", "error", "a completion logprob is NaN or infinite",
+     "isnan(lp_max) OR NOT isfinite(lp_min) OR NOT isfinite(lp_max)"),
+    ("logprob-le-0", "error", "a completion logprob is above 0 (a log-probability is <= 0)",
+     f"lp_max > {LOGPROB_SLACK} AND isfinite(lp_max)"),
+    ("logprob-floor", "warning", f"a completion logprob is below {LOGPROB_FLOOR:g} (no sampled token is that "
+     "unlikely; learn's importance ratio would overflow)", f"lp_min < {LOGPROB_FLOOR} AND isfinite(lp_min)"),
+    ("token-id-negative", "error", "a prompt or completion token id is negative", "id_min < 0 OR pid_min < 0"),
+    ("token-id-vocab", "error", "a prompt or completion token id is outside the vocabulary of {model} "
+     "({vocab} tokens)", "id_max >= $vocab OR pid_max >= $vocab"),
+    ("lengths", "error", "len(completion_logprobs), len(completion_token_ids) and num_completion_tokens differ",
+     "lp_len <> id_len OR num_completion_tokens <> id_len OR (id_len IS NULL) <> (num_completion_tokens IS NULL) "
+     "OR (lp_len IS NOT NULL AND id_len IS NULL)"),
+    ("sum-logprob", "error", "sum_logprob is not the sum of completion_logprobs",  # non-finite: logprob-finite
+     "(abs(sum_logprob - lp_sum) > 1e-3 * greatest(1, abs(sum_logprob)) AND isfinite(lp_sum)) "
+     "OR (sum_logprob IS NULL) <> (lp_len IS NULL)"),
+)
+
+
+def _value_ranges(result: Diagnosis, con) -> None:
+    """Per file and check: how many rollouts break it, and the first (round, prompt_id, sample_idx)."""
+    vocab, model = vocab_of_store(result.root)
+    checks = [c for c in VALUE_CHECKS if vocab is not None or c[0] != "token-id-vocab"]
+    if vocab is None:
+        result.notes.append(f"token ids checked >= 0 only: the vocabulary of {model} is not at hand")
+    flags = ", ".join(f"CASE WHEN {sql} THEN '{name}' END" for name, _, _, sql in checks)
+    sql = (f"SELECT filename, failed, count(*), min((round, prompt_id, sample_idx)) FROM (SELECT filename, round, "
+           f"prompt_id, sample_idx, unnest(list_filter([{flags}], lambda x: x IS NOT NULL)) AS failed FROM (SELECT "
+           f"filename, round, prompt_id, sample_idx, num_completion_tokens, sum_logprob, {_LIST_STATS} FROM rollouts)) "
+           f"GROUP BY ALL ORDER BY ALL")
+    params = {"vocab": vocab} if vocab is not None else {}
+    by_name = {c[0]: c for c in checks}
+    for filename, name, n, (round, pid, idx) in con.execute(sql, params).fetchall():
+        _, severity, what, _ = by_name[name]
+        result.add(filename, f"{n} rollout(s) fail value check {name!r}: {what.format(model=model, vocab=vocab)}, "
+                             f"e.g. (round {round}, prompt_id {pid}, sample_idx {idx}); the file may be corrupt",
+                   severity)
+
+
+def refuse_corrupt_rows(rows: list[dict], root: Path, model_dir: Path | str | None, logprobs: bool = True) -> None:
+    """`learn`'s guard over the rollout rows it selected (DuckDB does not verify page checksums, so a
+    corrupt page reads as numbers). First the page checksums of the rollouts parts of their rounds (a
+    local store: one more read of those files, ~10 µs of CPU per rollout, docs/BENCHMARKS.md §1d;
+    an s3:// store would download them twice, so there only the values are checked); then the values:
+    a non-finite or positive logprob, lists of different lengths, a token id outside the model's
+    vocabulary refuse the run in one line naming the row. `logprobs`: whether the stored logprobs
+    will be used (not under --recompute-old-logprobs)."""
+    if not is_remote(root):
+        for round in sorted({row["round"] for row in rows}):
+            for part in sorted((Path(root) / "rollouts" / f"round={int(round)}").glob("part-*.parquet")):
+                if message := _read_pages(part):
+                    raise ReplayError(f"{part}: {message}; learn stopped before training on it (`replay doctor "
+                                      f"--store {root} --deep` lists every damaged file)")
+    vocab = vocab_size(model_dir) if model_dir is not None else None
+    for row in rows:
+        if problem := _row_problem(row, vocab, logprobs):
+            raise ReplayError(f"round {row['round']} prompt {row['prompt_id']} sample {row['sample_idx']}: "
+                              f"{problem}: its rollouts file is corrupt or was written by something else; "
+                              f"`replay doctor --store {root} --deep` names the file")
+
+
+def _row_problem(row: dict, vocab: int | None, logprobs: bool) -> str | None:
+    values, ids = row.get(_LP), row.get(_IDS)
+    if logprobs and values:
+        # float32 values cannot overflow a float sum: it is finite exactly when every value is
+        if not math.isfinite(sum(values)):
+            return f"stored {_LP} holds {next(v for v in values if not math.isfinite(v))} (must be finite)"
+        if max(values) > LOGPROB_SLACK:
+            return f"stored {_LP} holds {max(values):g} (a log-probability is <= 0)"
+        if ids is not None and len(ids) != len(values):
+            return f"{len(values)} stored {_LP} for {len(ids)} {_IDS}"
+    for key in (_PIDS, _IDS):
+        if row.get(key):
+            low, high = min(row[key]), max(row[key])
+            if low < 0 or (vocab is not None and high >= vocab):
+                bad = low if low < 0 else high
+                return f"{key} holds {bad}, outside the model's vocabulary" + (f" of {vocab}" if vocab else "")
+    return None
+
+
+def vocab_size(model_dir: Path | str) -> int | None:
+    """The model's vocabulary (rows of its embedding) from its config.json; None when it does not say."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    config = config.get("text_config", config) if isinstance(config, dict) else {}
+    return config.get("vocab_size") if isinstance(config.get("vocab_size"), int) else None
+
+
+def vocab_of_store(root: Path) -> tuple[int | None, str]:
+    """(vocabulary size, model name) of the store's base model, if it is on this machine already: a
+    local model directory, or an embedded/GGUF model converted before (nothing is loaded or built)."""
+    from ..models import EMBEDDED_MODELS, MARKER as MODEL_MARKER, gguf_cache_key, replay_home
+
+    try:
+        meta = json.loads((root / STORE_FILE).read_text(encoding="utf-8"))
+        model = meta.get("base_model") if isinstance(meta, dict) else None
+    except (OSError, ValueError):
+        model = None
+    if not isinstance(model, str) or not model:
+        return None, "the store's model (store.json names none)"
+    directory = Path(model).expanduser()
+    if model not in EMBEDDED_MODELS and not directory.is_absolute():  # a label (an import's model name)
+        return None, repr(model)
+    if model in EMBEDDED_MODELS:
+        directory = replay_home() / "models" / model
+    elif model.lower().endswith(".gguf") and directory.is_file():
+        stat = directory.stat()
+        directory = replay_home() / "models" / gguf_cache_key(directory.name, stat.st_size, stat.st_mtime_ns)
+    if (model in EMBEDDED_MODELS or model.lower().endswith(".gguf")) and not (directory / MODEL_MARKER).is_file():
+        return None, repr(model)
+    return vocab_size(directory), repr(model)
 
 
 # -- cross-file checks (DuckDB) -----------------------------------------------------------------
@@ -352,6 +490,30 @@ def _manifest_counts(result: Diagnosis, con, manifests) -> None:
                 if isinstance(counts.get(key), int) and have != counts[key]:
                     result.add(path, f"complete {stage} recorded {counts[key]} {key}, but {table} holds {have} "
                                      f"rows of round {round}, adapter {name}")
+
+
+def _verdict_coverage(result: Diagnosis, con, manifests) -> None:
+    """A round that was scored (it has a verdict, or a complete score manifest) while some of its rollouts
+    have none: written after the score, or beside it (a score run during a generate once recorded 16 of
+    48 as complete). A warning, since a late generate or import is a normal state until the next score;
+    learn refuses the round until then (unless --partial)."""
+    rows = con.execute("SELECT r.round, count(*), count(v.vr), min(r.filename) FILTER (WHERE v.vr IS NULL) "
+                       "FROM rollouts r LEFT JOIN (SELECT DISTINCT round AS vr, prompt_id AS vp, sample_idx AS vs "
+                       "FROM verdicts) v ON v.vr = r.round AND v.vp = r.prompt_id AND v.vs = r.sample_idx "
+                       "GROUP BY r.round HAVING count(v.vr) < count(*) ORDER BY 1").fetchall()
+    unreadable = {(p.path.parent.parent.name, p.path.parent.name) for p in result.errors}
+    for round, n, scored, file in rows:
+        if {("verdicts", f"round={round}"), ("rollouts", f"round={round}")} & unreadable:
+            continue  # a file of the round is reported unreadable: what it holds is not counted here
+        claims = sorted(stage for (r, stage), record in manifests.items()
+                        if r == round and _kind(stage) == "score" and record.get("status") == "complete")
+        if not scored and not claims:
+            continue  # not scored yet: nothing claims otherwise
+        said = (f", though {', '.join(f'{s}.json' for s in claims)} recorded a complete score (rows written "
+                f"after it or beside it, or a shard not scored yet)") if claims else ""
+        result.add(file, f"round {round}: {n - scored} of its {n} rollouts have no verdict{said}: learn refuses "
+                         f"the round until `replay score --round {round}` (every shard) scores them, or is given "
+                         f"--partial", "warning")
 
 
 def _group_summaries(result: Diagnosis) -> None:

@@ -154,25 +154,25 @@ def read_rows(path: Path) -> list[tuple[str, dict]]:
         raw = path.read_bytes()
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read: {exc.strerror}") from None
-    out = []
-    for number, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:line {number}"
-        try:
-            row = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            raise DatasetError(f"{where}: not UTF-8 (byte {exc.start})") from None
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})") from None
-        except RecursionError:
-            raise DatasetError(f"{where}: not valid JSON: nested too deeply") from None
-        except ValueError as exc:  # e.g. an integer of more digits than Python converts
-            raise DatasetError(f"{where}: not valid JSON: {exc}") from None
-        if not isinstance(row, dict):
-            raise DatasetError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        out.append((where, row))
-    return out
+    return [(f"{path}:line {number}", json_object(line, f"{path}:line {number}"))
+            for number, line in enumerate(raw.split(b"\n"), start=1) if line.strip()]
+
+
+def json_object(line: bytes, where: str) -> dict:
+    """One JSON Lines line as a dict, or a DatasetError naming `where` (file and line)."""
+    try:
+        row = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{where}: not UTF-8 (byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+    except RecursionError:
+        raise DatasetError(f"{where}: not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise DatasetError(f"{where}: not valid JSON: {exc}") from None
+    if not isinstance(row, dict):
+        raise DatasetError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return row
 
 
 def storable_text(where: str, key: str, value: str) -> str:

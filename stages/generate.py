@@ -66,6 +66,14 @@ class GenerateConfig:
             raise ReplayError(f"--num-samples must be at least 1, got {self.num_samples}")
         if self.max_new_tokens < 1:
             raise ReplayError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise ReplayError(f"--batch-size must be at least 1, got {self.batch_size}")
+        from replay.engines import ENGINES
+
+        if self.engine not in ("auto", *ENGINES):
+            raise ReplayError(f"unknown --engine {self.engine!r}; choose from auto, {', '.join(sorted(ENGINES))}")
+        if self.hint:
+            parse_hint(self.hint)
         try:
             check_settings(self.temperature, self.top_p, self.top_k)
         except ValueError as exc:
@@ -134,17 +142,8 @@ def rollout_rows(cfg: GenerateConfig, engine, settings, prompt: Prompt, prompt_i
 
 @locked_stage("rollouts", "generate", creates_store=True)
 def run(store_path: str, cfg: GenerateConfig, engine=None) -> dict:
-    """Sample and store every missing group of the round; returns the manifest record."""
-    if cfg.num_samples < 1:
-        raise ReplayError(f"--num-samples must be at least 1, got {cfg.num_samples}")
-    if cfg.max_new_tokens < 1:
-        raise ReplayError(f"--max-new-tokens must be at least 1, got {cfg.max_new_tokens}")
-    if cfg.batch_size < 1:
-        raise ReplayError(f"--batch-size must be at least 1, got {cfg.batch_size}")
-    from replay.engines import ENGINES
-
-    if cfg.engine not in ("auto", *ENGINES):
-        raise ReplayError(f"unknown --engine {cfg.engine!r}; choose from auto, {', '.join(sorted(ENGINES))}")
+    """Sample and store every missing group of the round; returns the manifest record (the
+    settings alone were checked by cfg.validate() before the lock: locked_stage)."""
     shard_index, shard_count = keys.parse_shard(cfg.shard)
     hints = parse_hint(cfg.hint) if cfg.hint else None
     if hints and not cfg.prompts:

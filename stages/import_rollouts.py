@@ -10,7 +10,6 @@ The whole file is validated before anything is written; re-importing skips group
 
 from __future__ import annotations
 
-import json
 import unicodedata
 from collections import defaultdict
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from replay import keys
-from replay.datasets import DatasetError, Prompt, int32_field, read_rows, storable_text, text_field
+from replay.datasets import DatasetError, Prompt, int32_field, json_object, read_rows, storable_text, text_field
 from replay.errors import ReplayError
 from replay.locks import locked_stage
 from replay.manifests import finish_manifest, record_run, start_manifest
@@ -273,21 +272,8 @@ def stream_rows(path: Path) -> Iterator[tuple[str, dict]]:
             if len(line) > MAX_LINE_BYTES:
                 raise DatasetError(f"{where}: longer than {MAX_LINE_BYTES:,} bytes without a line break: "
                                    "not a JSON Lines file of completions")
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                raise DatasetError(f"{where}: not UTF-8 (byte {exc.start})") from None
-            except json.JSONDecodeError as exc:
-                raise DatasetError(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})") from None
-            except RecursionError:
-                raise DatasetError(f"{where}: not valid JSON: nested too deeply") from None
-            except ValueError as exc:  # e.g. an integer of more digits than Python converts
-                raise DatasetError(f"{where}: not valid JSON: {exc}") from None
-            if not isinstance(row, dict):
-                raise DatasetError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            yield where, row
+            if line.strip():
+                yield where, json_object(line, where)
 
 
 def imported_row(cfg: ImportConfig, r: dict, now) -> dict:

@@ -260,3 +260,41 @@ def test_compare_plots_name_their_stores(monkeypatch, tmp_path):
                             negative_share=0.5, rescued=0)]}
     report_module.compare_sections([("lens", data), ("grpo", data)])
     assert len(titles) == 3 and all("lens vs grpo" in t for t in titles), titles
+
+
+def test_arms_side_by_side_pool_their_seeds(monkeypatch):
+    """Stores named <arm>-s<seed> (examples/rescue_tournament.sh): per arm and round the seeds' mean and
+    [lowest, highest] of held-out pass@1, negative groups, generated tokens (hint rows too) and trained
+    tokens; nothing when the stores are not two arms or more."""
+    from replay.read import report as report_module
+
+    figures = []
+    monkeypatch.setattr(plots, "to_png", lambda fig: figures.append(fig) or b"")
+
+    def data(pass1, negatives, generated, trained):
+        return {"eval": [eval_row(2, "main", 1, pass1), eval_row(2, "main", 2, 0.9), eval_row(-1, "base", 1, 0.1),
+                         dict(eval_row(2, "main", 1, 0.99), dataset="prompts:ps-0")],
+                "rounds": [dict(round=r, negative_groups=n, mixed_groups=1, positive_groups=0) for r, n in
+                           enumerate(negatives)],
+                "generated": [dict(round=r, tokens=t) for r, t in enumerate(generated)],
+                "learn": [dict(round=r, adapter_name=a, tokens=t) for r, t in enumerate(trained)
+                          for a in ("main", "side")]}
+
+    stores = [("grpo-s0", data(0.25, [4, 3, 2], [100, 110, 120], [10, 20, 30])),
+              ("grpo-s1", data(0.75, [4, 5, 4], [100, 130, 140], [10, 40, 50])),
+              ("runs/hint-s0", data(0.5, [4, 2, 1], [100, 120, 120], [10, 30, 30])),
+              ("notes", data(1.0, [0, 0, 0], [1, 1, 1], [1, 1, 1]))]  # not an arm: left out
+    [section] = report_module.arms_sections(stores)
+    assert section.columns == ["arm", "seeds", "round", "held-out pass@1", "negative groups", "generated tokens",
+                               "trained tokens"]
+    assert section.rows == [
+        ["grpo", "2", "0", "–", "4.0 [4.0, 4.0]", "100 [100, 100]", "10 [10, 10]"],
+        ["grpo", "2", "1", "–", "4.0 [3.0, 5.0]", "120 [110, 130]", "30 [20, 40]"],
+        ["grpo", "2", "2", "0.500 [0.250, 0.750]", "3.0 [2.0, 4.0]", "130 [120, 140]", "40 [30, 50]"],
+        ["hint", "1", "0", "–", "4.0", "100", "10"], ["hint", "1", "1", "–", "2.0", "120", "30"],
+        ["hint", "1", "2", "0.500", "1.0", "120", "30"]]
+    [fig] = figures
+    assert [ax.get_title() for ax in fig.axes if ax.get_visible()] == [
+        "held-out pass@1 (arith:test:16)", "negative groups left", "generated tokens", "trained tokens"]
+    assert fig.axes[0].get_legend_handles_labels()[1] == ["grpo", "hint"]  # one colour per arm, every panel
+    assert report_module.arms_sections(stores[:2]) == []  # one arm: nothing to set side by side

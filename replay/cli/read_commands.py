@@ -115,7 +115,8 @@ def report(
                                       "each store is labelled by its directory name."),
 ):
     """Plots (PNG) and one self-contained HTML page: pass@k, group kinds, rescues, confidence of
-    wrong answers, learn metrics; --compare adds pass@k and negative share across stores."""
+    wrong answers, learn metrics; --compare adds pass@k and negative share across stores, and for
+    stores named <arm>-s<seed> (examples/rescue_tournament.sh) the arms side by side, seeds pooled."""
     from ..read.report import write_report
 
     paths = write_report(store, out, compare)

@@ -287,3 +287,36 @@ def learn_panels(rows: list[dict], panels=LEARN_PANELS, title: str = "Learn metr
     fig.legend(handles, labels, loc="outside right upper", fontsize="small", frameon=False)
     fig.suptitle(title)
     return fig
+
+
+def arm_panels(panels: list[tuple[str, dict[str, list[tuple[int, float, float, float]]]]], title: str) -> Figure:
+    """One panel per (title, {arm: [(round, mean, low, high)]}): per arm a line through the seeds' mean
+    and a bar from their lowest to their highest value, the same colour for an arm in every panel."""
+    arms = sorted({arm for _, series in panels for arm in series})
+    colors = dict(zip(arms, _colors(len(arms))))
+    columns = min(len(panels), 2)
+    rows = -(-len(panels) // columns)
+    fig = Figure(figsize=(11, 3.6 * rows), dpi=DPI, layout="constrained")
+    fig.suptitle(title)
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    offsets = {arm: (i - (len(arms) - 1) / 2) * 0.06 for i, arm in enumerate(arms)}  # bars side by side
+    for ax, (panel, series) in zip(axes, panels):
+        ax.set_title(panel, fontsize="medium")
+        ax.grid(alpha=0.3)
+        for arm, points in sorted(series.items()):
+            points = sorted(points)
+            xs = [r + offsets[arm] for r, *_ in points]
+            means = [m for _, m, _, _ in points]
+            spread = [[m - lo for _, m, lo, _ in points], [hi - m for _, m, _, hi in points]]
+            ax.errorbar(xs, means, yerr=spread, marker="o", capsize=3, color=colors[arm], label=arm)
+        shown = [r for points in series.values() for r, *_ in points]
+        _round_ticks(ax, shown)
+        if shown:
+            ax.set_xlim(min(shown) - 0.5, max(shown) + 0.5)
+        if not series:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="#777")
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    if arms:
+        _legend_right(axes[min(columns, len(panels)) - 1])
+    return fig

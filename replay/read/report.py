@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import os
+import re
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -33,13 +34,15 @@ QUERIES = {
              "WHERE s.correct = false AND g.kind IN ('negative', 'mixed') AND s.confidence IS NOT NULL",
     "rescues": "SELECT prompt_id, negative_round, rescued_round, rescued_kind, rescued_pass_rate, problem "
                "FROM rescues ORDER BY rescued_round, negative_round, prompt_id",
-    "learn": "SELECT round, adapter_name, objective, step, loss, clip_frac, nonzero_adv_share, grad_norm, "
+    "learn": "SELECT round, adapter_name, objective, step, loss, clip_frac, nonzero_adv_share, grad_norm, tokens, "
              "grad_share_negative, grad_share_mixed, replayed_rows, replay_ess, behaviour_weight_mean, "
              "behaviour_weight_max, behaviour_truncated_share, behaviour_masked_share "
              "FROM learn_metrics ORDER BY round, adapter_name, step",
     "rescue_eval": "SELECT round, adapter_name, prompt_set_id, prompt_set_sql, n_prompts, n_samples, k, pass_at_k, "
                    "solved_share FROM rescue_eval ORDER BY prompt_set_id, round, adapter_name, k",
     "hints": "SELECT * FROM hint_outcomes",
+    # every generated row, hint sets' too (the rounds view, from group_summary, leaves those out)
+    "generated": "SELECT round, CAST(sum(num_completion_tokens) AS BIGINT) AS tokens FROM rollouts GROUP BY round",
     "negatives": report_negatives.QUERY,
     "negative_totals": report_negatives.TOTALS,
 }
@@ -286,6 +289,75 @@ def compare_sections(stores: list[tuple[str, dict]]) -> list[Section]:
     return [lines, finals, shares]
 
 
+ARM_STORE = re.compile(r"(?P<arm>.+)-s(?P<seed>\d+)")  # examples/rescue_tournament.sh: <arm>-s<seed>
+
+
+def arms_sections(stores: list[tuple[str, dict]]) -> list[Section]:
+    """Stores labelled <arm>-s<seed> (one per arm and seed, as examples/rescue_tournament.sh makes
+    them), side by side per arm: per round the seeds' mean and range of held-out pass@1 (adapter
+    main), negative groups left, generated tokens and trained tokens. Nothing unless two arms."""
+    by_arm: dict[str, list[tuple[int, dict]]] = defaultdict(list)
+    for label, data in stores:
+        if m := ARM_STORE.fullmatch(label.rsplit("/", 1)[-1]):
+            by_arm[m["arm"]].append((int(m["seed"]), data))
+    if len(by_arm) < 2:
+        return []
+    evals = [r for seeds in by_arm.values() for _, d in seeds for r in d["eval"]
+             if r["k"] == 1 and r["adapter_name"] == "main" and r["round"] != BASE_ROUND
+             and not r["dataset"].startswith("prompts:")]
+    dataset = statistics.mode([r["dataset"] for r in evals]) if evals else None
+
+    def measures(data: dict) -> dict[str, dict[int, float]]:
+        trained: dict[int, float] = defaultdict(float)
+        for r in data["learn"]:
+            if r["adapter_name"] == "main" and r.get("tokens") is not None:
+                trained[r["round"]] += r["tokens"]
+        return {
+            "pass1": {r["round"]: r["pass_at_k"] for r in data["eval"] if r["k"] == 1 and r["dataset"] == dataset
+                      and r["adapter_name"] == "main" and r["round"] != BASE_ROUND},
+            "negative": {r["round"]: r["negative_groups"] for r in _scored(data["rounds"])},
+            "generated": {r["round"]: r["tokens"] for r in data["generated"] if r["tokens"] is not None},
+            "trained": dict(trained),
+        }
+
+    spread: dict[str, dict[str, dict[int, list[float]]]] = {}  # measure -> arm -> round -> the seeds' values
+    seeds_of = {}
+    for arm, seeds in sorted(by_arm.items()):
+        seeds_of[arm] = sorted(seed for seed, _ in seeds)
+        for _, data in seeds:
+            for key, values in measures(data).items():
+                for rnd, value in values.items():
+                    spread.setdefault(key, {}).setdefault(arm, defaultdict(list))[rnd].append(value)
+
+    def points(key: str) -> dict[str, list[tuple[int, float, float, float]]]:
+        return {arm: [(rnd, statistics.fmean(v), min(v), max(v)) for rnd, v in sorted(rounds.items())]
+                for arm, rounds in spread.get(key, {}).items()}
+
+    s = Section("compare_arms", "Across stores: arms (seeds pooled)")
+    names = {"pass1": f"held-out pass@1 ({dataset})" if dataset else "held-out pass@1 (no evaluation yet)",
+             "negative": "negative groups left", "generated": "generated tokens", "trained": "trained tokens"}
+    panels = [(names[key], points(key)) for key in names]
+    s.figures = [(s.slug, plots.to_png(plots.arm_panels(panels, "Arms by round: mean over seeds, bar = range")))]
+    s.note = ("Stores named <arm>-s<seed>, one per arm and seed; each point is the seeds' mean, each bar their "
+              "lowest to highest value. Seeds: " + "; ".join(f"{arm} {', '.join(map(str, seeds))}"
+                                                           for arm, seeds in seeds_of.items()) + ".")
+
+    def cell(key: str, arm: str, rnd: int, fmt: str) -> str:
+        values = spread.get(key, {}).get(arm, {}).get(rnd)
+        if not values:
+            return "–"
+        mean = format(statistics.fmean(values), fmt)
+        return mean if len(values) == 1 else f"{mean} [{format(min(values), fmt)}, {format(max(values), fmt)}]"
+
+    s.columns = ["arm", "seeds", "round", "held-out pass@1", "negative groups", "generated tokens", "trained tokens"]
+    for arm in sorted(by_arm):
+        rounds = sorted({rnd for key in spread for rnd in spread[key].get(arm, {})})
+        s.rows += [[arm, str(len(seeds_of[arm])), plots.round_label(rnd), cell("pass1", arm, rnd, ".3f"),
+                    cell("negative", arm, rnd, ".1f"), cell("generated", arm, rnd, ".0f"),
+                    cell("trained", arm, rnd, ".0f")] for rnd in rounds]
+    return [s]
+
+
 def store_labels(paths: list[Path]) -> list[str]:
     """Directory names; parent/name where two stores share a name."""
     names = [p.name for p in paths]
@@ -360,7 +432,7 @@ def write_report(store_path: str | os.PathLike, out_dir: str | os.PathLike,
                 rescue_eval_section(data["rescue_eval"]), hints_section(data["hints"]),
                 confidence_section(data["wrong"]), learn_section(data["learn"]),
                 negatives_section(data["negatives"], data["negative_totals"])]
-    sections += compare_sections(stores) if len(stores) > 1 else []
+    sections += compare_sections(stores) + arms_sections(stores) if len(stores) > 1 else []
     facts = [("store", str(opened[0].root)), ("base model", str(opened[0].meta.get("base_model"))),
              ("rounds", ", ".join(str(r["round"]) for r in data["rounds"]) or "none"),
              ("rollouts", str(sum(r["rollouts"] for r in data["rounds"]))),

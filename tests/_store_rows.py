@@ -33,3 +33,9 @@ def verdict_row(round, prompt_id, sample_idx, correct, status="ok", scored_at=NO
 
 def confidence(logprobs):
     return math.exp(sum(logprobs) / max(len(logprobs), 1))
+
+
+def import_row(problem, answer, text, i):
+    """A JSONL row for `replay import` with token ids of the tiny model's vocabulary and logprobs."""
+    return {"problem": problem, "answer": answer, "completion": text, "completion_token_ids": [10 + i, 11, 3],
+            "completion_logprobs": [-0.5, -1.0 - 0.1 * i, -0.2]}

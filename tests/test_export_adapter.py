@@ -16,6 +16,7 @@ from replay.read.export_model import EXPORT_MARKER, base_spec, describe_base, re
 from replay.store import Store
 from tests._cli import invoke, invoke_ok
 from tests._tiny_model import save_tiny_model
+from tests._store_rows import import_row
 
 TOKENS = [2, 4, 10, 11, 12, 3, 13, 14, 15, 16]  # a fixed sequence in the tiny vocabulary
 LOGPROBS = """
@@ -28,11 +29,6 @@ print("REPLAY IMPORTED", any(m.split(".")[0] in ("replay", "stages", "schemas") 
 """
 
 
-def _row(problem, answer, text, i):
-    return {"problem": problem, "answer": answer, "completion": text, "completion_token_ids": [10 + i, 11, 3],
-            "completion_logprobs": [-0.5, -1.0 - 0.1 * i, -0.2]}
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A store with round 0 learned twice on the tiny model: the main adapter and a side one."""
@@ -41,7 +37,7 @@ def trained(tmp_path_factory):
     rows = []
     for a in range(6):
         texts = [f"\\boxed{{{a}}}", "\\boxed{99}", "\\boxed{98}", "no"] if a % 2 else ["\\boxed{99}"] * 4
-        rows += [_row(f"w{a} w{a + 1}", str(a), text, i) for i, text in enumerate(texts)]
+        rows += [import_row(f"w{a} w{a + 1}", str(a), text, i) for i, text in enumerate(texts)]
     (tmp / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     root = tmp / "store"
     invoke_ok("import", tmp / "rows.jsonl", "--store", root, "--tokenizer", model, "--temperature", 1)

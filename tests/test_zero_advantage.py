@@ -14,6 +14,7 @@ from replay.store import Store
 from tests._cli import invoke, invoke_ok
 from tests._tiny_model import save_tiny_model, tiny_model
 from tests.test_learn_ratio import _policy, engine_samples
+from tests._store_rows import import_row
 
 
 def test_kind_shares_worked_by_hand():
@@ -54,11 +55,6 @@ def test_kept_rows_count_in_the_normaliser_and_nothing_else(aggregation):
     assert plans["keep"]["trained_samples"] == plans["skip"]["trained_samples"] == 4
 
 
-def _row(problem, answer, text, i):
-    return {"problem": problem, "answer": answer, "completion": text, "completion_token_ids": [10 + i, 11, 3],
-            "completion_logprobs": [-0.5, -1.0 - 0.1 * i, -0.2]}
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """8 groups of 4: 5 negative (every answer wrong), 3 mixed; token ids in the tiny vocabulary."""
@@ -67,7 +63,7 @@ def store(tmp_path_factory):
     rows = []
     for a in range(8):
         texts = ["\\boxed{99}"] * 4 if a < 5 else [f"\\boxed{{{a}}}", "\\boxed{99}", "\\boxed{98}", "no"]
-        rows += [_row(f"w{a} w{a + 1}", str(a), text, i) for i, text in enumerate(texts)]
+        rows += [import_row(f"w{a} w{a + 1}", str(a), text, i) for i, text in enumerate(texts)]
     path = tmp / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     root = tmp / "store"
